@@ -1,0 +1,3 @@
+from kdgeo.cli import main
+
+main()

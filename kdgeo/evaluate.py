@@ -1,0 +1,175 @@
+"""`kdgeo eval`: task metrics of a classifier (a model or a run's student) on a dataset.
+
+Scores: accuracy, macro-F1, Matthews correlation (CoLA), binary F1 (MRPC), and, when a teacher
+is given, the teacher's own scores and the fraction of examples where student and teacher agree.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from kdgeo import data as data_mod
+from kdgeo.errors import DataError, KdgeoError, ModelLoadError
+from kdgeo.metrics import agreement, classification_scores
+from kdgeo.models import ModelRef, load_classifier, load_tokenizer
+from kdgeo.probe import autocast_dtype, resolve_device
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, split: data_mod.TextSplit, role: str, batch_size: int, device: torch.device, amp: torch.dtype | None) -> list[int]:
+    """Arg-max class of every example, in order."""
+    was_training = model.training
+    model.eval()
+    preds: list[int] = []
+    for batch in data_mod.iterate_batches(split, batch_size):
+        inputs = data_mod.to_device(batch[role], device)
+        with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            logits = model(**inputs).logits  # (B, C)
+        preds.extend(logits.argmax(-1).tolist())
+    model.train(was_training)
+    return preds
+
+
+def score(model: nn.Module, split: data_mod.TextSplit, num_labels: int, role: str, batch_size: int, device: torch.device,
+          amp: torch.dtype | None, reference: list[int] | None = None) -> tuple[dict[str, float], list[int]]:
+    preds = predict(model, split, role, batch_size, device, amp)
+    assert split.labels is not None
+    scores = classification_scores(split.labels, preds, num_labels)
+    if reference is not None:
+        scores["teacher_agreement"] = agreement(preds, reference)
+    return scores, preds
+
+
+@dataclass(frozen=True)
+class EvalArgs:
+    model: str
+    dataset: str | None
+    config: str | None
+    split: str | None
+    text_column: str | None
+    text_pair_column: str | None
+    label_column: str | None
+    teacher: str | None = None
+    max_samples: int | None = None
+    max_length: int | None = None
+    batch_size: int = 64
+    device: str = "auto"
+    precision: str = "fp32"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class EvalResult:
+    model: str
+    dataset: str
+    split: str
+    samples: int
+    num_labels: int
+    scores: dict[str, float]
+    teacher: str | None = None
+    teacher_scores: dict[str, float] | None = None
+    seconds: float = 0.0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "dataset": self.dataset, "split": self.split, "samples": self.samples,
+            "num_labels": self.num_labels, "scores": self.scores, "teacher": self.teacher,
+            "teacher_scores": self.teacher_scores, "seconds": self.seconds, **self.meta,
+        }
+
+
+def _run_defaults(path: Path) -> tuple[str, dict[str, Any] | None]:
+    """A run directory evaluates its student/ and defaults to the run's data settings."""
+    spec_file = path / "spec.json"
+    if path.is_dir() and spec_file.exists():
+        if not (path / "student" / "config.json").exists():
+            raise ModelLoadError(f"{path} is a kdgeo run directory without a saved student (student/ is missing); the run may not have finished.")
+        try:
+            spec = json.loads(spec_file.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise KdgeoError(f"{spec_file} cannot be read ({err}); the run directory is damaged.") from None
+        return str(path / "student"), spec
+    return str(path), None
+
+
+def run_eval(args: EvalArgs, progress: Progress | None = None) -> EvalResult:
+    emit = progress or (lambda event: None)
+    location, run_spec = _run_defaults(Path(args.model).expanduser())
+    run_data = (run_spec or {}).get("data", {})
+    dataset = args.dataset or run_data.get("eval_dataset") or run_data.get("dataset")
+    if dataset is None:
+        raise DataError(f"no dataset to evaluate {args.model} on: give --data (a run directory supplies its own).")
+    config = args.config if args.config is not None else (run_data.get("config") if args.dataset is None else None)
+    split = args.split or run_data.get("eval_split") or "validation"
+    text_col = args.text_column or run_data.get("text_column") or "text"
+    pair_col = args.text_pair_column if args.text_pair_column is not None else run_data.get("text_pair_column")
+    label_col = args.label_column or run_data.get("label_column") or "label"
+    max_length = args.max_length or run_data.get("max_length") or 128
+    teacher_ref = args.teacher
+    device = resolve_device(args.device)
+    amp = autocast_dtype(args.precision, device)
+
+    where = f"--data {dataset}"
+    ds = data_mod.load_split(dataset, config, split, where="--data")
+    data_mod.check_columns(ds, {"text_column": text_col, "text_pair_column": pair_col, "label_column": label_col}, where)
+    # A run evaluated on its own data uses its own evaluation cap, so the scores match summary.json.
+    max_samples = args.max_samples if args.max_samples is not None else (run_data.get("max_eval_samples") if args.dataset is None else None)
+    if max_samples is not None:
+        ds = ds.select(range(min(max_samples, len(ds))))
+    info = data_mod.infer_labels(ds, label_col, where)
+    # A fine-tuned model knows its own label count; trust it over the evaluation data's maximum.
+    student_ref = ModelRef(location, trust_remote_code=args.trust_remote_code)
+    from kdgeo.models import load_config
+
+    cfg = load_config(student_ref)
+    architectures = list(getattr(cfg, "architectures", None) or [])
+    if architectures and not any("SequenceClassification" in a for a in architectures):
+        raise ModelLoadError(
+            f"{args.model} is a {architectures[0]}, with no trained classification head; evaluate a fine-tuned "
+            "classifier or a kdgeo run directory."
+        )
+    num_labels = int(getattr(cfg, "num_labels", info.num_labels) or info.num_labels)
+    if info.string_to_id is None and num_labels > info.num_labels:
+        info = data_mod.LabelInfo(names=[str(i) for i in range(num_labels)])
+    labels = data_mod.labels_as_ids(ds, label_col, info, where)
+    if info.num_labels != num_labels:
+        raise DataError(f"{where}: the data has {info.num_labels} classes but the model {args.model} predicts {num_labels}; evaluate it on data of its own task.")
+    texts = data_mod.texts_of(ds, text_col, where)
+    pairs = data_mod.texts_of(ds, pair_col, where) if pair_col else None
+    split_data = data_mod.TextSplit(texts=texts, labels=labels)
+    s_tok = load_tokenizer(student_ref)
+    split_data.encodings["student"] = data_mod.encode(s_tok, texts, pairs, max_length)
+    emit({"event": "stage", "message": f"evaluating {args.model} on {len(texts)} examples"})
+    start = time.perf_counter()
+    loaded = load_classifier(student_ref, num_labels)
+    if not loaded.has_trained_head:
+        raise ModelLoadError(f"{args.model} has no trained classification head for {num_labels} labels (freshly initialised: {', '.join(loaded.new_keys[:3])}); evaluate a fine-tuned model or a kdgeo run.")
+    model = loaded.model.to(device)
+    teacher_scores = None
+    teacher_preds = None
+    if teacher_ref is not None:
+        t_ref = ModelRef(teacher_ref, trust_remote_code=args.trust_remote_code)
+        t_tok = load_tokenizer(t_ref)
+        split_data.encodings["teacher"] = data_mod.encode(t_tok, texts, pairs, max_length)
+        t_loaded = load_classifier(t_ref, num_labels)
+        if not t_loaded.has_trained_head:
+            raise ModelLoadError(f"teacher {teacher_ref} has no trained classification head for {num_labels} labels; give the fine-tuned teacher (a run's summary.json names it).")
+        teacher = t_loaded.model.to(device)
+        teacher_scores, teacher_preds = score(teacher, split_data, num_labels, "teacher", args.batch_size, device, amp)
+        del teacher
+    scores, _ = score(model, split_data, num_labels, "student", args.batch_size, device, amp, reference=teacher_preds)
+    return EvalResult(
+        model=args.model, dataset=dataset, split=split, samples=len(texts), num_labels=num_labels, scores=scores,
+        teacher=teacher_ref, teacher_scores=teacher_scores, seconds=time.perf_counter() - start,
+        meta={"device": str(device), "label_names": info.names},
+    )

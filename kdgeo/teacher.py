@@ -1,0 +1,129 @@
+"""Fine-tuning a teacher on the task, and caching the result.
+
+A teacher that has no classification head for the run's labels (a base model such as
+all-MiniLM-L6-v2) is fine-tuned with cross-entropy first. The result is saved under
+``<teacher_cache>/<key>/`` where the key hashes everything that changes it: the model reference
+and revision, the training data settings, the label names, and the fine-tuning
+hyper-parameters. Every later run with the same key reuses it. The directory is written to a
+temporary name and renamed into place, so an interrupted fine-tune never leaves a half-written
+cache entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from kdgeo import data as data_mod
+from kdgeo.errors import OutputError
+from kdgeo.models import quiet_transformers
+from kdgeo.optim import build_optimizer, build_scheduler, param_groups
+
+CACHE_META = "kdgeo-teacher.json"
+Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class FinetuneArgs:
+    epochs: float
+    lr: float
+    batch_size: int
+    weight_decay: float
+    warmup_ratio: float
+    max_grad_norm: float
+    seed: int
+
+
+def cache_key(model_ref: str, revision: str | None, data_key: dict[str, Any], label_names: list[str], args: FinetuneArgs) -> str:
+    payload = {
+        "format": 1,
+        "model": model_ref,
+        "revision": revision,
+        "data": data_key,
+        "labels": label_names,
+        "finetune": asdict(args),
+    }
+    text = json.dumps(payload, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cached_teacher(cache_dir: Path, key: str) -> Path | None:
+    entry = cache_dir / key
+    if (entry / CACHE_META).exists() and (entry / "config.json").exists():
+        return entry
+    return None
+
+
+def finetune(
+    model: nn.Module,
+    split: data_mod.TextSplit,
+    args: FinetuneArgs,
+    device: torch.device,
+    amp: torch.dtype | None,
+    progress: Progress,
+    group_by_length: bool = False,
+) -> dict[str, Any]:
+    """Cross-entropy fine-tuning of ``model`` on ``split`` (role 'teacher'), in place."""
+    torch.manual_seed(args.seed)
+    model.to(device).train()
+    steps_per_epoch = -(-len(split) // args.batch_size)
+    total = max(1, int(round(args.epochs * steps_per_epoch)))
+    optimizer = build_optimizer(param_groups(model.named_parameters(), args.lr, args.weight_decay), args.lr)
+    scheduler = build_scheduler(optimizer, total, args.warmup_ratio, "linear")
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    step, epoch, start = 0, 0, time.perf_counter()
+    last_loss = float("nan")
+    while step < total:
+        for batch in data_mod.iterate_batches(split, args.batch_size, shuffle=True, seed=args.seed, epoch=epoch, group_by_length=group_by_length):
+            inputs = data_mod.to_device(batch["teacher"], device)
+            labels = batch["labels"].to(device)
+            with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                logits = model(**inputs).logits  # (B, C)
+            loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            last_loss = loss.item()
+            progress({"event": "finetune_step", "step": step, "total": total, "loss": last_loss})
+            if step >= total:
+                break
+        epoch += 1
+    model.eval()
+    return {"steps": step, "final_loss": last_loss, "seconds": time.perf_counter() - start}
+
+
+def save_to_cache(model: nn.Module, tokenizer: Any, cache_dir: Path, key: str, meta: dict[str, Any]) -> Path:
+    entry = cache_dir / key
+    tmp = cache_dir / f".{key}.tmp-{os.getpid()}"
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        with quiet_transformers():
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+        (tmp / CACHE_META).write_text(json.dumps(meta, indent=2) + "\n")
+        if entry.exists():
+            shutil.rmtree(entry)
+        os.replace(tmp, entry)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(
+            f"output.teacher_cache = '{cache_dir}': cannot write the fine-tuned teacher ({err.strerror or err}); "
+            "set output.teacher_cache to a writable directory."
+        ) from None
+    return entry

@@ -1,0 +1,247 @@
+"""Benchmark kdgeo.geometry: the all-pairs streaming probe and the training-path loss cost.
+
+Usage::
+
+    python tests/benchmarks/bench_geometry.py [--quick]
+
+Not collected by pytest (no ``test_`` names). Prints two tables:
+
+1. All-pairs probe, teacher 13 layers x 768, student 7 layers x 384, synthetic correlated
+   features, metrics procrustes + cka + gram. ``stream``: CrossLayerAccumulator fed 512-row
+   chunks (one float64 GEMM over the concatenated layers per chunk). ``per-pair``: hold every
+   activation in memory (float32, as a forward pass returns them) and call ``pair_metrics`` on
+   each of the 91 pairs in float64 (same precision as the probe) -- the anatome/netrep pattern.
+   Each configuration runs in a fresh subprocess; memory is ``ru_maxrss`` after the run minus
+   ``ru_maxrss`` after imports and setup (peak resident growth, honest but coarse). Time covers
+   the metric work only (data synthesis excluded on both sides). ``max|diff|`` compares the two
+   methods' tables.
+2. Training-path cost: forward + backward of each geometry loss on a (4096 x 768 teacher,
+   4096 x 384 student) batch, relative to the projection-MSE baseline (learned W: Y W then MSE,
+   gradients to Y and W). Medians over repetitions; ``torch.set_num_threads(2)``.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Must precede `import torch` (libgomp reads it at load). With the default spinning policy, MKL's
+# threaded LAPACK (svdvals, eigh) slows down ~100x on an oversubscribed CPU: measured 4.0 s vs
+# 0.04 s for svdvals of a 768 x 384 float32 matrix on this shared 2-core machine under load 5.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+try:  # run from a checkout without `pip install -e .`
+    import kdgeo  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+T_LAYERS, T_WIDTH = 13, 768
+S_LAYERS, S_WIDTH = 7, 384
+LATENT = 64
+CHUNK = 512
+PROBE_METRICS = ("procrustes", "cka", "gram")
+
+
+def _maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+class _Synth:
+    """Deterministic synthetic activations: layer l = z W_l + noise, W_l drifting with depth."""
+
+    def __init__(self, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.t_maps = self._drifting(T_LAYERS, T_WIDTH, gen)  # list of (LATENT, 768)
+        self.s_maps = self._drifting(S_LAYERS, S_WIDTH, gen)  # list of (LATENT, 384)
+
+    @staticmethod
+    def _drifting(layers: int, width: int, gen: torch.Generator) -> list[Tensor]:
+        w = torch.randn(LATENT, width, generator=gen)
+        maps = []
+        for _ in range(layers):
+            w = 0.8 * w + 0.6 * torch.randn(LATENT, width, generator=gen)
+            maps.append(w.clone())
+        return maps
+
+    def chunk(self, index: int, rows: int) -> tuple[list[Tensor], list[Tensor]]:
+        gen = torch.Generator().manual_seed(10_000 + index)
+        z = torch.randn(rows, LATENT, generator=gen)  # (rows, LATENT)
+        teacher = [z @ m + 0.5 * torch.randn(rows, T_WIDTH, generator=gen) for m in self.t_maps]
+        student = [z @ m + 0.5 * torch.randn(rows, S_WIDTH, generator=gen) for m in self.s_maps]
+        return teacher, student
+
+
+def _probe_worker(method: str, n: int) -> dict[str, object]:
+    from kdgeo.geometry import CrossLayerAccumulator, pair_metrics
+
+    torch.set_num_threads(2)
+    synth = _Synth()
+    starts = list(range(0, n, CHUNK))
+    base_rss = _maxrss_mb()
+    busy = 0.0
+    if method == "stream":
+        acc = CrossLayerAccumulator([T_WIDTH] * T_LAYERS, [S_WIDTH] * S_LAYERS)
+        for k, start in enumerate(starts):
+            teacher, student = synth.chunk(k, min(CHUNK, n - start))
+            t0 = time.perf_counter()
+            acc.update(teacher, student)
+            busy += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        tables = {m: acc.compute(m).tolist() for m in PROBE_METRICS}
+        busy += time.perf_counter() - t0
+    elif method == "per-pair":
+        teacher_all = [torch.empty(n, T_WIDTH) for _ in range(T_LAYERS)]  # all activations held
+        student_all = [torch.empty(n, S_WIDTH) for _ in range(S_LAYERS)]
+        for k, start in enumerate(starts):
+            teacher, student = synth.chunk(k, min(CHUNK, n - start))
+            for dst, src in zip(teacher_all + student_all, teacher + student):
+                dst[start : start + src.shape[0]] = src
+        del teacher, student
+        t0 = time.perf_counter()
+        out = [[pair_metrics(t.double(), s.double()) for s in student_all] for t in teacher_all]
+        busy = time.perf_counter() - t0
+        tables = {m: [[cell[m] for cell in row] for row in out] for m in PROBE_METRICS}
+    else:
+        raise ValueError(method)
+    return {"seconds": busy, "rss_growth_mb": _maxrss_mb() - base_rss, "tables": tables}
+
+
+def _run_probe(method: str, n: int) -> dict[str, object]:
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", method, "--n", str(n)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _max_table_diff(a: dict[str, list[list[float]]], b: dict[str, list[list[float]]]) -> float:
+    return max(
+        abs(x - y) for m in PROBE_METRICS for ra, rb in zip(a[m], b[m]) for x, y in zip(ra, rb)
+    )
+
+
+def probe_table(ns: list[int]) -> None:
+    print(f"\n## All-pairs probe: teacher {T_LAYERS}x{T_WIDTH}, student {S_LAYERS}x{S_WIDTH}, "
+          f"{T_LAYERS * S_LAYERS} pairs, metrics {'+'.join(PROBE_METRICS)}, chunks of {CHUNK} rows")
+    print(f"{'n':>7} | {'method':>8} | {'time s':>8} | {'RSS growth MiB':>14} | {'speed-up':>8} | {'max|diff|':>9}")
+    print("-" * 70)
+    for n in ns:
+        stream = _run_probe("stream", n)
+        pairs = _run_probe("per-pair", n)
+        diff = _max_table_diff(stream["tables"], pairs["tables"])  # type: ignore[arg-type]
+        speed = pairs["seconds"] / stream["seconds"]  # type: ignore[operator]
+        print(f"{n:>7} | {'stream':>8} | {stream['seconds']:>8.2f} | {stream['rss_growth_mb']:>14.0f} | "
+              f"{speed:>7.2f}x | {diff:>9.1e}")
+        print(f"{n:>7} | {'per-pair':>8} | {pairs['seconds']:>8.2f} | {pairs['rss_growth_mb']:>14.0f} | "
+              f"{'1.00x':>8} |")
+    held = lambda n: n * (T_LAYERS * T_WIDTH + S_LAYERS * S_WIDTH) * 4 / 2**20  # noqa: E731
+    state = (T_LAYERS * T_WIDTH * S_LAYERS * S_WIDTH + T_LAYERS * T_WIDTH**2 + S_LAYERS * S_WIDTH**2) * 8 / 2**20
+    print(f"(stream state: {state:.0f} MiB float64 for any n; per-pair holds "
+          + ", ".join(f"{held(n):.0f} MiB at n={n}" for n in ns) + " of float32 activations)")
+
+
+def _median_time(fn: Callable[[], None], reps: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def loss_table(reps: int, n: int = 4096) -> None:
+    from kdgeo import geometry as g
+
+    torch.set_num_threads(2)
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(n, LATENT, generator=gen)
+    x = z @ torch.randn(LATENT, T_WIDTH, generator=gen) + torch.randn(n, T_WIDTH, generator=gen)  # (n, 768)
+    y0 = z @ torch.randn(LATENT, S_WIDTH, generator=gen) + torch.randn(n, S_WIDTH, generator=gen)  # (n, 384)
+    w0 = torch.randn(S_WIDTH, T_WIDTH, generator=gen) / S_WIDTH**0.5  # (384, 768)
+
+    def fwd_bwd(loss_fn: Callable[[Tensor], Tensor], with_w: bool = False) -> Callable[[], None]:
+        def run() -> None:
+            y = y0.clone().requires_grad_(True)
+            if with_w:
+                w = w0.clone().requires_grad_(True)
+                loss = torch.nn.functional.mse_loss(y @ w, x)
+            else:
+                loss = loss_fn(y)
+            loss.backward()
+
+        return run
+
+    cases: list[tuple[str, Callable[[], None]]] = [
+        ("projection-MSE (Y W, baseline)", fwd_bwd(lambda y: y, with_w=True)),
+        ("procrustes D^2", fwd_bwd(lambda y: g.procrustes_distance(x, y))),
+        ("procrustes angular", fwd_bwd(lambda y: g.procrustes_distance(x, y, angular=True))),
+        ("gram (FG)", fwd_bwd(lambda y: g.gram_distance(x, y))),
+        ("1 - cka", fwd_bwd(lambda y: 1.0 - g.cka(x, y))),
+        ("1 - cka (debiased)", fwd_bwd(lambda y: 1.0 - g.cka(x, y, debiased=True))),
+        ("gram (FG), n x n route forced", fwd_bwd(lambda y: g.gram_distance(x, y, route="gram"))),
+    ]
+    print(f"\n## Training-path loss cost: forward+backward, teacher {n}x{T_WIDTH}, student {n}x{S_WIDTH}, "
+          f"median of {reps}, {torch.get_num_threads()} threads")
+    print(f"{'loss':>32} | {'ms':>8} | {'x baseline':>10}")
+    print("-" * 56)
+    base = None
+    for name, fn in cases:
+        t = _median_time(fn, reps)
+        base = base or t
+        print(f"{name:>32} | {t * 1e3:>8.1f} | {t / base:>10.2f}")
+
+    # Procrustes route choice at a small batch (n < min(d_t, d_s)) and at the training batch.
+    print(f"\n## Procrustes routes (forward+backward ms; 'auto' picks the cheaper by a flop estimate)")
+    print(f"{'n':>6} | {'auto picks':>10} | {'gram (n x n)':>12} | {'cov (d_t x d_s)':>15}")
+    print("-" * 54)
+    for rows in (64, 256, n):
+        xs, ys0 = x[:rows], y0[:rows]
+        pick = "gram" if g._procrustes_gram_route_cheaper(rows, T_WIDTH, S_WIDTH) else "cov"
+        ts = {}
+        for route in ("gram", "cov"):
+            def run(route: str = route) -> None:
+                ys = ys0.clone().requires_grad_(True)
+                g.procrustes_distance(xs, ys, route=route).backward()  # type: ignore[arg-type]
+
+            ts[route] = _median_time(run, reps)
+        print(f"{rows:>6} | {pick:>10} | {ts['gram'] * 1e3:>12.1f} | {ts['cov'] * 1e3:>15.1f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller n and fewer repetitions")
+    parser.add_argument("--worker", choices=["stream", "per-pair"], help=argparse.SUPPRESS)
+    parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(_probe_worker(args.worker, args.n)))
+        return
+    torch.set_num_threads(2)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY="
+        f"{os.environ['OMP_WAIT_POLICY']}, load average {os.getloadavg()[0]:.1f}, "
+        f"{'quick' if args.quick else 'full'} run"
+    )
+    t0 = time.perf_counter()
+    probe_table([1024, 4096] if args.quick else [2048, 32768])
+    loss_table(reps=3 if args.quick else 7)
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Running the CLI in-process, and writing small run specs for tiny models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomli_w
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """Run `kdgeo ARGS` in this process; return (exit code, stdout, stderr)."""
+    from kdgeo.cli import main
+
+    capsys.readouterr()
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def tiny_spec(tiny: dict[str, Path], tmp_path: Path, **sections: Any) -> dict[str, Any]:
+    """A fast spec on tiny models: 64 training and 32 evaluation examples of the demo data."""
+    spec: dict[str, Any] = {
+        "name": "t",
+        "seed": 0,
+        "teacher": {"model": str(tiny["teacher_clf"])},
+        "student": {"init": "teacher-layers", "num_layers": 2},
+        "data": {"dataset": "kdgeo:wordnet-supersenses", "max_train_samples": 64, "max_eval_samples": 32, "max_length": 24},
+        "features": {"rows": "tokens", "pairs": "uniform"},
+        "losses": [{"kind": "ce"}],
+        "train": {"epochs": 1, "batch_size": 16, "lr": 1e-3, "log_every": 1, "warmup_ratio": 0.0},
+        "monitor": {"every": 2, "samples": 16},
+        "output": {"dir": str(tmp_path / "runs"), "teacher_cache": str(tmp_path / "cache")},
+    }
+    for key, value in sections.items():
+        # student and teacher tables are replaced whole (their fields depend on each other).
+        if isinstance(value, dict) and isinstance(spec.get(key), dict) and key not in ("student", "teacher"):
+            spec[key] = {**spec[key], **value}
+        else:
+            spec[key] = value
+    return spec
+
+
+def write_spec(path: Path, spec: dict[str, Any]) -> Path:
+    path.write_text(tomli_w.dumps(spec))
+    return path

@@ -1,0 +1,104 @@
+"""Shared fixtures: tiny models and tokenizers built in-process, saved, and loaded back.
+
+Nothing here touches a hub. Each model is built from a config (2-4 layers, width 32-64) with a
+fixed seed, saved with ``save_pretrained`` to a temporary directory, and loaded back by the
+code under test through the real loading path.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _demo_words(limit: int) -> list[str]:
+    from kdgeo import demo
+
+    counts: collections.Counter[str] = collections.Counter()
+    for split in ("train", "validation"):
+        for row in demo.load_split(split):
+            counts.update(re.findall(r"[a-z]+|[^\sa-z]", row["text"].lower()))
+    return [w for w, _ in counts.most_common(limit)]
+
+
+def make_tokenizer(directory: Path, words: int = 400, chars_only: bool = False):
+    """A WordPiece BERT tokenizer over the demo's most frequent words (or single letters)."""
+    from transformers import BertTokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    letters = list("abcdefghijklmnopqrstuvwxyz0123456789.,;:'()-")
+    pieces = ["##" + c for c in letters]
+    vocab = special + letters + pieces + ([] if chars_only else [w for w in _demo_words(words) if w not in letters])
+    vocab = list(dict.fromkeys(vocab))
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    # transformers 5 renamed the constructor's vocab argument; from_pretrained reads vocab.txt on 4.x and 5.x.
+    tok = BertTokenizerFast.from_pretrained(directory, do_lower_case=True)
+    tok.save_pretrained(directory)
+    return tok
+
+
+def make_bert(directory: Path, tokenizer_dir: Path, layers: int = 4, width: int = 64, heads: int = 4, seed: int = 0, num_labels: int | None = None) -> Path:
+    """A tiny BERT saved with save_pretrained (a base model, or a classifier when num_labels is set)."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
+
+    from kdgeo.models import quiet_transformers
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=width * 2,
+        max_position_embeddings=128,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    torch.manual_seed(seed)
+    if num_labels is None:
+        model = BertModel(config)
+    else:
+        config.num_labels = num_labels
+        model = BertForSequenceClassification(config)
+    with quiet_transformers():
+        model.save_pretrained(directory)
+        tok.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Paths of tiny saved models.
+
+    teacher: 4-layer base BERT, width 64. student: 2-layer base BERT, width 32, same tokenizer.
+    student_other_tok: like student with a character-level tokenizer. teacher_clf: a 4-layer
+    BERT classifier with 8 labels (the demo data's classes), so runs need no fine-tuning.
+    """
+    root = tmp_path_factory.mktemp("tiny")
+    tok_dir = root / "tok"
+    make_tokenizer(tok_dir)
+    other_tok = root / "tok_chars"
+    make_tokenizer(other_tok, chars_only=True)
+    return {
+        "teacher": make_bert(root / "teacher", tok_dir, layers=4, width=64, seed=0),
+        "student": make_bert(root / "student", tok_dir, layers=2, width=32, heads=2, seed=1),
+        "student_other_tok": make_bert(root / "student_chars", other_tok, layers=2, width=32, heads=2, seed=2),
+        "teacher_clf": make_bert(root / "teacher_clf", tok_dir, layers=4, width=64, seed=3, num_labels=8),
+        "root": root,
+    }
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -1,0 +1,137 @@
+"""Bad input to `kdgeo distill` and `kdgeo eval`: exit 2, one message that says what to change,
+no traceback, nothing trained, and no existing run output touched."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cli_helpers import run_cli, tiny_spec, write_spec
+from conftest import write_jsonl
+
+
+def _local_data(tmp_path: Path, eval_labels: list[int] | None = None) -> dict:
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": f"a small tree {i}", "label": i % 3} for i in range(12)])
+    ev = write_jsonl(tmp_path / "eval.jsonl", [{"text": f"a large animal {i}", "label": lab} for i, lab in enumerate(eval_labels or [0, 1, 2])])
+    return {"dataset": str(train), "eval_dataset": str(ev), "max_train_samples": None, "max_eval_samples": None}
+
+
+def _case(case: str, tiny: dict, tmp_path: Path) -> tuple[dict | str, list[str], str]:
+    """(spec dict or raw TOML text, extra CLI args, expected message fragment)."""
+    base = dict(train={"max_steps": 1})
+    if case == "label_column_missing":
+        return tiny_spec(tiny, tmp_path, data={"label_column": "category"}, **base), [], "no column 'category' (set by data.label_column)"
+    if case == "label_out_of_range":
+        return tiny_spec(tiny, tmp_path, data=_local_data(tmp_path, [0, 5]), **base), [], "has label 5, outside 0..2"
+    if case == "tokenizer_mismatch":
+        student = {"init": "pretrained", "model": str(tiny["student_other_tok"])}
+        return tiny_spec(tiny, tmp_path, student=student, features={"rows": "tokens"}, **base), [], 'features.rows = "mean"'
+    if case == "pair_out_of_range":
+        return tiny_spec(tiny, tmp_path, features={"pairs": [[1, 2], [3, 4]]}, **base), [], "student index 3 is outside 0..2"
+    if case == "output_not_writable":
+        blocker = tmp_path / "file"
+        blocker.write_text("x")
+        return tiny_spec(tiny, tmp_path, output={"dir": str(blocker / "runs")}, **base), [], "set output.dir (or --out) to a writable directory"
+    if case == "teacher_without_head":
+        return tiny_spec(tiny, tmp_path, teacher={"model": str(tiny["teacher"])}, **base), [], "Add a [teacher.finetune] table"
+    if case == "mse_unequal_widths":
+        student = {"init": "config", "arch": {"hidden_size": 32, "num_attention_heads": 2, "num_hidden_layers": 2}}
+        return tiny_spec(tiny, tmp_path, student=student, losses=[{"kind": "mse"}], **base), [], "need equal widths"
+    if case == "teacher_missing":
+        return tiny_spec(tiny, tmp_path, teacher={"model": str(tmp_path / "nope")}, **base), [], "no such directory"
+    if case == "student_layers_out_of_range":
+        return tiny_spec(tiny, tmp_path, student={"init": "teacher-layers", "layers": [1, 7]}, **base), [], "student.layers = [1, 7]"
+    if case == "fp16_on_cpu":
+        return tiny_spec(tiny, tmp_path, train={"max_steps": 1, "precision": "fp16", "device": "cpu"}), [], "needs a CUDA device"
+    if case == "single_file_without_eval":
+        data = _local_data(tmp_path)
+        data["eval_dataset"] = None
+        return tiny_spec(tiny, tmp_path, data={k: v for k, v in data.items()}, **base), [], "set data.eval_dataset"
+    if case == "malformed_toml":
+        return "name = \n[teacher", [], "is not valid TOML"
+    if case == "unknown_key":
+        return tiny_spec(tiny, tmp_path, trian={"epochs": 1}), [], "did you mean 'train'?"
+    if case == "bad_override":
+        return tiny_spec(tiny, tmp_path, **base), ["--set", "train.epochs=-1"], "train.epochs: Input should be greater than 0"
+    if case == "unknown_preset":
+        return tiny_spec(tiny, tmp_path, **base), ["--preset", "nope"], "no such preset"
+    if case == "cuda_missing":
+        return tiny_spec(tiny, tmp_path, train={"max_steps": 1, "device": "cuda"}), [], "CUDA is not available"
+    raise AssertionError(case)
+
+
+CASES = [
+    "label_column_missing", "label_out_of_range", "tokenizer_mismatch", "pair_out_of_range", "output_not_writable",
+    "teacher_without_head", "mse_unequal_widths", "teacher_missing", "student_layers_out_of_range", "fp16_on_cpu",
+    "single_file_without_eval", "malformed_toml", "unknown_key", "bad_override", "unknown_preset", "cuda_missing",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_fails_before_training_with_exit_2(tiny, tmp_path, capsys, case):
+    import torch
+
+    if case == "cuda_missing" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    spec, extra, expect = _case(case, tiny, tmp_path)
+    path = tmp_path / "run.toml"
+    if isinstance(spec, str):
+        path.write_text(spec)
+    else:
+        if spec.get("data", {}).get("eval_dataset", "x") is None:
+            del spec["data"]["eval_dataset"]
+        spec["data"] = {k: v for k, v in spec["data"].items() if v is not None}
+        write_spec(path, spec)
+    code, out, err = run_cli(capsys, "distill", str(path), *extra)
+    flat = " ".join(err.split())
+    assert code == 2, (out, err)
+    assert expect in flat, err
+    assert "Traceback" not in err
+    assert not list(tmp_path.glob("runs/*/metrics.jsonl")), "nothing may be trained or written on bad input"
+
+
+def test_an_existing_run_is_never_overwritten_without_asking(tiny, tmp_path, capsys):
+    path = write_spec(tmp_path / "run.toml", tiny_spec(tiny, tmp_path, train={"max_steps": 1}))
+    code, _, err = run_cli(capsys, "distill", str(path), "-q")
+    assert code == 0, err
+    summary = (tmp_path / "runs" / "t" / "summary.json").read_bytes()
+    code, _, err = run_cli(capsys, "distill", str(path), "-q")
+    assert code == 2
+    assert "already exists" in " ".join(err.split()) and "output.overwrite = true" in " ".join(err.split())
+    assert (tmp_path / "runs" / "t" / "summary.json").read_bytes() == summary
+    code, _, err = run_cli(capsys, "distill", str(path), "-q", "--set", "output.overwrite=true")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("case", ["no_head", "not_a_model", "wrong_task", "no_data"])
+def test_eval_bad_input_exit_2(tiny, tmp_path, capsys, case):
+    args: list[str]
+    if case == "no_head":
+        args, expect = [str(tiny["teacher"]), "--data", "kdgeo:wordnet-supersenses"], "with no trained classification head"
+    elif case == "not_a_model":
+        args, expect = [str(tmp_path / "nope"), "--data", "kdgeo:wordnet-supersenses"], "no such directory"
+    elif case == "wrong_task":
+        data = write_jsonl(tmp_path / "d.jsonl", [{"text": "a tree", "label": 11}, {"text": "a dog", "label": 0}])
+        args, expect = [str(tiny["teacher_clf"]), "--data", str(data)], "the data has 12 classes but the model"
+    else:
+        args, expect = [str(tiny["teacher_clf"])], "give --data"
+    code, out, err = run_cli(capsys, "eval", *args)
+    assert code == 2, (out, err)
+    assert expect in " ".join(err.split()), err
+    assert "Traceback" not in err
+
+
+def test_eval_scores_a_model_with_a_teacher(tiny, capsys, tmp_path):
+    out_json = tmp_path / "scores.json"
+    code, out, err = run_cli(
+        capsys, "eval", str(tiny["teacher_clf"]), "--data", "kdgeo:wordnet-supersenses", "--max-samples", "40",
+        "--teacher", str(tiny["teacher_clf"]), "--json", str(out_json),
+    )
+    assert code == 0, err
+    result = json.loads(out_json.read_text())
+    assert result["samples"] == 40
+    assert result["scores"]["teacher_agreement"] == 1.0  # a model agrees with itself
+    assert result["scores"]["accuracy"] == result["teacher_scores"]["accuracy"]
+    assert "accuracy" in out and "teacher" in out

@@ -1,0 +1,114 @@
+"""`kdgeo probe` end to end on tiny saved models, and its pre-flight errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cli_helpers import run_cli
+from conftest import write_jsonl
+from kdgeo import geometry
+from kdgeo.features import select_rows
+from kdgeo.models import ModelRef, load_encoder, load_tokenizer
+
+
+def test_probe_prints_tables_writes_json_and_heatmap(tiny, tmp_path, capsys):
+    out_json, out_png = tmp_path / "probe.json", tmp_path / "probe.png"
+    code, out, err = run_cli(
+        capsys, "probe", str(tiny["teacher"]), str(tiny["student"]), "--metric", "procrustes", "--metric", "cka",
+        "--max-samples", "48", "--batch-size", "16", "--rows", "tokens", "--json", str(out_json), "--plot", str(out_png),
+    )
+    assert code == 0, err
+    assert "procrustes (lower = more similar)" in out and "cka (higher = more similar)" in out
+    assert "suggested layer map" in out and "[features] pairs = [[1, " in out
+    data = json.loads(out_json.read_text())
+    assert data["teacher_layers"] == 4 and data["student_layers"] == 2
+    assert len(data["pairs"]) == 5 * 3  # every (teacher, student) hidden-state pair, embeddings included
+    assert {"procrustes", "cka"} <= set(data["pairs"][0])
+    teachers = [p["teacher"] for p in data["suggested_map"]]
+    assert [p["student"] for p in data["suggested_map"]] == [1, 2]
+    assert teachers == sorted(teachers) and len(set(teachers)) == len(teachers)
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_probe_streamed_values_equal_a_direct_batch_computation(tiny, tmp_path, capsys):
+    """The streamed tables equal geometry's batch functions on all rows at once (float64, 1e-6)."""
+    out_json = tmp_path / "p.json"
+    code, _, err = run_cli(
+        capsys, "probe", str(tiny["teacher"]), str(tiny["student"]), "--max-samples", "40", "--batch-size", "7",
+        "--rows", "tokens", "--json", str(out_json), "--quiet",
+    )
+    assert code == 0, err
+    data = json.loads(out_json.read_text())
+    from kdgeo import demo
+
+    texts = [r["text"] for r in demo.load_split("validation")[:40]]
+    rows = {}
+    for role in ("teacher", "student"):
+        ref = ModelRef(str(tiny[role]))
+        tok, model = load_tokenizer(ref), load_encoder(ref)
+        enc = tok(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+        with torch.no_grad():
+            hidden = model(**enc, output_hidden_states=True).hidden_states
+        rows[role] = [select_rows(h, enc["attention_mask"], "tokens").double() for h in hidden]
+    for t in range(5):
+        for s in range(3):
+            x, y = rows["teacher"][t], rows["student"][s]
+            assert data["tables"]["procrustes"][t][s] == pytest.approx(float(geometry.procrustes_distance(x, y)), abs=1e-6)
+            assert data["tables"]["cka"][t][s] == pytest.approx(float(geometry.cka(x, y)), abs=1e-6)
+            assert data["tables"]["gram"][t][s] == pytest.approx(float(geometry.gram_distance(x, y)), abs=1e-6)
+
+
+def test_probe_json_to_stdout(tiny, capsys):
+    code, out, err = run_cli(capsys, "probe", str(tiny["teacher"]), str(tiny["student"]), "--max-samples", "16", "--json", "-", "-q")
+    assert code == 0, err
+    assert json.loads(out)["samples"] == 16
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing_dir", "no_config", "token_mismatch", "missing_column", "empty_data", "bad_metric", "json_dir_missing", "missing_file", "run_dir"],
+)
+def test_probe_preflight_errors_exit_2_with_a_message(tiny, tmp_path, capsys, case):
+    teacher, student = str(tiny["teacher"]), str(tiny["student"])
+    extra: list[str] = []
+    expect = ""
+    if case == "missing_dir":
+        teacher, expect = str(tmp_path / "nope"), "no such directory"
+    elif case == "no_config":
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "empty" / "weights.bin").write_text("x")
+        student, expect = str(tmp_path / "empty"), "has no config.json (it holds: weights.bin)"
+    elif case == "token_mismatch":
+        student = str(tiny["student_other_tok"])
+        extra, expect = ["--rows", "tokens"], "--rows mean"
+    elif case == "missing_column":
+        extra, expect = ["--text-column", "sentence"], "no column 'sentence'"
+    elif case == "empty_data":
+        path = tmp_path / "empty.jsonl"
+        path.write_text("")
+        extra, expect = ["--data", str(path)], "no rows"
+    elif case == "bad_metric":
+        extra, expect = ["--metric", "procrustez"], "unknown metric"
+    elif case == "json_dir_missing":
+        extra, expect = ["--json", str(tmp_path / "no" / "such" / "out.json")], "does not exist"
+    elif case == "missing_file":
+        extra, expect = ["--data", str(tmp_path / "nope.csv")], "file not found"
+    elif case == "run_dir":
+        (tmp_path / "run" / "student").mkdir(parents=True)
+        (tmp_path / "run" / "student" / "config.json").write_text("{}")
+        student, expect = str(tmp_path / "run"), "looks like a kdgeo run directory"
+    code, out, err = run_cli(capsys, "probe", teacher, student, "--max-samples", "8", *extra)
+    assert code == 2, (out, err)
+    assert expect in err.replace("\n", " "), err
+    assert "Traceback" not in err
+
+
+def test_probe_pooled_rows_work_across_tokenizers(tiny, tmp_path, capsys):
+    rows = [{"text": f"a small tree number {i}"} for i in range(12)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    code, out, err = run_cli(capsys, "probe", str(tiny["teacher"]), str(tiny["student_other_tok"]), "--data", str(data), "--rows", "mean", "-q")
+    assert code == 0, err
+    assert "12 samples, 12 feature rows (mean)" in out
