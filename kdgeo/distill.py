@@ -381,7 +381,7 @@ def run_distill(spec: RunSpec, out_dir: str | None = None, progress: Progress | 
                 scaler.scale(loss * share).backward()
                 for k, v in parts.items():
                     step_parts[k] = step_parts.get(k, 0.0) + float(v) * share
-                step_parts["loss"] = step_parts.get("loss", 0.0) + float(loss) * share
+                step_parts["loss"] = step_parts.get("loss", 0.0) + float(loss.detach()) * share
             if train_cfg.max_grad_norm is not None:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], train_cfg.max_grad_norm)

@@ -62,7 +62,6 @@ Conventions (each is tested in tests/test_geometry.py):
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Sequence
 from typing import Literal
 
