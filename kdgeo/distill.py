@@ -196,11 +196,13 @@ def run_distill(spec: RunSpec, out_dir: str | None = None, progress: Progress | 
 
     # ---- 2. teacher -------------------------------------------------------------------------
     emit({"event": "stage", "message": "loading the teacher"})
+    ft = spec.teacher.finetune
+    # A head the checkpoint lacks is initialised from the global RNG: seed it, or runs differ.
+    torch.manual_seed(ft.seed if ft is not None else spec.seed)
     loaded = load_classifier(teacher_ref, num_labels, label_info.names)
     teacher = loaded.model
     teacher_source = spec.teacher.model
     finetune_info: dict[str, Any] | None = None
-    ft = spec.teacher.finetune
     if not loaded.has_trained_head or (ft is not None and ft.force):
         if ft is None:
             raise ModelLoadError(

@@ -180,6 +180,18 @@ def test_teacher_without_head_is_finetuned_once_then_reused(tiny, tmp_path, caps
     assert second["teacher_finetune"]["cached"] is True
     assert second["teacher_path"] == first["teacher_path"]
     assert second["teacher_scores"] == first["teacher_scores"]
+    # Fine-tuning is deterministic: a fresh cache gives bit-identical teacher weights (the new
+    # head is initialised from the seeded RNG).
+    other_cache = tmp_path / "cache2"
+    code, _, err = run_cli(capsys, "distill", str(path), "--set", "output.name=again", "--set", f"output.teacher_cache='{other_cache}'")
+    assert code == 0, err
+    again = json.loads((tmp_path / "runs" / "again" / "summary.json").read_text())
+    assert again["teacher_finetune"]["cached"] is False
+    from safetensors.torch import load_file
+
+    w1 = load_file(Path(first["teacher_path"]) / "model.safetensors")
+    w2 = load_file(Path(again["teacher_path"]) / "model.safetensors")
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
     # A different fine-tuning hyper-parameter is a different cache entry.
     code, _, err = run_cli(capsys, "distill", str(path), "--set", "output.name=third", "--set", "teacher.finetune.lr=1e-4")
     assert code == 0, err
