@@ -7,6 +7,7 @@ torch and transformers are imported inside the commands so that `kdgeo --help` i
 
 from __future__ import annotations
 
+import json
 import sys
 from enum import Enum
 from pathlib import Path
@@ -164,7 +165,9 @@ def _write_json_output(path: Path, data: dict) -> None:
         "Examples:\n\n"
         "  kdgeo distill examples.toml                      (the embedded offline demo)\n\n"
         "  kdgeo distill run.toml --set train.epochs=5 --out runs/\n\n"
-        "  kdgeo distill examples.toml --preset glue-cola --json > events.jsonl"
+        "  kdgeo distill examples.toml --preset glue-cola --json > events.jsonl\n\n"
+        "A spec with a [sweep] table runs every variant x seed into <output.dir>/<name>/<variant>-seed<seed>/; "
+        "a failed run does not stop the others (exit code 1 at the end), a finished one is skipped on a re-run."
     )
 )
 def distill(
@@ -177,15 +180,27 @@ def distill(
 ) -> None:
     from kdgeo.spec import load_spec
 
-    spec = load_spec(spec_path, overrides=set_ or [], preset=preset)
+    overrides = list(set_ or [])
+    if out is not None:
+        overrides.append(f"output.dir={json.dumps(str(out))}")
+    spec = load_spec(spec_path, overrides=overrides, preset=preset)
+    from kdgeo.spec import expand_sweep
+
+    runs = expand_sweep(spec, str(spec_path))  # validates every variant before anything runs
     from kdgeo import report
-    from kdgeo.distill import run_distill
+    from kdgeo.distill import run_distill, run_sweep
 
     view = report.DistillView(report.pick_mode(quiet), json_lines=json_lines)
     try:
-        run_distill(spec, out_dir=str(out) if out is not None else None, progress=view)
+        if spec.sweep is None:
+            run_distill(spec, progress=view)
+            return
+        outcomes = run_sweep(runs, progress=view)
     finally:
         view.close()
+    report.print_sweep(outcomes, json_lines=json_lines)
+    if any(o.status == "failed" for o in outcomes):
+        raise typer.Exit(1)
 
 
 @app.command(
@@ -236,12 +251,68 @@ def eval_(
         _write_json_output(json_path, result.to_json())
 
 
+class TestChoice(str, Enum):
+    t = "t"
+    wilcoxon = "wilcoxon"
+    permutation = "permutation"
+
+
+@app.command(
+    help=(
+        "Runs side by side: each variant's mean, standard deviation, 95% confidence interval and n; the difference "
+        "from a baseline with paired tests across seeds (t, Wilcoxon, permutation; unpaired Welch / Mann-Whitney when "
+        "the seeds differ), Holm-corrected across variants; final geometry per layer pair next to the score.\n\n"
+        "RUN is a run directory or a directory of runs (a sweep's output).\n\n"
+        "Exit codes: 0 ok; 1 with --fail-if-worse when a variant is significantly worse than the baseline; "
+        "2 bad input (no runs, runs of different tasks, a missing metric, an unknown baseline).\n\n"
+        "Examples:\n\n"
+        "  kdgeo compare runs/demo-sweep --baseline ce\n\n"
+        "  kdgeo compare runs/sweep/* --metric accuracy,procrustes --markdown report.md --plot report.png\n\n"
+        "  kdgeo compare runs/sweep --baseline ce --fail-if-worse --json -"
+    )
+)
+def compare(
+    runs: Annotated[list[str], typer.Argument(metavar="RUN...", help="Run directories, or directories holding run directories.")],
+    metric: Annotated[str, typer.Option(help="accuracy, macro_f1, mcc, f1, teacher_agreement, or procrustes/cka/gram (final geometry, mean over pairs); comma-separated for several.")] = "accuracy",
+    baseline: Annotated[Optional[str], typer.Option(help="Variant to compare against (default: 'baseline' or 'ce' if present, else the first).")] = None,
+    alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="Significance level after Holm correction.")] = 0.05,
+    test: Annotated[TestChoice, typer.Option(help="Which test's p-value decides significance (all are reported).")] = TestChoice.t,
+    fail_if_worse: Annotated[bool, typer.Option(help="Exit 1 when a variant is significantly worse than the baseline (for CI).")] = False,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write every number as JSON ('-' for stdout).")] = None,
+    csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Write one row per variant as CSV ('-' for stdout).")] = None,
+    markdown: Annotated[Optional[Path], typer.Option(help="Write the tables as Markdown ('-' for stdout).")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write learning curves and final scores to this PNG.")] = None,
+) -> None:
+    for path, option in ((json_path, "--json"), (csv_path, "--csv"), (markdown, "--markdown"), (plot, "--plot")):
+        if path is not None and str(path) != "-":
+            _check_writable(path, option)
+    from kdgeo import compare as compare_mod
+
+    result = compare_mod.compare(
+        compare_mod.CompareArgs(runs=list(runs), metric=metric, baseline=baseline, alpha=alpha, test=test.value, fail_if_worse=fail_if_worse)
+    )
+    to_stdout = any(p is not None and str(p) == "-" for p in (json_path, csv_path, markdown))
+    if not to_stdout:
+        compare_mod.print_compare(result)
+    if json_path is not None:
+        compare_mod.write_json(result, str(json_path))
+    if csv_path is not None:
+        compare_mod.write_csv(result, str(csv_path))
+    if markdown is not None:
+        compare_mod.write_markdown(result, str(markdown))
+    if plot is not None:
+        compare_mod.plot(result, str(plot))
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: user errors become one paragraph and exit code 2."""
     from kdgeo import report
 
     try:
-        app(args=argv, standalone_mode=False)
+        # With standalone_mode=False click returns a typer.Exit's code instead of raising it.
+        code = app(args=argv, standalone_mode=False)
     except KdgeoError as err:
         report.error(err.render())
         sys.exit(err.exit_code)
@@ -252,17 +323,17 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except SystemExit:
         raise
-    except Exception as exc:  # click's usage errors arrive here with standalone_mode=False
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            report.error("aborted")
+    except Exception as exc:
+        # Usage errors and Ctrl-C arrive as click exceptions (typer vendors click, so match by shape).
+        if type(exc).__name__ == "Abort" or isinstance(exc, typer.Abort):
+            report.error("interrupted")
             sys.exit(130)
+        show, exit_code = getattr(exc, "show", None), getattr(exc, "exit_code", None)
+        if callable(show) and isinstance(exit_code, int):
+            show()
+            sys.exit(exit_code)
         raise
-    sys.exit(0)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -48,7 +48,7 @@ from kdgeo.models import (
 )
 from kdgeo.optim import build_optimizer, build_scheduler, param_groups
 from kdgeo.probe import autocast_dtype, resolve_device
-from kdgeo.spec import RunSpec
+from kdgeo.spec import RunSpec, SweepRun
 from kdgeo.teacher import FinetuneArgs, cache_key, cached_teacher, finetune, save_to_cache
 
 Progress = Callable[[dict[str, Any]], None]
@@ -435,9 +435,16 @@ def run_distill(spec: RunSpec, out_dir: str | None = None, progress: Progress | 
                 s_tok.save_pretrained(student_dir)
         except OSError as err:
             raise KdgeoError(f"cannot save the student to {student_dir}: {err.strerror or err}. metrics.jsonl holds the run so far.") from None
+    d = spec.data
     summary = {
         "format_version": rundir.FORMAT_VERSION,
         "name": spec.name,
+        "variant": spec.variant or spec.name,
+        "data": {
+            "dataset": d.dataset, "config": d.config, "train_split": d.train_split, "eval_split": d.eval_split,
+            "eval_dataset": d.eval_dataset, "text_column": d.text_column, "label_column": d.label_column,
+            "max_train_samples": d.max_train_samples, "max_eval_samples": d.max_eval_samples,
+        },
         "run_dir": str(run_dir),
         "task": spec.task,
         "seed": spec.seed,
@@ -472,3 +479,48 @@ def run_distill(spec: RunSpec, out_dir: str | None = None, progress: Progress | 
     rundir.write_json(run_dir / rundir.SUMMARY, summary)
     emit({"event": "done", "summary": summary})
     return DistillResult(run_dir=run_dir, summary=summary)
+
+
+@dataclass
+class SweepOutcome:
+    variant: str
+    seed: int
+    run_dir: Path
+    status: str
+    """"done", "skipped" (finished earlier) or "failed"."""
+    error: str | None = None
+    summary: dict[str, Any] | None = None
+
+
+def run_sweep(runs: list[SweepRun], progress: Progress | None = None) -> list[SweepOutcome]:
+    """Run every variant x seed in turn. A failed run is reported and the sweep goes on; a run
+    that finished earlier (its summary.json exists) is skipped, so re-running continues a sweep."""
+    import traceback
+
+    emit = progress or (lambda event: None)
+    outcomes: list[SweepOutcome] = []
+    for k, run in enumerate(runs, 1):
+        spec = run.spec
+        run_dir = Path(spec.output.dir).expanduser() / (spec.output.name or spec.name)
+        label = f"[{k}/{len(runs)}] {run.variant} seed {run.seed}"
+        if (run_dir / rundir.SUMMARY).exists():
+            emit({"event": "stage", "message": f"{label}: already finished ({run_dir}), skipped"})
+            outcomes.append(SweepOutcome(run.variant, run.seed, run_dir, "skipped", summary=rundir.read_json(run_dir / rundir.SUMMARY)))
+            continue
+        if run_dir.exists():
+            # A run that died before writing its summary: start it again from scratch.
+            spec = spec.model_copy(update={"output": spec.output.model_copy(update={"overwrite": True})})
+        emit({"event": "stage", "message": f"{label} -> {run_dir}"})
+        try:
+            result = run_distill(spec, progress=progress)
+            outcomes.append(SweepOutcome(run.variant, run.seed, run_dir, "done", summary=result.summary))
+        except KeyboardInterrupt:
+            raise
+        except KdgeoError as err:
+            emit({"event": "run_failed", "variant": run.variant, "seed": run.seed, "error": err.render()})
+            outcomes.append(SweepOutcome(run.variant, run.seed, run_dir, "failed", error=err.render()))
+        except Exception as err:  # a bug in one run must not lose the others; keep its traceback
+            text = traceback.format_exc()
+            emit({"event": "run_failed", "variant": run.variant, "seed": run.seed, "error": text})
+            outcomes.append(SweepOutcome(run.variant, run.seed, run_dir, "failed", error=f"{type(err).__name__}: {err}"))
+    return outcomes

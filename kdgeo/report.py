@@ -262,6 +262,9 @@ class DistillView:
                 self._refresh()
             else:
                 info(text, self.mode)
+        elif kind == "run_failed":
+            self.close()
+            error(f"run {event['variant']} seed {event['seed']} failed: {event['error']}")
         elif kind == "done":
             self.close()
             summary = event["summary"]
@@ -288,3 +291,19 @@ def print_eval(result: Any) -> None:
     if result.teacher_scores is not None:
         table.add_row(Text(f"teacher {result.teacher}"), *[fmt(result.teacher_scores.get(k)) for k in keys])
     out_console.print(table)
+
+
+def print_sweep(outcomes: Sequence[Any], json_lines: bool = False) -> None:
+    """One row per run of a sweep: status and final scores (to stderr with --json, else stdout)."""
+    table = Table(title=Text("sweep"), title_justify="left")
+    for col in ("variant", "seed", "status", "accuracy", "macro_f1", "run directory / error"):
+        table.add_column(col, justify="right" if col in ("seed", "accuracy", "macro_f1") else "left")
+    for o in outcomes:
+        scores = (o.summary or {}).get("scores", {})
+        detail = o.error.splitlines()[0] if o.error else str(o.run_dir)
+        table.add_row(Text(o.variant), str(o.seed), Text(o.status), fmt(scores.get("accuracy")), fmt(scores.get("macro_f1")), Text(detail))
+    (err_console if json_lines else out_console).print(table)
+    failed = sum(o.status == "failed" for o in outcomes)
+    if failed:
+        error(f"{failed} of {len(outcomes)} runs failed (see above); the others are complete. Fix the cause and run the "
+              "same command again: finished runs are skipped.")

@@ -21,6 +21,7 @@ import re
 import sys
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -357,6 +358,32 @@ class OutputSpec(_Strict):
     """Save the trained student (with tokenizer) under `student/` in the run directory."""
 
 
+class SweepSpec(_Strict):
+    """Several runs from one spec: every variant x every seed.
+
+    Each variant is a table of overrides merged over the rest of the spec (tables key by key,
+    lists and values replace), e.g. ``[sweep.variants.kd] losses = [{kind="ce"}, {kind="kd"}]``.
+    Runs are written to ``<output.dir>/<name>/<variant>-seed<seed>/``; a finished run (one with
+    summary.json) is skipped when the sweep is run again, so an interrupted sweep continues.
+    """
+
+    seeds: list[int] = Field([0], min_length=1)
+    """Seeds to run every variant with."""
+    variants: dict[str, dict[str, Any]] = {}
+    """Named override tables; empty = the spec itself as one variant named after `name`."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "SweepSpec":
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"`seeds` lists a seed twice: {self.seeds}")
+        for name, overrides in self.variants.items():
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+                raise ValueError(f"variant name '{name}' must use letters, digits, `.`, `_`, `-` (it names run directories)")
+            if "sweep" in overrides:
+                raise ValueError(f"variant '{name}' cannot contain a [sweep] table")
+        return self
+
+
 class RunSpec(_Strict):
     """One distillation run."""
 
@@ -385,6 +412,10 @@ class RunSpec(_Strict):
     """Live per-layer-pair geometry."""
     output: OutputSpec = OutputSpec()
     """The run directory."""
+    sweep: SweepSpec | None = None
+    """Run every variant with every seed (see [sweep]); `kdgeo compare` does the statistics."""
+    variant: str | None = None
+    """Set by a sweep: the variant this run belongs to (leave unset in your own specs)."""
 
     @model_validator(mode="after")
     def _losses_unique(self) -> "RunSpec":
@@ -515,6 +546,47 @@ def validate_spec(raw: dict[str, Any], source: str = "<spec>") -> RunSpec:
         return RunSpec.model_validate(raw)
     except ValidationError as err:
         raise SpecError(source, format_validation_errors(err, raw)) from None
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    variant: str
+    seed: int
+    spec: RunSpec
+
+
+def expand_sweep(spec: RunSpec, source: str = "<spec>") -> list[SweepRun]:
+    """Every variant x seed of ``spec.sweep`` as a validated RunSpec (all problems reported at once).
+
+    Run ``<output.dir>/<name>/<variant>-seed<seed>``: output.dir becomes ``<output.dir>/<name>``
+    and output.name ``<variant>-seed<seed>``.
+    """
+    if spec.sweep is None:
+        return [SweepRun(spec.variant or spec.name, spec.seed, spec)]
+    base = spec.model_dump(mode="json", exclude_none=True)
+    base.pop("sweep")
+    variants = spec.sweep.variants or {spec.name: {}}
+    runs: list[SweepRun] = []
+    problems: list[tuple[str, str]] = []
+    parent = str(Path(spec.output.dir) / spec.name)
+    for variant, overrides in variants.items():
+        merged = deep_merge(base, overrides)
+        for seed in spec.sweep.seeds:
+            raw = copy.deepcopy(merged)
+            raw["seed"] = seed
+            raw["variant"] = variant
+            raw.setdefault("output", {})
+            raw["output"]["dir"] = parent
+            raw["output"]["name"] = f"{variant}-seed{seed}"
+            try:
+                runs.append(SweepRun(variant, seed, RunSpec.model_validate(raw)))
+            except ValidationError as err:
+                for path, msg in format_validation_errors(err, raw):
+                    problems.append((f"sweep.variants.{variant} -> {path}", msg))
+                break  # the other seeds of this variant would repeat the same problems
+    if problems:
+        raise SpecError(source, problems)
+    return runs
 
 
 # --------------------------------------------------------------------------------------------

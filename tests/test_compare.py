@@ -1,0 +1,337 @@
+"""kdgeo.compare on synthetic run directories written the way kdgeo.distill writes them.
+
+Outcomes are known by construction: identical variants differ by exactly 0; a copy shifted by
+-0.05 on every seed (with small noise) is significantly worse; unequal seed sets switch to the
+unpaired tests. Every output format is written and parsed back; every exit-2 error is raised
+with a message that names the problem.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kdgeo import rundir
+from kdgeo.compare import CompareArgs, compare, load_runs, plot, print_compare, to_json, write_csv, write_json, write_markdown
+from kdgeo.errors import KdgeoError
+
+LABELS = ["noun.animal", "noun.artifact", "noun.plant"]
+BASE_ACC = [0.71, 0.74, 0.69, 0.73, 0.72, 0.70, 0.75, 0.68]
+NOISE = [0.002, -0.001, 0.0015, -0.002, 0.0005, 0.001, -0.0015, 0.0]
+
+
+def write_run(
+    parent: Path, variant: str, seed: int, accuracy: float, *, procrustes: float = 0.3, dataset: str = "kdgeo:wordnet-supersenses",
+    eval_split: str = "validation", labels: list[str] | None = None, steps: int = 20, drop: tuple[str, ...] = (),
+) -> Path:
+    """A run directory as kdgeo.distill writes it: spec.json, metrics.jsonl, summary.json."""
+    run = parent / f"{variant}-seed{seed}"
+    run.mkdir(parents=True)
+    data = {"dataset": dataset, "config": None, "train_split": "train", "eval_split": eval_split, "eval_dataset": None,
+            "text_column": "text", "label_column": "label", "max_train_samples": None, "max_eval_samples": None}
+    rundir.write_json(run / rundir.SPEC_JSON, {
+        "name": "sweep", "task": "classification", "seed": seed, "variant": variant, "teacher": {"model": "teacher"},
+        "data": {k: v for k, v in data.items() if v is not None}, "losses": [{"kind": "ce", "weight": 1.0}],
+    })
+    scores = {"accuracy": accuracy, "macro_f1": accuracy - 0.05, "mcc": accuracy - 0.2, "teacher_agreement": accuracy + 0.1}
+    pairs = [[2, 4], [4, 8]]
+    geometry = [{"student": s, "teacher": t, "procrustes": procrustes + 0.1 * k, "cka": 1 - procrustes, "gram": procrustes / 2}
+                for k, (s, t) in enumerate(pairs)]
+    metrics = run / rundir.METRICS
+    rundir.append_jsonl(metrics, {"event": "start", "run_dir": str(run), "total_steps": steps, "steps_per_epoch": steps // 2})
+    for step in range(steps // 2, steps + 1, steps // 2):
+        rundir.append_jsonl(metrics, {"event": "step", "step": step, "total_steps": steps, "epoch": step / (steps // 2), "lr": 1e-4, "loss": 1.0})
+        frac = step / steps
+        rundir.append_jsonl(metrics, {"event": "monitor", "step": step, "pairs": [{**g, "procrustes": g["procrustes"] / frac} for g in geometry]})
+        rundir.append_jsonl(metrics, {"event": "eval", "step": step, "epoch": step / (steps // 2),
+                                      "scores": {k: v - 0.1 * (1 - frac) for k, v in scores.items()}})
+    summary: dict[str, Any] = {
+        "format_version": 1, "name": "sweep", "variant": variant, "data": data, "run_dir": str(run), "task": "classification",
+        "seed": seed, "teacher": "teacher", "label_names": labels or LABELS, "steps": steps, "scores": scores,
+        "teacher_scores": {"accuracy": 0.9}, "geometry": geometry, "pairs": pairs,
+    }
+    for key in drop:
+        summary.pop(key, None)
+    rundir.write_json(run / rundir.SUMMARY, summary)
+    return run
+
+
+def make_sweep(root: Path, variants: dict[str, float], seeds: int = 5, noise: bool = True, **kw: Any) -> Path:
+    """variant -> shift of accuracy against BASE_ACC (per seed, plus small noise for non-zero shifts)."""
+    for variant, shift in variants.items():
+        for seed in range(seeds):
+            jitter = NOISE[seed] if (noise and shift) else 0.0
+            write_run(root, variant, seed, BASE_ACC[seed] + shift + jitter, procrustes=0.3 - shift + 0.01 * seed, **kw)
+    return root
+
+
+def by_variant(result, metric: str = "accuracy"):
+    c = next(c for c in result.metrics if c.metric == metric)
+    return {v.variant: v for v in c.versus}, {v.variant: v for v in c.variants}
+
+
+# ---- known outcomes ----------------------------------------------------------------------------
+
+
+def test_identical_variants_not_significant(tmp_path):
+    make_sweep(tmp_path, {"baseline": 0.0, "copy": 0.0})
+    result = compare(CompareArgs([str(tmp_path)], fail_if_worse=True))
+    assert result.baseline == "baseline" and result.variants == ["baseline", "copy"]
+    versus, rows = by_variant(result)
+    v = versus["copy"]
+    assert v.paired and v.pairing == "paired over 5 seeds"
+    assert v.diff == 0.0 and v.t.p_value == 1.0 and v.rank.p_value == 1.0 and v.permutation.p_value == 1.0
+    assert v.verdict == "n.s." and result.exit_code == 0
+    assert rows["copy"].summary.mean == pytest.approx(sum(BASE_ACC[:5]) / 5)
+
+
+def test_shift_down_is_significantly_worse(tmp_path):
+    make_sweep(tmp_path, {"ce": 0.0, "procrustes": -0.05})
+    result = compare(CompareArgs([str(tmp_path)], fail_if_worse=True))
+    assert result.baseline == "ce"
+    v = by_variant(result)[0]["procrustes"]
+    assert v.diff == pytest.approx(-0.05 + sum(NOISE[:5]) / 5)
+    assert v.diff_ci_high < 0 and v.t.p_value < 1e-4 and v.p_holm < 0.05
+    assert v.verdict == "worse" and v.label == "significant (worse)"
+    assert result.exit_code == 1
+    assert compare(CompareArgs([str(tmp_path)])).exit_code == 0  # without --fail-if-worse
+    # n = 5 pairs: the smallest Wilcoxon / sign-flip p is 2/32, so those tests cannot reach 0.05
+    assert v.rank.p_value == pytest.approx(0.0625) and v.permutation.p_value == pytest.approx(0.0625)
+    assert compare(CompareArgs([str(tmp_path)], test="wilcoxon", fail_if_worse=True)).exit_code == 0
+    # procrustes was built as 0.3 + 0.05 for every seed: a higher distance is worse (constant difference: t infinite, p = 0)
+    geo = compare(CompareArgs([str(tmp_path)], metric="procrustes", fail_if_worse=True))
+    g = by_variant(geo, "procrustes")[0]["procrustes"]
+    assert g.diff == pytest.approx(0.05) and g.t.p_value == 0.0 and g.verdict == "worse" and geo.exit_code == 1
+
+
+def test_shift_up_is_better_and_distance_direction(tmp_path):
+    make_sweep(tmp_path, {"baseline": 0.0, "geo": 0.05}, seeds=8)
+    result = compare(CompareArgs([str(tmp_path)], metric="accuracy,procrustes", test="permutation", fail_if_worse=True))
+    assert by_variant(result, "accuracy")[0]["geo"].verdict == "better"
+    # procrustes was built as 0.3 - shift: lower distance is better
+    geo = by_variant(result, "procrustes")[0]["geo"]
+    assert geo.diff < 0 and geo.verdict == "better"
+    assert result.exit_code == 0
+    assert not result.metrics[1].higher_is_better
+
+
+def test_holm_across_variants(tmp_path):
+    make_sweep(tmp_path, {"baseline": 0.0, "a": -0.05, "b": 0.0})
+    result = compare(CompareArgs([str(tmp_path)]))
+    versus = by_variant(result)[0]
+    assert versus["a"].p_holm == pytest.approx(min(1.0, 2 * versus["a"].p))  # smallest of 2 p-values x 2
+    assert versus["b"].p_holm == 1.0
+    assert any("Holm-adjusted over 2" in n for n in result.metrics[0].notes)
+
+
+def test_unequal_seeds_use_unpaired_tests(tmp_path, capsys):
+    make_sweep(tmp_path, {"baseline": 0.0}, seeds=5)
+    for seed in range(3, 8):
+        write_run(tmp_path, "kd", seed, BASE_ACC[seed] - 0.05)
+    result = compare(CompareArgs([str(tmp_path)]))
+    v = by_variant(result)[0]["kd"]
+    assert not v.paired and v.pairing == "unpaired: seeds differ" and v.n == 10
+    assert v.t.method == "Welch t" and v.rank.method == "Mann-Whitney U" and v.permutation.method == "permutation"
+    assert any("unpaired: seeds differ" in n for n in result.metrics[0].notes)
+    print_compare(result)
+    out = capsys.readouterr().out
+    assert "unpaired: seeds differ" in out and "Welch" in out
+
+
+def test_geometry_table_and_spearman(tmp_path):
+    make_sweep(tmp_path, {"baseline": 0.0, "geo": 0.05})
+    result = compare(CompareArgs([str(tmp_path)]))
+    rows = [g for g in result.geometry if g.variant == "geo"]
+    assert [(g.student, g.teacher) for g in rows] == [(2, 4), (4, 8)]
+    assert rows[0].n == 5 and rows[0].values["procrustes"] == pytest.approx(0.25 + 0.02)
+    assert rows[0].score == pytest.approx(sum(BASE_ACC[:5]) / 5 + 0.05 + sum(NOISE[:5]) / 5)
+    corr = result.metrics[0].correlation
+    assert corr is not None and corr.n == 10 and corr.rho < -0.5  # higher accuracy <-> lower distance by construction
+
+
+def test_single_variant_is_not_an_error(tmp_path, capsys):
+    make_sweep(tmp_path, {"kd": 0.0}, seeds=3)
+    result = compare(CompareArgs([str(tmp_path)], fail_if_worse=True))
+    assert result.baseline == "kd" and result.metrics[0].versus == [] and result.exit_code == 0
+    assert any("only one variant" in n for n in result.notes)
+    print_compare(result)
+    assert "kd" in capsys.readouterr().out
+
+
+def test_one_run_per_variant(tmp_path):
+    write_run(tmp_path, "baseline", 0, 0.7)
+    write_run(tmp_path, "kd", 0, 0.6)
+    result = compare(CompareArgs([str(tmp_path)]))
+    v = by_variant(result)[0]["kd"]
+    assert v.verdict == "n.s." and v.diff == pytest.approx(-0.1)
+    assert any("one run only" in n for n in result.notes)
+    json.dumps(to_json(result), allow_nan=False)  # NaN std/CI become null
+
+
+# ---- loading -----------------------------------------------------------------------------------
+
+
+def test_explicit_dirs_parent_expansion_and_dedup(tmp_path):
+    root = make_sweep(tmp_path / "sweep", {"baseline": 0.0, "kd": 0.0}, seeds=2)
+    (root / "notes").mkdir()
+    (root / "unfinished").mkdir()
+    (root / "unfinished" / rundir.SPEC_JSON).write_text("{}")
+    warnings: list[str] = []
+    runs = load_runs([str(root), str(root / "kd-seed0"), str(root / "kd-seed1" / rundir.SUMMARY)], warnings)
+    assert sorted((r.variant, r.seed) for r in runs) == [("baseline", 0), ("baseline", 1), ("kd", 0), ("kd", 1)]
+    assert any("unfinished" in w for w in warnings)
+    run = next(r for r in runs if r.variant == "kd" and r.seed == 1)
+    assert run.task.dataset == "kdgeo:wordnet-supersenses" and run.task.label_names == tuple(LABELS)
+    assert [s for s, _ in run.curve] == [10, 20] and run.curve_of("accuracy")[-1] == (20, pytest.approx(run.scores["accuracy"]))
+    assert [s for s, _ in run.curve_of("procrustes")] == [10, 20]
+
+
+def test_truncated_metrics_line_tolerated(tmp_path):
+    run = write_run(tmp_path, "baseline", 0, 0.7)
+    write_run(tmp_path, "kd", 0, 0.7)
+    with open(run / rundir.METRICS, "a") as fh:
+        fh.write('{"event": "eval", "step": 30, "sco')
+    runs = load_runs([str(tmp_path)])
+    assert [s for s, _ in runs[0].curve] == [10, 20]
+    compare(CompareArgs([str(tmp_path)]))
+
+
+def test_older_summaries_fall_back(tmp_path):
+    # no "variant" and no "data": the variant comes from "name", the data from spec.json
+    for seed in range(2):
+        write_run(tmp_path, "old", seed, 0.7 + seed / 100, drop=("variant", "data"))
+    runs = load_runs([str(tmp_path)])
+    assert {r.variant for r in runs} == {"sweep"}
+    assert runs[0].task.dataset == "kdgeo:wordnet-supersenses" and runs[0].task.eval_split == "validation"
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    rundir.write_json(bare / rundir.SUMMARY, {"scores": {"accuracy": 0.5}})
+    (r,) = load_runs([str(bare)])
+    assert r.variant == "bare" and r.seed is None and r.curve == []
+
+
+# ---- outputs -----------------------------------------------------------------------------------
+
+
+def test_every_output_format(tmp_path, capsys):
+    root = make_sweep(tmp_path / "runs", {"baseline": 0.0, "worse": -0.05, "[teacher]": 0.0})
+    result = compare(CompareArgs([str(root)], metric="accuracy,cka"))
+    out = tmp_path / "out"
+    out.mkdir()
+    write_json(result, out / "c.json")
+    data = json.loads((out / "c.json").read_text())
+    assert data["baseline"] == "baseline" and data["exit_code"] == 0 and [m["metric"] for m in data["metrics"]] == ["accuracy", "cka"]
+    worse = next(v for v in data["metrics"][0]["variants"] if v["variant"] == "worse")
+    assert worse["vs_baseline"]["verdict"] == "worse" and worse["vs_baseline"]["paired"] is True
+
+    write_csv(result, out / "c.csv")
+    rows = list(csv.DictReader(io.StringIO((out / "c.csv").read_text())))
+    assert len(rows) == 6 and rows[0]["variant"] == "baseline" and rows[0]["role"] == "baseline"
+    assert {r["result"] for r in rows if r["variant"] == "worse" and r["metric"] == "accuracy"} == {"significant (worse)"}
+    assert float(next(r for r in rows if r["variant"] == "worse")["p_holm"]) < 0.05
+
+    write_markdown(result, out / "c.md")
+    md = (out / "c.md").read_text()
+    assert "| variant | n | mean | std | 95% CI |" in md and "|---|---:|" in md and "\\[teacher\\]" not in md and "[teacher]" in md
+
+    plot(result, out / "c.png")
+    assert (out / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    for writer in (write_json, write_csv, write_markdown):
+        writer(result, "-")
+    stdout = capsys.readouterr().out
+    assert stdout.startswith("{") and "metric,variant,role" in stdout and "# kdgeo compare" in stdout
+
+    print_compare(result)
+    printed = capsys.readouterr().out
+    assert "[teacher]" in printed and "significant" in printed and "(worse)" in printed
+    assert "final geometry per layer pair" in printed and "procrustes" in printed
+
+
+def test_output_path_error(tmp_path):
+    make_sweep(tmp_path / "runs", {"baseline": 0.0}, seeds=2)
+    result = compare(CompareArgs([str(tmp_path / "runs")]))
+    with pytest.raises(KdgeoError, match="cannot write"):
+        write_csv(result, tmp_path / "missing" / "c.csv")
+    with pytest.raises(KdgeoError, match="cannot write the plot"):
+        plot(result, tmp_path / "missing" / "c.png")
+
+
+# ---- exit-2 errors -----------------------------------------------------------------------------
+
+
+def test_error_missing_path(tmp_path):
+    with pytest.raises(KdgeoError, match=r"does not exist: .*nope"):
+        compare(CompareArgs([str(tmp_path / "nope")]))
+
+
+def test_error_no_runs_found(tmp_path):
+    (tmp_path / "empty").mkdir()
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / rundir.METRICS).write_text("")
+    with pytest.raises(KdgeoError) as err:
+        compare(CompareArgs([str(tmp_path / "empty"), str(half)]))
+    msg = str(err.value)
+    assert "no runs found" in msg and "empty directory" in msg and "half" in msg and "summary.json" in msg
+    with pytest.raises(KdgeoError, match="no run directories given"):
+        compare(CompareArgs([]))
+
+
+def test_error_unparseable_summary(tmp_path):
+    write_run(tmp_path, "baseline", 0, 0.7)
+    bad = write_run(tmp_path, "kd", 0, 0.7)
+    (bad / rundir.SUMMARY).write_text('{"scores": {"accuracy": 0.7')
+    with pytest.raises(KdgeoError, match=r"kd-seed0.summary\.json is not valid JSON"):
+        compare(CompareArgs([str(tmp_path)]))
+
+
+def test_error_different_tasks(tmp_path):
+    write_run(tmp_path, "baseline", 0, 0.7)
+    write_run(tmp_path, "kd", 0, 0.7, dataset="nyu-mll/glue")
+    write_run(tmp_path, "pk", 0, 0.7, labels=["a", "b"])
+    with pytest.raises(KdgeoError) as err:
+        compare(CompareArgs([str(tmp_path)]))
+    msg = str(err.value)
+    assert "runs of different tasks" in msg and "dataset" in msg and "label_names" in msg
+    assert "nyu-mll/glue" in msg and "kd-seed0" in msg and "pk-seed0" in msg
+
+
+def test_error_metric_missing(tmp_path):
+    write_run(tmp_path, "baseline", 0, 0.7)
+    write_run(tmp_path, "kd", 0, 0.7)
+    with pytest.raises(KdgeoError) as err:
+        compare(CompareArgs([str(tmp_path)], metric="acuracy"))
+    msg = str(err.value)
+    assert "'acuracy'" in msg and "did you mean 'accuracy'" in msg and "macro_f1" in msg and "procrustes" in msg
+    with pytest.raises(KdgeoError, match="'f1'.*missing"):
+        compare(CompareArgs([str(tmp_path)], metric="f1"))
+
+
+def test_error_geometry_metric_missing_in_some_runs(tmp_path):
+    write_run(tmp_path, "baseline", 0, 0.7)
+    write_run(tmp_path, "kd", 0, 0.7, drop=("geometry",))
+    with pytest.raises(KdgeoError, match=r"'cka' is missing .* 1 of 2 runs: .*kd-seed0"):
+        compare(CompareArgs([str(tmp_path)], metric="cka"))
+
+
+def test_error_baseline_not_found(tmp_path):
+    make_sweep(tmp_path, {"ce": 0.0, "procrustes": 0.0}, seeds=2)
+    with pytest.raises(KdgeoError) as err:
+        compare(CompareArgs([str(tmp_path)], baseline="procrustez"))
+    msg = str(err.value)
+    assert "'procrustez'" in msg and "ce, procrustes" in msg and "Did you mean 'procrustes'" in msg
+    assert compare(CompareArgs([str(tmp_path)], baseline="PROCRUSTES")).baseline == "procrustes"
+
+
+def test_error_bad_arguments(tmp_path):
+    make_sweep(tmp_path, {"ce": 0.0}, seeds=2)
+    with pytest.raises(KdgeoError, match="alpha"):
+        compare(CompareArgs([str(tmp_path)], alpha=1.5))
+    with pytest.raises(KdgeoError, match="test 'z'"):
+        compare(CompareArgs([str(tmp_path)], test="z"))  # type: ignore[arg-type]
