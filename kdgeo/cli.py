@@ -147,6 +147,19 @@ def probe(
         report.info(f"wrote {plot}")
 
 
+_ARGV: list[str] = []
+
+
+def _resume_command() -> str:
+    """The command line that was run, with --resume added (quoted for a POSIX shell)."""
+    import shlex
+
+    args = list(_ARGV)
+    if "--resume" not in args:
+        args.append("--resume")
+    return shlex.join(["kdgeo", *args])
+
+
 def _write_json_output(path: Path, data: dict) -> None:
     from kdgeo import report
 
@@ -177,9 +190,12 @@ def distill(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Parent directory for the run directory (overrides output.dir).")] = None,
     json_lines: Annotated[bool, typer.Option("--json", help="Write every event (steps, monitor, evals, summary) as JSON lines on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run (or sweep) from its newest checkpoint; SPEC may be the run directory.")] = False,
 ) -> None:
     from kdgeo.spec import load_spec
 
+    if spec_path.is_dir() and (spec_path / "spec.toml").exists():
+        spec_path = spec_path / "spec.toml"  # a run directory: its own resolved spec
     overrides = list(set_ or [])
     if out is not None:
         overrides.append(f"output.dir={json.dumps(str(out))}")
@@ -190,12 +206,17 @@ def distill(
     from kdgeo import report
     from kdgeo.distill import run_distill, run_sweep
 
+    from kdgeo.errors import RunInterrupted
+
     view = report.DistillView(report.pick_mode(quiet), json_lines=json_lines)
     try:
         if spec.sweep is None:
-            run_distill(spec, progress=view)
+            run_distill(spec, progress=view, resume=resume)
             return
         outcomes = run_sweep(runs, progress=view)
+    except RunInterrupted as err:
+        err.hint = "Resume with: " + _resume_command()
+        raise
     finally:
         view.close()
     report.print_sweep(outcomes, json_lines=json_lines)
@@ -310,6 +331,8 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: user errors become one paragraph and exit code 2."""
     from kdgeo import report
 
+    global _ARGV
+    _ARGV = list(sys.argv[1:] if argv is None else argv)
     try:
         # With standalone_mode=False click returns a typer.Exit's code instead of raising it.
         code = app(args=argv, standalone_mode=False)

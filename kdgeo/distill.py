@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import math
 import platform
+import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +31,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from kdgeo import __version__, geometry, rundir
+from kdgeo import __version__, checkpoint, geometry, rundir
 from kdgeo import data as data_mod
-from kdgeo.errors import DataError, KdgeoError, LayerMapError, ModelLoadError
+from kdgeo.errors import DataError, KdgeoError, LayerMapError, ModelLoadError, OutputError, RunInterrupted
 from kdgeo.evaluate import score
 from kdgeo.features import check_tokenizers_agree, resolve_layer_pairs, select_rows, suggest_layer_map
 from kdgeo.losses import EQUAL_WIDTH_KINDS, FEATURE_KINDS, LossTerm, Objective
@@ -48,7 +51,7 @@ from kdgeo.models import (
 )
 from kdgeo.optim import build_optimizer, build_scheduler, param_groups
 from kdgeo.probe import autocast_dtype, resolve_device
-from kdgeo.spec import RunSpec, SweepRun
+from kdgeo.spec import RunSpec, SweepRun, resume_differences
 from kdgeo.teacher import FinetuneArgs, cache_key, cached_teacher, finetune, save_to_cache
 
 Progress = Callable[[dict[str, Any]], None]
@@ -64,6 +67,33 @@ def _versions() -> dict[str, str]:
     import transformers
 
     return {"kdgeo": __version__, "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def _check_resumable(run_dir: Path, spec: RunSpec) -> Path:
+    """A run can be resumed when it exists, has not finished, and its spec changes nothing that matters."""
+    if not (run_dir / rundir.SPEC_JSON).exists():
+        raise KdgeoError(
+            f"nothing to resume: {run_dir} is not a kdgeo run directory (no {rundir.SPEC_JSON}). Run without --resume to start it."
+        )
+    if (run_dir / rundir.SUMMARY).exists():
+        raise KdgeoError(f"{run_dir} has already finished (summary.json exists); there is nothing to resume.")
+    marker = rundir.read_json(run_dir / rundir.RUN_MARKER) if (run_dir / rundir.RUN_MARKER).exists() else {}
+    if marker.get("format_version") != rundir.FORMAT_VERSION:
+        raise KdgeoError(
+            f"{run_dir} was written by kdgeo {marker.get('kdgeo', 'of an unknown version')} (run format "
+            f"{marker.get('format_version', 'unknown')}); this kdgeo ({__version__}) writes format {rundir.FORMAT_VERSION} and "
+            "cannot resume it. Start a new run."
+        )
+    saved = rundir.read_json(run_dir / rundir.SPEC_JSON)
+    current = spec.model_dump(mode="json", exclude_none=True)
+    diffs = resume_differences(saved, current)
+    if diffs:
+        lines = "; ".join(f"{k}: run has {a!r}, spec now has {b!r}" for k, a, b in diffs[:12])
+        raise KdgeoError(
+            f"cannot resume {run_dir}: the spec differs from the run's in fields that change the results ({lines}). "
+            "Undo those changes (or pass the run directory itself as SPEC), or start a new run under another output.name."
+        )
+    return run_dir
 
 
 def _forward(model: nn.Module, inputs: dict[str, torch.Tensor], hidden: bool, amp: torch.dtype | None, device: torch.device) -> Any:
@@ -150,7 +180,8 @@ def _feature_rows(hidden: tuple[torch.Tensor, ...], mask: torch.Tensor, indices:
     return [select_rows(hidden[i], mask, rows) for i in indices]  # each (n, d)
 
 
-def run_distill(spec: RunSpec, out_dir: str | None = None, progress: Progress | None = None) -> DistillResult:
+def run_distill(spec: RunSpec, out_dir: str | None = None, progress: Progress | None = None, resume: bool = False) -> DistillResult:
+    """Train the student per ``spec``; with ``resume``, continue the run directory's newest checkpoint."""
     emit = progress or (lambda event: None)
     wall_start = time.perf_counter()
     train_cfg = spec.train
@@ -162,7 +193,10 @@ def run_distill(spec: RunSpec, out_dir: str | None = None, progress: Progress | 
     amp = autocast_dtype(train_cfg.precision, device)
     run_name = spec.output.name or spec.name
     parent = out_dir if out_dir is not None else spec.output.dir
-    run_dir = rundir.prepare_run_dir(parent, run_name, spec.output.overwrite)
+    if resume:
+        run_dir = _check_resumable(Path(parent).expanduser() / run_name, spec)
+    else:
+        run_dir = rundir.prepare_run_dir(parent, run_name, spec.output.overwrite)
 
     teacher_ref = ModelRef(spec.teacher.model, spec.teacher.revision, spec.teacher.trust_remote_code)
     emit({"event": "stage", "message": f"pre-flight: teacher {spec.teacher.model}, data {spec.data.dataset}"})
@@ -295,21 +329,40 @@ def run_distill(spec: RunSpec, out_dir: str | None = None, progress: Progress | 
     scheduler = build_scheduler(optimizer, total_steps, train_cfg.warmup_ratio, train_cfg.schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
 
-    # ---- teacher's evaluation predictions (once) and the resolved spec on disk ---------------
+    # ---- teacher's evaluation predictions (once) and the run directory ------------------------
     teacher_scores, teacher_preds = score(teacher, evals, num_labels, "teacher", max(64, train_cfg.batch_size), device, amp)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise KdgeoError(f"cannot create the run directory {run_dir}: {err.strerror or err}") from None
-    if spec.output.overwrite:
-        for name in (rundir.METRICS, rundir.SUMMARY):
-            (run_dir / name).unlink(missing_ok=True)
-    resolved = spec.model_dump(mode="json", exclude_none=True)
-    rundir.write_json(run_dir / rundir.SPEC_JSON, resolved)
-    import tomli_w
-
-    rundir.write_text_atomic(run_dir / rundir.SPEC_TOML, tomli_w.dumps(resolved))
     metrics_path = run_dir / rundir.METRICS
+    resumed_from: Path | None = None
+    ckpt_state: dict[str, Any] | None = None
+    if resume:
+        resumed_from = checkpoint.latest_checkpoint(run_dir)
+        if resumed_from is not None:
+            ckpt_state = checkpoint.load_checkpoint(resumed_from, student, objective, optimizer, device)
+            scheduler.load_state_dict(ckpt_state["scheduler"])
+            if ckpt_state.get("scaler"):
+                scaler.load_state_dict(ckpt_state["scaler"])
+            # Events after the checkpoint will be produced again; drop them so nothing is doubled.
+            rundir.truncate_events(metrics_path, ckpt_state["step"])
+            emit({"event": "stage", "message": f"resuming from {resumed_from} (step {ckpt_state['step']} of {total_steps})"})
+        else:
+            emit({"event": "stage", "message": f"{run_dir} has no checkpoint yet: starting the run again from step 0"})
+            metrics_path.unlink(missing_ok=True)
+    else:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OutputError(f"cannot create the run directory {run_dir}: {err.strerror or err}") from None
+        if spec.output.overwrite:
+            for name in (rundir.METRICS, rundir.SUMMARY):
+                (run_dir / name).unlink(missing_ok=True)
+            for _, old in checkpoint.list_checkpoints(run_dir):
+                shutil.rmtree(old, ignore_errors=True)
+        resolved = spec.model_dump(mode="json", exclude_none=True)
+        rundir.write_json(run_dir / rundir.RUN_MARKER, {"format_version": rundir.FORMAT_VERSION, "kdgeo": __version__})
+        rundir.write_json(run_dir / rundir.SPEC_JSON, resolved)
+        import tomli_w
+
+        rundir.write_text_atomic(run_dir / rundir.SPEC_TOML, tomli_w.dumps(resolved))
 
     def record(event: dict[str, Any]) -> None:
         rundir.append_jsonl(metrics_path, event)
@@ -334,92 +387,156 @@ def run_distill(spec: RunSpec, out_dir: str | None = None, progress: Progress | 
         record({"event": "eval", "step": step, "epoch": epoch, "scores": scores})
         return scores
 
+    # Loop state: everything a checkpoint needs besides weights, optimizer and RNG.
+    st: dict[str, Any] = {
+        "step": 0, "epoch": 0, "next_micro": 0, "train_seconds": 0.0, "samples_seen": 0,
+        "window": {}, "window_n": 0, "window_samples": 0, "evaluated_at": -1, "last_scores": {},
+        "last_monitor": [], "skipped_nonfinite": 0, "skipped_scaler": 0,
+    }
+
+    def save_checkpoint() -> Path:
+        state = {
+            "step": st["step"], "total_steps": total_steps, "loop": st,
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+        }
+        path = checkpoint.save_checkpoint(run_dir, st["step"], student, objective, optimizer, state, train_cfg.keep_checkpoints)
+        record({"event": "checkpoint", "step": st["step"], "path": str(path)})
+        return path
+
     # ---- 5. the training loop ----------------------------------------------------------------
-    record({
-        "event": "start", "run_dir": str(run_dir), "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
-        "train_samples": len(train), "eval_samples": len(evals), "pairs": [list(p) for p in pairs],
-        "device": str(device), "precision": str(amp).replace("torch.", "") if amp else "fp32",
-        "teacher_scores": teacher_scores, "losses": [t.kind for t in terms],
-    })
-    last_monitor = monitor(0) if pairs else []
-    step, epoch = 0, 0
-    train_seconds, samples_seen = 0.0, 0
-    window: dict[str, float] = {}
-    window_n, window_samples, window_time = 0, 0, 0.0
-    last_scores: dict[str, float] = {}
-    evaluated_at = -1
     torch.manual_seed(spec.seed)
+    if ckpt_state is not None:
+        st.update(ckpt_state["loop"])
+        checkpoint.restore_rng(ckpt_state["_rng"])  # after the seeding above, which it must override
+        record({"event": "resume", "step": st["step"], "checkpoint": str(resumed_from)})
+    else:
+        record({
+            "event": "start", "run_dir": str(run_dir), "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
+            "train_samples": len(train), "eval_samples": len(evals), "pairs": [list(p) for p in pairs],
+            "device": str(device), "precision": str(amp).replace("torch.", "") if amp else "fp32",
+            "teacher_scores": teacher_scores, "losses": [t.kind for t in terms],
+        })
+        st["last_monitor"] = monitor(0) if pairs else []
     lengths = data_mod.lengths_of(train) if spec.data.group_by_length else None
-    while step < total_steps:
-        micro = data_mod.batch_indices(len(train), train_cfg.batch_size, shuffle=True, seed=spec.seed, epoch=epoch, lengths=lengths)
-        for first in range(0, len(micro), train_cfg.grad_accum):
-            group = micro[first : first + train_cfg.grad_accum]
-            n_step = sum(len(b) for b in group)
-            t0 = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            step_parts: dict[str, float] = {}
-            for idx in group:
-                batch = data_mod.collate(train, idx)
-                s_in = data_mod.to_device(batch["student"], device)
-                labels = batch["labels"].to(device)
-                s_out = _forward(student, s_in, need_hidden, amp, device)
-                t_logits, t_rows, s_rows = None, [], []
-                if need_teacher:
-                    t_in = data_mod.to_device(batch["teacher"], device)
-                    with torch.no_grad():
-                        t_out = _forward(teacher, t_in, need_hidden, amp, device)
-                    t_logits = t_out.logits
-                    if need_hidden:
-                        t_rows = _feature_rows(t_out.hidden_states, t_in["attention_mask"], t_idx, spec.features.rows)
-                        s_rows = _feature_rows(s_out.hidden_states, s_in["attention_mask"], s_idx, spec.features.rows)
-                loss, parts = objective(s_out.logits, labels, t_logits, t_rows, s_rows)
-                share = len(idx) / n_step  # mean over the step's examples, however they are split
-                if not torch.isfinite(loss):
-                    bad = [k for k, v in parts.items() if not torch.isfinite(v)]
-                    raise KdgeoError(
-                        f"non-finite loss at step {step + 1} (epoch {epoch + 1}) in {', '.join(bad) or 'the total'}; "
-                        "lower train.lr, use precision fp32, or check the data. metrics.jsonl holds the run so far."
+    params = [p for g in groups for p in g["params"]]
+    stop: dict[str, int | None] = {"signal": None}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if stop["signal"] is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
+        stop["signal"] = signum
+        emit({"event": "stage", "message": f"{signal.Signals(signum).name}: finishing this step, then writing a checkpoint"})
+
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while st["step"] < total_steps:
+            micro = data_mod.batch_indices(len(train), train_cfg.batch_size, shuffle=True, seed=spec.seed, epoch=st["epoch"], lengths=lengths)
+            while st["next_micro"] < len(micro) and st["step"] < total_steps:
+                first = st["next_micro"]
+                group = micro[first : first + train_cfg.grad_accum]
+                n_step = sum(len(b) for b in group)
+                t0 = time.perf_counter()
+                optimizer.zero_grad(set_to_none=True)
+                step_parts: dict[str, float] = {}
+                nonfinite: list[str] = []
+                for idx in group:
+                    batch = data_mod.collate(train, idx)
+                    s_in = data_mod.to_device(batch["student"], device)
+                    labels = batch["labels"].to(device)
+                    s_out = _forward(student, s_in, need_hidden, amp, device)
+                    t_logits, t_rows, s_rows = None, [], []
+                    if need_teacher:
+                        t_in = data_mod.to_device(batch["teacher"], device)
+                        with torch.no_grad():
+                            t_out = _forward(teacher, t_in, need_hidden, amp, device)
+                        t_logits = t_out.logits
+                        if need_hidden:
+                            t_rows = _feature_rows(t_out.hidden_states, t_in["attention_mask"], t_idx, spec.features.rows)
+                            s_rows = _feature_rows(s_out.hidden_states, s_in["attention_mask"], s_idx, spec.features.rows)
+                    loss, parts = objective(s_out.logits, labels, t_logits, t_rows, s_rows)
+                    if not torch.isfinite(loss):
+                        nonfinite = [k for k, v in parts.items() if not torch.isfinite(v)] or ["the total loss"]
+                        break
+                    share = len(idx) / n_step  # mean over the step's examples, however they are split
+                    scaler.scale(loss * share).backward()
+                    for k, v in parts.items():
+                        step_parts[k] = step_parts.get(k, 0.0) + float(v) * share
+                    step_parts["loss"] = step_parts.get("loss", 0.0) + float(loss.detach()) * share
+                if not nonfinite:
+                    scaler.unscale_(optimizer)
+                    norm = torch.nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm or float("inf"))
+                    if not torch.isfinite(norm) and not scaler.is_enabled():
+                        nonfinite = ["the gradients (loss finite, gradient norm not)"]
+                if nonfinite:
+                    where = f"step {st['step'] + 1} (epoch {st['epoch'] + 1})"
+                    if train_cfg.on_nonfinite == "abort":
+                        optimizer.zero_grad(set_to_none=True)
+                        path = save_checkpoint()
+                        raise KdgeoError(
+                            f"non-finite value at {where} in {', '.join(nonfinite)} (a name like procrustes/2-6 is the loss "
+                            f"term and its student-teacher layer pair). The state before this step is saved in {path}. "
+                            'Lower train.lr, use precision "fp32", check the data, or set train.on_nonfinite = "skip".'
+                        )
+                    optimizer.zero_grad(set_to_none=True)
+                    st["skipped_nonfinite"] += 1
+                    record({"event": "nonfinite", "step": st["step"] + 1, "terms": nonfinite, "action": "skipped"})
+                else:
+                    scale_before = scaler.get_scale() if scaler.is_enabled() else None
+                    scaler.step(optimizer)
+                    scaler.update()
+                    if scale_before is not None and scaler.get_scale() < scale_before:
+                        st["skipped_scaler"] += 1  # fp16 overflow: the scaler skipped this update
+                scheduler.step()
+                st["step"] += 1
+                st["next_micro"] = first + len(group)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                dt = time.perf_counter() - t0
+                st["train_seconds"] += dt
+                st["samples_seen"] += n_step
+                st["window_samples"] += n_step
+                st["window_n"] += 1
+                st.setdefault("window_time", 0.0)
+                st["window_time"] += dt
+                for k, v in step_parts.items():
+                    st["window"][k] = st["window"].get(k, 0.0) + v
+                step = st["step"]
+                epoch_pos = round(st["epoch"] + min(1.0, st["next_micro"] / len(micro)), 4)
+                if step % train_cfg.log_every == 0 or step == total_steps:
+                    record({
+                        "event": "step", "step": step, "total_steps": total_steps, "epoch": epoch_pos,
+                        "lr": scheduler.get_last_lr()[0], "samples_per_s": st["window_samples"] / max(st["window_time"], 1e-9),
+                        **{k: v / max(st["window_n"], 1) for k, v in st["window"].items()},
+                    })
+                    st.update(window={}, window_n=0, window_samples=0, window_time=0.0)
+                if pairs and spec.monitor.every and step % spec.monitor.every == 0 and step != total_steps:
+                    st["last_monitor"] = monitor(step)
+                if train_cfg.eval_every and step % train_cfg.eval_every == 0 and step != total_steps:
+                    st["last_scores"] = evaluate(step, epoch_pos)
+                    st["evaluated_at"] = step
+                if stop["signal"] is not None and step < total_steps:
+                    path = save_checkpoint()
+                    name = signal.Signals(stop["signal"]).name
+                    raise RunInterrupted(
+                        f"{name} at step {step} of {total_steps}: checkpoint written to {path}.",
+                        exit_code=128 + int(stop["signal"]), run_dir=str(run_dir), step=step,
                     )
-                scaler.scale(loss * share).backward()
-                for k, v in parts.items():
-                    step_parts[k] = step_parts.get(k, 0.0) + float(v) * share
-                step_parts["loss"] = step_parts.get("loss", 0.0) + float(loss.detach()) * share
-            if train_cfg.max_grad_norm is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], train_cfg.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            step += 1
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            dt = time.perf_counter() - t0
-            train_seconds += dt
-            samples_seen += n_step
-            window_time += dt
-            window_samples += n_step
-            window_n += 1
-            for k, v in step_parts.items():
-                window[k] = window.get(k, 0.0) + v
-            epoch_pos = epoch + min(1.0, (first + len(group)) / len(micro))
-            if step % train_cfg.log_every == 0 or step == total_steps:
-                record({
-                    "event": "step", "step": step, "total_steps": total_steps, "epoch": round(epoch_pos, 4),
-                    "lr": scheduler.get_last_lr()[0], "samples_per_s": window_samples / max(window_time, 1e-9),
-                    **{k: v / window_n for k, v in window.items()},
-                })
-                window, window_n, window_samples, window_time = {}, 0, 0, 0.0
-            if pairs and spec.monitor.every and step % spec.monitor.every == 0 and step != total_steps:
-                last_monitor = monitor(step)
-            if train_cfg.eval_every and step % train_cfg.eval_every == 0 and step != total_steps:
-                last_scores = evaluate(step, round(epoch_pos, 4))
-                evaluated_at = step
-            if step >= total_steps:
-                break
-        epoch += 1
-        if not train_cfg.eval_every and step < total_steps:
-            last_scores = evaluate(step, float(epoch))
-            evaluated_at = step
+                if train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0 and step != total_steps:
+                    save_checkpoint()
+            if st["next_micro"] >= len(micro):
+                st["epoch"] += 1
+                st["next_micro"] = 0
+                if not train_cfg.eval_every and st["step"] < total_steps:
+                    st["last_scores"] = evaluate(st["step"], float(st["epoch"]))
+                    st["evaluated_at"] = st["step"]
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    step = st["step"]
+    train_seconds, samples_seen = st["train_seconds"], st["samples_seen"]
+    last_monitor, last_scores, evaluated_at = st["last_monitor"], st["last_scores"], st["evaluated_at"]
 
     # ---- 6. final measurements and the run directory -----------------------------------------
     if pairs:
@@ -469,6 +586,9 @@ def run_distill(spec: RunSpec, out_dir: str | None = None, progress: Progress | 
         "scores": last_scores,
         "teacher_scores": teacher_scores,
         "geometry": last_monitor,
+        "skipped_steps_nonfinite": st["skipped_nonfinite"],
+        "skipped_steps_fp16_overflow": st["skipped_scaler"],
+        "resumed_from": str(resumed_from) if resumed_from else None,
         "wall_seconds": time.perf_counter() - wall_start,
         "train_seconds": train_seconds,
         "samples_per_s": samples_seen / max(train_seconds, 1e-9),
@@ -507,14 +627,18 @@ def run_sweep(runs: list[SweepRun], progress: Progress | None = None) -> list[Sw
             emit({"event": "stage", "message": f"{label}: already finished ({run_dir}), skipped"})
             outcomes.append(SweepOutcome(run.variant, run.seed, run_dir, "skipped", summary=rundir.read_json(run_dir / rundir.SUMMARY)))
             continue
+        resume = False
         if run_dir.exists():
-            # A run that died before writing its summary: start it again from scratch.
-            spec = spec.model_copy(update={"output": spec.output.model_copy(update={"overwrite": True})})
+            if checkpoint.latest_checkpoint(run_dir) is not None:
+                resume = True  # interrupted after a checkpoint: continue it
+            else:
+                # A run that died before its first checkpoint: start it again from scratch.
+                spec = spec.model_copy(update={"output": spec.output.model_copy(update={"overwrite": True})})
         emit({"event": "stage", "message": f"{label} -> {run_dir}"})
         try:
-            result = run_distill(spec, progress=progress)
+            result = run_distill(spec, progress=progress, resume=resume)
             outcomes.append(SweepOutcome(run.variant, run.seed, run_dir, "done", summary=result.summary))
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, RunInterrupted):
             raise
         except KdgeoError as err:
             emit({"event": "run_failed", "variant": run.variant, "seed": run.seed, "error": err.render()})

@@ -58,3 +58,13 @@ class TokenizerMismatchError(KdgeoError):
 
 class OutputError(KdgeoError):
     """An output path cannot be written."""
+
+
+class RunInterrupted(KdgeoError):
+    """SIGINT / SIGTERM during training: a checkpoint was written; exit 130 or 143."""
+
+    def __init__(self, message: str, exit_code: int, run_dir: str, step: int) -> None:
+        self.exit_code = exit_code
+        self.run_dir = run_dir
+        self.step = step
+        super().__init__(message)

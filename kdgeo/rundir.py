@@ -2,11 +2,13 @@
 
 A run directory holds::
 
+    run.json         the run-directory format version and the kdgeo that wrote it
     spec.toml        the resolved run spec (every default filled in)
     spec.json        the same, as JSON (what `kdgeo compare` reads)
     metrics.jsonl    one JSON object per logged step, monitor measurement and evaluation
     summary.json     final metrics, wall time, samples/s, versions, seed, layer pairs
     student/         the trained student: save_pretrained (safetensors) + tokenizer
+    checkpoint-N/    training state for --resume (see kdgeo.checkpoint)
 
 Files are written atomically (temporary file in the same directory, fsync, rename), so a
 crash never leaves a half-written ``summary.json``; ``metrics.jsonl`` is appended a line at a
@@ -28,6 +30,7 @@ SPEC_TOML = "spec.toml"
 SPEC_JSON = "spec.json"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
+RUN_MARKER = "run.json"
 STUDENT = "student"
 FORMAT_VERSION = 1
 
@@ -68,10 +71,17 @@ def write_json(path: str | Path, data: dict[str, Any]) -> None:
 
 
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
+    """Append one line with a single write(2) on an O_APPEND descriptor: a kill at any moment
+    leaves the line whole or absent, never torn (a write is not interrupted by a signal)."""
+    data = (json.dumps(_clean(record)) + "\n").encode("utf-8")
     try:
-        with open(path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(_clean(record)) + "\n")
-            fh.flush()
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            written = os.write(fd, data)
+            while written < len(data):  # only on exotic filesystems; finish the line
+                written += os.write(fd, data[written:])
+        finally:
+            os.close(fd)
     except OSError as err:
         raise OutputError(f"cannot append to {path}: {err.strerror or err}.") from None
 
@@ -128,3 +138,9 @@ def prepare_run_dir(parent: str | Path, name: str, overwrite: bool) -> Path:
                 "Choose another output.name."
             )
     return run
+
+
+def truncate_events(path: str | Path, step: int) -> None:
+    """Keep the events up to ``step`` (and those without a step); drop later ones and a torn last line."""
+    kept = [r for r in read_jsonl(path) if not isinstance(r.get("step"), int) or r["step"] <= step]
+    write_text_atomic(path, "".join(json.dumps(_clean(r)) + "\n" for r in kept))

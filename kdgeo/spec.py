@@ -330,6 +330,13 @@ class TrainSpec(_Strict):
     """Optimizer steps between logged loss lines."""
     eval_every: int = Field(0, ge=0)
     """Optimizer steps between evaluations; 0 = at the end of every epoch."""
+    checkpoint_every: int = Field(0, ge=0)
+    """Optimizer steps between checkpoints (0: only when interrupted). `--resume` continues from the newest."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """How many of the newest checkpoints to keep."""
+    on_nonfinite: Literal["abort", "skip"] = "abort"
+    """A NaN/inf loss or gradient: `abort` (write a checkpoint, name the loss term and layer pair,
+    exit 2) or `skip` the update and go on (the skipped steps are counted in summary.json)."""
 
 
 class MonitorSpec(_Strict):
@@ -487,6 +494,34 @@ def resolve_preset(raw: dict[str, Any], source: str, preset: str | None) -> dict
     if not isinstance(presets[preset], dict):
         raise SpecError(source, [(f"presets.{preset}", "must be a table")])
     return deep_merge(raw, presets[preset])
+
+
+RESUME_SAFE_FIELDS = (
+    "description", "monitor", "train.log_every", "train.eval_every", "train.checkpoint_every",
+    "train.keep_checkpoints", "train.on_nonfinite", "output.overwrite", "output.save_student", "output.teacher_cache",
+)
+"""Fields a resumed run may change: they affect what is logged or kept, not the numbers."""
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: data}
+
+
+def resume_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(dotted key, saved value, current value) for every result-changing difference."""
+    a, b = _flatten(saved), _flatten(current)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == f or key.startswith(f + ".") for f in RESUME_SAFE_FIELDS):
+            continue
+        if a.get(key) != b.get(key):
+            diffs.append((key, a.get(key), b.get(key)))
+    return diffs
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

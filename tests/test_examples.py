@@ -76,3 +76,15 @@ def test_demo_model_reference_resolves():
     assert n_layers == 6
     assert max(spec.student.layers) < n_layers
     assert uniform_pairs(len(spec.student.layers), n_layers) == [(1, 3), (2, 6)]
+
+
+@pytest.mark.parametrize("preset", [None] + PRESETS)
+def test_every_preset_expands_into_valid_runs(preset):
+    """Sweep variants are validated only when expanded: expand every preset's runs."""
+    from kdgeo.spec import expand_sweep, load_spec
+
+    spec = load_spec(EXAMPLES, preset=preset)
+    runs = expand_sweep(spec, str(EXAMPLES))
+    assert runs
+    if spec.sweep is not None:
+        assert len(runs) == len(spec.sweep.seeds) * len(spec.sweep.variants)

@@ -215,7 +215,7 @@ def test_unknown_key_without_suggestion_lists_allowed_keys():
     path, msg = only_problem("zzz = 1\n" + MINIMAL)
     assert path == "zzz"
     assert "did you mean" not in msg
-    assert "Allowed here: data, description, features, losses, monitor, name, output, seed, student, task, teacher, train." in msg
+    assert "Allowed here: data, description, features, losses, monitor, name, output, seed, student, sweep, task, teacher, train, variant." in msg
 
 
 def test_unknown_key_message_is_punctuated():

@@ -83,10 +83,11 @@ def plain_rate(teacher_dir: Path, steps: int, batch: int, seed: int = 0) -> floa
     # Tokenized once up front and padded per batch (DataCollatorWithPadding style), as kdgeo does.
     encoded = tok(texts, truncation=True, max_length=48)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.01)
-    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
+    # The same batches kdgeo draws (same seed, epoch 0): padding lengths, hence compute, match.
+    batches = data_mod.batch_indices(len(texts), batch, shuffle=True, seed=seed, epoch=0)
     seconds, seen = 0.0, 0
     for step in range(steps):
-        idx = order[step * batch : (step + 1) * batch]
+        idx = batches[step]
         t0 = time.perf_counter()
         enc = tok.pad({k: [encoded[k][i] for i in idx] for k in encoded.keys()}, return_tensors="pt")
         y = torch.tensor([labels[i] for i in idx])

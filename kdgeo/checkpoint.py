@@ -1,0 +1,144 @@
+"""Training checkpoints: everything needed to continue a run exactly where it stopped.
+
+A checkpoint is a directory ``<run>/checkpoint-<step>/`` holding
+
+    student.safetensors     the student's weights
+    objective.safetensors   the learned projection maps (absent when there are none)
+    optimizer.pt            AdamW's state (tensors and numbers only: read with weights_only=True)
+    rng.safetensors         torch's CPU (and CUDA) generator states
+    state.json              step, data position, scheduler and gradient-scaler state, counters,
+                            the last evaluation and monitor values; written last
+
+It is written into a temporary directory, each file fsync'ed, then renamed into place, so a
+crash or ``kill -9`` at any moment leaves either the previous checkpoint or the new one, never
+a torn one. Only the newest ``keep`` checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdgeo.errors import KdgeoError, OutputError
+
+PREFIX = "checkpoint-"
+STATE = "state.json"
+_NAME = re.compile(rf"^{PREFIX}(\d+)$")
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (those whose state.json exists), oldest first."""
+    found = []
+    if not run_dir.exists():
+        return found
+    for child in run_dir.iterdir():
+        match = _NAME.match(child.name)
+        if match and (child / STATE).exists():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    student: nn.Module,
+    objective: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Write checkpoint-<step> atomically and prune to the newest ``keep``."""
+    from safetensors.torch import save_file, save_model
+
+    final = run_dir / f"{PREFIX}{step}"
+    tmp = run_dir / f".{PREFIX}{step}.tmp-{os.getpid()}"
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        save_model(student, str(tmp / "student.safetensors"))
+        if any(True for _ in objective.parameters()):
+            save_model(objective, str(tmp / "objective.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                rng[f"cuda{i}"] = s
+        save_file(rng, str(tmp / "rng.safetensors"))
+        (tmp / STATE).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
+        for child in tmp.iterdir():
+            _fsync_file(child)
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(run_dir)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(
+            f"cannot write the checkpoint {final}: {err.strerror or err}. Free some space or make {run_dir} writable; "
+            "metrics.jsonl and earlier checkpoints are intact."
+        ) from None
+    for _, old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in run_dir.glob(f".{PREFIX}*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, student: nn.Module, objective: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, Any]:
+    """Restore weights and optimizer state in place; return state.json with the RNG states under
+    ``_rng`` (apply them with :func:`restore_rng` once nothing else will seed or draw)."""
+    from safetensors.torch import load_file, load_model
+
+    try:
+        state = json.loads((path / STATE).read_text(encoding="utf-8"))
+        load_model(student, str(path / "student.safetensors"), device=str(device))
+        if (path / "objective.safetensors").exists():
+            load_model(objective, str(path / "objective.safetensors"), device=str(device))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+        rng = load_file(str(path / "rng.safetensors"))
+    except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as err:
+        raise KdgeoError(
+            f"the checkpoint {path} cannot be read ({str(err).splitlines()[0] if str(err) else type(err).__name__}). "
+            "Delete it to resume from the previous one, or start the run again with output.overwrite = true."
+        ) from None
+    state["_rng"] = rng
+    return state
+
+
+def restore_rng(rng: dict[str, torch.Tensor]) -> None:
+    """Put torch's generators back where the checkpoint found them (call it last, after any seeding)."""
+    torch.set_rng_state(rng["cpu"])
+    if torch.cuda.is_available():
+        states = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
+        if states:
+            torch.cuda.set_rng_state_all(states)
