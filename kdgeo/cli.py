@@ -194,9 +194,13 @@ def distill(
 ) -> None:
     from kdgeo.spec import load_spec
 
+    overrides = []
     if spec_path.is_dir() and (spec_path / "spec.toml").exists():
-        spec_path = spec_path / "spec.toml"  # a run directory: its own resolved spec
-    overrides = list(set_ or [])
+        # A run directory: its own resolved spec, and the run lives where the directory is now.
+        run_path = spec_path.resolve()
+        overrides += [f"output.dir={json.dumps(str(run_path.parent))}", f"output.name={json.dumps(run_path.name)}"]
+        spec_path = spec_path / "spec.toml"
+    overrides += list(set_ or [])
     if out is not None:
         overrides.append(f"output.dir={json.dumps(str(out))}")
     spec = load_spec(spec_path, overrides=overrides, preset=preset)

@@ -19,6 +19,7 @@ Progress goes out through a callback of event dicts; :mod:`kdgeo.report` draws t
 from __future__ import annotations
 
 import math
+import os
 import platform
 import shutil
 import signal
@@ -546,12 +547,21 @@ def run_distill(spec: RunSpec, out_dir: str | None = None, progress: Progress | 
     student_dir = None
     if spec.output.save_student:
         student_dir = run_dir / rundir.STUDENT
+        tmp_dir = run_dir / f".{rundir.STUDENT}.tmp-{os.getpid()}"
         try:
+            # Written aside and renamed into place: a crash never leaves a half-saved student/.
+            shutil.rmtree(tmp_dir, ignore_errors=True)
             with quiet_transformers():
-                student.save_pretrained(student_dir, safe_serialization=True)
-                s_tok.save_pretrained(student_dir)
+                student.save_pretrained(tmp_dir, safe_serialization=True)
+                s_tok.save_pretrained(tmp_dir)
+            shutil.rmtree(student_dir, ignore_errors=True)
+            os.replace(tmp_dir, student_dir)
         except OSError as err:
-            raise KdgeoError(f"cannot save the student to {student_dir}: {err.strerror or err}. metrics.jsonl holds the run so far.") from None
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            raise OutputError(
+                f"cannot save the student to {student_dir}: {err.strerror or err}. metrics.jsonl and the checkpoints "
+                "hold the run so far: free some space and run the same command with --resume."
+            ) from None
     d = spec.data
     summary = {
         "format_version": rundir.FORMAT_VERSION,

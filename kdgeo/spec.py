@@ -499,6 +499,7 @@ def resolve_preset(raw: dict[str, Any], source: str, preset: str | None) -> dict
 RESUME_SAFE_FIELDS = (
     "description", "monitor", "train.log_every", "train.eval_every", "train.checkpoint_every",
     "train.keep_checkpoints", "train.on_nonfinite", "output.overwrite", "output.save_student", "output.teacher_cache",
+    "output.dir", "output.name",  # where the run lives, not what it computes (a moved run resumes)
 )
 """Fields a resumed run may change: they affect what is logged or kept, not the numbers."""
 
