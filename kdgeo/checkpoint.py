@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from kdgeo.errors import KdgeoError, OutputError
@@ -101,10 +102,10 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(run_dir)
-    except OSError as err:
+    except (OSError, RuntimeError, SafetensorError) as err:  # torch.save raises RuntimeError on a full disk
         shutil.rmtree(tmp, ignore_errors=True)
         raise OutputError(
-            f"cannot write the checkpoint {final}: {err.strerror or err}. Free some space or make {run_dir} writable; "
+            f"cannot write the checkpoint {final}: {getattr(err, 'strerror', None) or err}. Free some space or make {run_dir} writable; "
             "metrics.jsonl and earlier checkpoints are intact."
         ) from None
     for _, old in list_checkpoints(run_dir)[:-keep]:
@@ -126,7 +127,7 @@ def load_checkpoint(path: Path, student: nn.Module, objective: nn.Module, optimi
             load_model(objective, str(path / "objective.safetensors"), device=str(device))
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
         rng = load_file(str(path / "rng.safetensors"))
-    except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as err:
+    except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError, SafetensorError) as err:
         raise KdgeoError(
             f"the checkpoint {path} cannot be read ({str(err).splitlines()[0] if str(err) else type(err).__name__}). "
             "Delete it to resume from the previous one, or start the run again with output.overwrite = true."

@@ -112,16 +112,23 @@ def _first_line(err: BaseException) -> str:
     return line if len(line) <= 300 else line[:297] + "..."
 
 
-def check_columns(ds: Any, columns: dict[str, str | None], where: str) -> None:
-    """Every named column exists, and the dataset is not empty."""
+def check_columns(ds: Any, columns: dict[str, str | None], where: str, setting: str = "data.{key}") -> None:
+    """Every named column exists, and the dataset is not empty.
+
+    ``setting`` names the knob as the command knows it: ``data.{key}`` in a spec, ``--text-column``
+    style options on the command line (``{key}`` is the key of ``columns``).
+    """
     if len(ds) == 0:
         raise DataError(f"{where}: the dataset is empty (0 rows); check the file or the split name.")
     have = list(ds.column_names)
     for key, column in columns.items():
+        name = setting.format(key=key)
+        if name.startswith("--"):
+            name = name.replace("_", "-")  # command-line options are spelled with dashes
         if column is not None and column not in have:
             raise DataError(
-                f"{where}: no column '{column}' (set by data.{key}); the dataset has columns: {', '.join(have)}. "
-                f"Set data.{key} to one of them."
+                f"{where}: no column '{column}' (set by {name}); the dataset has columns: "
+                f"{', '.join(have)}. Set {name} to one of them."
             )
 
 
@@ -152,6 +159,12 @@ def infer_labels(ds: Any, label_column: str, where: str) -> LabelInfo:
         return LabelInfo(names=names, string_to_id={n: i for i, n in enumerate(names)})
     if all(isinstance(v, (int, bool)) or (isinstance(v, float) and float(v).is_integer()) for v in values):
         ints = [int(v) for v in values]
+        distinct = len(set(ints))
+        if ints and (max(ints) + 1 > 100_000 or max(ints) + 1 > 2 * distinct + 100):
+            raise DataError(
+                f"{where}: column '{label_column}' has {distinct} distinct integer labels but the largest is {max(ints)}; "
+                "labels must be 0..num_labels-1. Renumber them, or store class names as strings (mapped in sorted order)."
+            )
         if min(ints) < 0:
             raise DataError(
                 f"{where}: column '{label_column}' has negative labels (e.g. {min(ints)}); labels must be 0..num_labels-1 "
@@ -190,7 +203,10 @@ def texts_of(ds: Any, column: str, where: str) -> list[str]:
     values = ds[column]
     for row, value in enumerate(values):
         if not isinstance(value, str):
-            raise DataError(f"{where}: row {row} of column '{column}' is {type(value).__name__} ({value!r}), not text.")
+            raise DataError(
+                f"{where}: row {row} of column '{column}' is {type(value).__name__} ({value!r}), not text. Point the text "
+                "column setting at a column of strings, or fill the empty rows."
+            )
     return list(values)
 
 
@@ -276,7 +292,7 @@ def batch_indices(
     batches, and the batches are shuffled: far less padding, same examples per epoch.
     """
     if shuffle:
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63))
         order = torch.randperm(n, generator=gen).tolist()
     else:
         order = list(range(n))
@@ -309,3 +325,12 @@ def iterate_batches(
 
 def to_device(inputs: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+
+
+def fingerprint(ref: str) -> str:
+    """Identity of a dataset reference: a local file's absolute path, size and mtime; else the id."""
+    path = Path(os.path.expanduser(ref))
+    if not ref.startswith(BUILTIN_PREFIX) and path.is_file():
+        stat = path.stat()
+        return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    return ref

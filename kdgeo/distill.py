@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from kdgeo import __version__, checkpoint, geometry, rundir
@@ -45,6 +46,9 @@ from kdgeo.models import (
     load_classifier,
     load_config,
     load_tokenizer,
+    align_pad_token,
+    fingerprint_model,
+    check_max_length,
     num_layers,
     quiet_transformers,
     student_from_config,
@@ -188,7 +192,7 @@ def run_distill(spec: RunSpec, out_dir: str | None = None, progress: Progress | 
     train_cfg = spec.train
 
     # ---- 1. pre-flight ----------------------------------------------------------------------
-    device = resolve_device(train_cfg.device)
+    device = resolve_device(train_cfg.device, "train.device")
     if train_cfg.precision == "fp16" and device.type != "cuda":
         raise KdgeoError('train.precision = "fp16" needs a CUDA device; use "bf16" or "fp32" on CPU (or "auto").')
     amp = autocast_dtype(train_cfg.precision, device)
@@ -207,6 +211,9 @@ def run_distill(spec: RunSpec, out_dir: str | None = None, progress: Progress | 
     s_layers, s_width, _, copied_layers, s_ref = _student_plan(spec, t_cfg, teacher_ref)
     s_tok = load_tokenizer(s_ref) if s_ref is not None else t_tok
 
+    check_max_length(t_cfg, spec.data.max_length, "data.max_length", f"the teacher {spec.teacher.model}")
+    if s_ref is not None:
+        check_max_length(load_config(s_ref), spec.data.max_length, "data.max_length", f"the student {spec.student.model}")
     train, evals, label_info = _load_texts(spec)
     num_labels = label_info.num_labels
     kinds = {loss.kind for loss in spec.losses}
@@ -252,7 +259,9 @@ def run_distill(spec: RunSpec, out_dir: str | None = None, progress: Progress | 
             "pair": d.text_pair_column, "label": d.label_column, "max_length": d.max_length, "max_train_samples": d.max_train_samples,
             "group_by_length": d.group_by_length,
         }
-        key = cache_key(spec.teacher.model, spec.teacher.revision, data_key, label_info.names, ft_args)
+        data_key["fingerprint"] = data_mod.fingerprint(d.dataset)
+        model_key = f"{spec.teacher.model}|{fingerprint_model(teacher_ref)}"
+        key = cache_key(model_key, spec.teacher.revision, data_key, label_info.names, ft_args)
         cache_dir = Path(spec.output.teacher_cache).expanduser()
         hit = cached_teacher(cache_dir, key)
         if hit is not None:
@@ -266,6 +275,7 @@ def run_distill(spec: RunSpec, out_dir: str | None = None, progress: Progress | 
             entry = save_to_cache(teacher, t_tok, cache_dir, key, {"teacher": spec.teacher.model, "key": key, **stats})
             finetune_info = {"cached": False, "path": str(entry), "key": key, **stats}
         teacher_source = finetune_info["path"]
+    align_pad_token(teacher, t_tok)
     teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -286,6 +296,7 @@ def run_distill(spec: RunSpec, out_dir: str | None = None, progress: Progress | 
         student = student_from_config(teacher.config, overrides, num_labels, spec.seed)
         student.config.id2label = dict(teacher.config.id2label)
         student.config.label2id = dict(teacher.config.label2id)
+    align_pad_token(student, s_tok)
     student.to(device).train()
 
     # ---- fixed monitor batch and the teacher's side of it (computed once: the teacher is frozen)
@@ -343,7 +354,7 @@ def run_distill(spec: RunSpec, out_dir: str | None = None, progress: Progress | 
             if ckpt_state.get("scaler"):
                 scaler.load_state_dict(ckpt_state["scaler"])
             # Events after the checkpoint will be produced again; drop them so nothing is doubled.
-            rundir.truncate_events(metrics_path, ckpt_state["step"])
+            rundir.truncate_lines(metrics_path, ckpt_state["metrics_lines"])
             emit({"event": "stage", "message": f"resuming from {resumed_from} (step {ckpt_state['step']} of {total_steps})"})
         else:
             emit({"event": "stage", "message": f"{run_dir} has no checkpoint yet: starting the run again from step 0"})
@@ -356,6 +367,7 @@ def run_distill(spec: RunSpec, out_dir: str | None = None, progress: Progress | 
         if spec.output.overwrite:
             for name in (rundir.METRICS, rundir.SUMMARY):
                 (run_dir / name).unlink(missing_ok=True)
+            shutil.rmtree(run_dir / rundir.STUDENT, ignore_errors=True)
             for _, old in checkpoint.list_checkpoints(run_dir):
                 shutil.rmtree(old, ignore_errors=True)
         resolved = spec.model_dump(mode="json", exclude_none=True)
@@ -365,8 +377,11 @@ def run_distill(spec: RunSpec, out_dir: str | None = None, progress: Progress | 
 
         rundir.write_text_atomic(run_dir / rundir.SPEC_TOML, tomli_w.dumps(resolved))
 
+    lines = {"n": ckpt_state["metrics_lines"] if ckpt_state is not None else 0}
+
     def record(event: dict[str, Any]) -> None:
         rundir.append_jsonl(metrics_path, event)
+        lines["n"] += 1
         emit(event)
 
     def monitor(step: int) -> list[dict[str, Any]]:
@@ -395,12 +410,13 @@ def run_distill(spec: RunSpec, out_dir: str | None = None, progress: Progress | 
         "last_monitor": [], "skipped_nonfinite": 0, "skipped_scaler": 0,
     }
 
-    def save_checkpoint() -> Path:
+    def save_checkpoint(extra_keep: int = 0) -> Path:
         state = {
             "step": st["step"], "total_steps": total_steps, "loop": st,
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "metrics_lines": lines["n"],  # metrics.jsonl is cut back to this on resume
         }
-        path = checkpoint.save_checkpoint(run_dir, st["step"], student, objective, optimizer, state, train_cfg.keep_checkpoints)
+        path = checkpoint.save_checkpoint(run_dir, st["step"], student, objective, optimizer, state, train_cfg.keep_checkpoints + extra_keep)
         record({"event": "checkpoint", "step": st["step"], "path": str(path)})
         return path
 
@@ -425,8 +441,7 @@ def run_distill(spec: RunSpec, out_dir: str | None = None, progress: Progress | 
     def on_signal(signum: int, frame: Any) -> None:
         if stop["signal"] is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
-        stop["signal"] = signum
-        emit({"event": "stage", "message": f"{signal.Signals(signum).name}: finishing this step, then writing a checkpoint"})
+        stop["signal"] = signum  # only a flag: the loop finishes the step, checkpoints and reports
 
     handlers = {}
     if threading.current_thread() is threading.main_thread():
@@ -467,7 +482,7 @@ def run_distill(spec: RunSpec, out_dir: str | None = None, progress: Progress | 
                     step_parts["loss"] = step_parts.get("loss", 0.0) + float(loss.detach()) * share
                 if not nonfinite:
                     scaler.unscale_(optimizer)
-                    norm = torch.nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm or float("inf"))
+                    norm = torch.nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm or float("inf"))  # 0: no clipping
                     if not torch.isfinite(norm) and not scaler.is_enabled():
                         nonfinite = ["the gradients (loss finite, gradient norm not)"]
                 if nonfinite:
@@ -478,7 +493,8 @@ def run_distill(spec: RunSpec, out_dir: str | None = None, progress: Progress | 
                         raise KdgeoError(
                             f"non-finite value at {where} in {', '.join(nonfinite)} (a name like procrustes/2-6 is the loss "
                             f"term and its student-teacher layer pair). The state before this step is saved in {path}. "
-                            'Lower train.lr, use precision "fp32", check the data, or set train.on_nonfinite = "skip".'
+                            "Resume past it with --resume --set train.on_nonfinite=skip, or start a new run with a lower "
+                            'train.lr or precision "fp32" (and check the data).'
                         )
                     optimizer.zero_grad(set_to_none=True)
                     st["skipped_nonfinite"] += 1
@@ -532,6 +548,10 @@ def run_distill(spec: RunSpec, out_dir: str | None = None, progress: Progress | 
                 if not train_cfg.eval_every and st["step"] < total_steps:
                     st["last_scores"] = evaluate(st["step"], float(st["epoch"]))
                     st["evaluated_at"] = st["step"]
+        if ckpt_state is None or ckpt_state["step"] < total_steps:
+            # Insurance for the final phase (evaluation, saving): resume from here finishes the run.
+            # It is removed once summary.json is written, so it does not count against keep_checkpoints.
+            save_checkpoint(extra_keep=1)
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
@@ -556,10 +576,10 @@ def run_distill(spec: RunSpec, out_dir: str | None = None, progress: Progress | 
                 s_tok.save_pretrained(tmp_dir)
             shutil.rmtree(student_dir, ignore_errors=True)
             os.replace(tmp_dir, student_dir)
-        except OSError as err:
+        except (OSError, RuntimeError, SafetensorError) as err:
             shutil.rmtree(tmp_dir, ignore_errors=True)
             raise OutputError(
-                f"cannot save the student to {student_dir}: {err.strerror or err}. metrics.jsonl and the checkpoints "
+                f"cannot save the student to {student_dir}: {getattr(err, 'strerror', None) or err}. metrics.jsonl and the checkpoints "
                 "hold the run so far: free some space and run the same command with --resume."
             ) from None
     d = spec.data
@@ -607,6 +627,8 @@ def run_distill(spec: RunSpec, out_dir: str | None = None, progress: Progress | 
         "versions": _versions(),
     }
     rundir.write_json(run_dir / rundir.SUMMARY, summary)
+    # The end-of-training checkpoint was insurance for the final phase, which is now done.
+    shutil.rmtree(run_dir / f"{checkpoint.PREFIX}{total_steps}", ignore_errors=True)
     emit({"event": "done", "summary": summary})
     return DistillResult(run_dir=run_dir, summary=summary)
 
@@ -634,6 +656,17 @@ def run_sweep(runs: list[SweepRun], progress: Progress | None = None) -> list[Sw
         run_dir = Path(spec.output.dir).expanduser() / (spec.output.name or spec.name)
         label = f"[{k}/{len(runs)}] {run.variant} seed {run.seed}"
         if (run_dir / rundir.SUMMARY).exists():
+            saved = rundir.read_json(run_dir / rundir.SPEC_JSON) if (run_dir / rundir.SPEC_JSON).exists() else {}
+            diffs = resume_differences(saved, spec.model_dump(mode="json", exclude_none=True))
+            if diffs:
+                changed = "; ".join(f"{k}: run has {a!r}, spec now has {b!r}" for k, a, b in diffs[:8])
+                error = (
+                    f"{run_dir} finished with a different spec ({changed}); its results would be mixed with the new ones. "
+                    "Delete that run directory to redo it, or give the sweep another name."
+                )
+                emit({"event": "run_failed", "variant": run.variant, "seed": run.seed, "error": error})
+                outcomes.append(SweepOutcome(run.variant, run.seed, run_dir, "failed", error=error))
+                continue
             emit({"event": "stage", "message": f"{label}: already finished ({run_dir}), skipped"})
             outcomes.append(SweepOutcome(run.variant, run.seed, run_dir, "skipped", summary=rundir.read_json(run_dir / rundir.SUMMARY)))
             continue

@@ -18,7 +18,7 @@ from torch import nn
 from kdgeo import data as data_mod
 from kdgeo.errors import DataError, KdgeoError, ModelLoadError
 from kdgeo.metrics import agreement, classification_scores
-from kdgeo.models import ModelRef, load_classifier, load_tokenizer
+from kdgeo.models import ModelRef, align_pad_token, check_max_length, load_classifier, load_tokenizer
 from kdgeo.probe import autocast_dtype, resolve_device
 
 Progress = Callable[[dict[str, Any]], None]
@@ -109,7 +109,8 @@ def run_eval(args: EvalArgs, progress: Progress | None = None) -> EvalResult:
     dataset = args.dataset or run_data.get("eval_dataset") or run_data.get("dataset")
     if dataset is None:
         raise DataError(f"no dataset to evaluate {args.model} on: give --data (a run directory supplies its own).")
-    config = args.config if args.config is not None else (run_data.get("config") if args.dataset is None else None)
+    # A run's own evaluation file has no hub configuration; its hub dataset does.
+    config = args.config if args.config is not None else (run_data.get("config") if args.dataset is None and not run_data.get("eval_dataset") else None)
     split = args.split or run_data.get("eval_split") or "validation"
     text_col = args.text_column or run_data.get("text_column") or "text"
     pair_col = args.text_pair_column if args.text_pair_column is not None else run_data.get("text_pair_column")
@@ -121,7 +122,7 @@ def run_eval(args: EvalArgs, progress: Progress | None = None) -> EvalResult:
 
     where = f"--data {dataset}"
     ds = data_mod.load_split(dataset, config, split, where="--data")
-    data_mod.check_columns(ds, {"text_column": text_col, "text_pair_column": pair_col, "label_column": label_col}, where)
+    data_mod.check_columns(ds, {"text_column": text_col, "text_pair_column": pair_col, "label_column": label_col}, where, setting="--{key}")
     # A run evaluated on its own data uses its own evaluation cap, so the scores match summary.json.
     max_samples = args.max_samples if args.max_samples is not None else (run_data.get("max_eval_samples") if args.dataset is None else None)
     if max_samples is not None:
@@ -139,6 +140,13 @@ def run_eval(args: EvalArgs, progress: Progress | None = None) -> EvalResult:
             "classifier or a kdgeo run directory."
         )
     num_labels = int(getattr(cfg, "num_labels", info.num_labels) or info.num_labels)
+    check_max_length(cfg, max_length, "--max-length", f"the model {args.model}")
+    id2label = {int(k): str(v) for k, v in (getattr(cfg, "id2label", None) or {}).items()}
+    named = len(id2label) == num_labels and any(v != f"LABEL_{k}" for k, v in id2label.items())
+    if info.string_to_id is not None and named:
+        # String labels are read through the model's own names, whichever classes this data happens to hold.
+        names = [id2label[i] for i in range(num_labels)]
+        info = data_mod.LabelInfo(names=names, string_to_id={n: i for i, n in enumerate(names)})
     if info.string_to_id is None and num_labels > info.num_labels:
         info = data_mod.LabelInfo(names=[str(i) for i in range(num_labels)])
     labels = data_mod.labels_as_ids(ds, label_col, info, where)
@@ -154,6 +162,7 @@ def run_eval(args: EvalArgs, progress: Progress | None = None) -> EvalResult:
     loaded = load_classifier(student_ref, num_labels)
     if not loaded.has_trained_head:
         raise ModelLoadError(f"{args.model} has no trained classification head for {num_labels} labels (freshly initialised: {', '.join(loaded.new_keys[:3])}); evaluate a fine-tuned model or a kdgeo run.")
+    align_pad_token(loaded.model, s_tok)
     model = loaded.model.to(device)
     teacher_scores = None
     teacher_preds = None
@@ -164,6 +173,7 @@ def run_eval(args: EvalArgs, progress: Progress | None = None) -> EvalResult:
         t_loaded = load_classifier(t_ref, num_labels)
         if not t_loaded.has_trained_head:
             raise ModelLoadError(f"teacher {teacher_ref} has no trained classification head for {num_labels} labels; give the fine-tuned teacher (a run's summary.json names it).")
+        align_pad_token(t_loaded.model, t_tok)
         teacher = t_loaded.model.to(device)
         teacher_scores, teacher_preds = score(teacher, split_data, num_labels, "teacher", args.batch_size, device, amp)
         del teacher

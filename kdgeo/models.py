@@ -162,7 +162,7 @@ def load_encoder(ref: ModelRef, dtype: torch.dtype | None = None) -> nn.Module:
     try:
         with quiet_transformers():
             model = AutoModel.from_pretrained(location, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
+    except Exception as err:  # OSError, ValueError, safetensors' SafetensorError on a torn file, ...
         raise _load_error(ref, "model", err) from None
     model.eval()
     return model
@@ -195,12 +195,26 @@ def load_classifier(ref: ModelRef, num_labels: int, label_names: Sequence[str] |
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 location, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
             )
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
+    except Exception as err:  # OSError, ValueError, safetensors' SafetensorError on a torn file, ...
         raise _load_error(ref, "classification model", err) from None
     missing = list(info.get("missing_keys", []) or [])
     mismatched = [m[0] if isinstance(m, (tuple, list)) else str(m) for m in (info.get("mismatched_keys", []) or [])]
     new_keys = sorted(set(missing) | set(mismatched))
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    body = [k for k in new_keys if k.startswith(prefix) and ".pooler." not in k]
+    if body:
+        shown = ", ".join(body[:5]) + (", ..." if len(body) > 5 else "")
+        raise ModelLoadError(
+            f"Model '{ref.ref}': {len(body)} weights of its body did not load from the checkpoint ({shown}); its config "
+            "does not match its weights. Re-save the model with save_pretrained, or give the right directory."
+        )
     return LoadedClassifier(model=model, has_trained_head=not new_keys, new_keys=new_keys)
+
+
+def align_pad_token(model: nn.Module, tokenizer: Any) -> None:
+    """Decoder classifiers (GPT-2, Llama) find the last real token through config.pad_token_id."""
+    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
 
 
 def num_layers(model_or_config: Any) -> int:
@@ -300,3 +314,26 @@ def student_from_config(teacher_config: Any, overrides: dict[str, int], num_labe
             return AutoModelForSequenceClassification.from_config(config)
     except (ValueError, RuntimeError) as err:
         raise ModelLoadError(f"Cannot build a student from the teacher's config with {overrides}: {err}") from None
+
+
+def check_max_length(config: Any, max_length: int, setting: str, who: str) -> None:
+    """Longer inputs than the position embeddings hold fail deep inside the model: refuse them here."""
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(limit, int) and max_length > limit:
+        raise ModelLoadError(f"{setting} = {max_length} is longer than {who} accepts ({limit} positions); set {setting} to at most {limit}.")
+
+
+def fingerprint_model(ref: ModelRef) -> str:
+    """Identity of a local model's files (path, sizes, mtimes), so a changed model is a new cache key."""
+    try:
+        path = Path(resolve_model_ref(ref.ref))
+    except ModelLoadError:
+        return ref.ref
+    if not path.is_dir():
+        return ref.ref  # a hub id: its revision is part of the key
+    parts = [str(path.resolve())]
+    for child in sorted(path.iterdir()):
+        if child.is_file():
+            stat = child.stat()
+            parts.append(f"{child.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    return "|".join(parts)

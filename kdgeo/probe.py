@@ -19,7 +19,7 @@ from kdgeo import data as data_mod
 from kdgeo import geometry
 from kdgeo.errors import DataError, KdgeoError
 from kdgeo.features import LayerPair, Rows, check_tokenizers_agree, select_rows, suggest_layer_map
-from kdgeo.models import ModelRef, hidden_width, load_config, load_encoder, load_tokenizer, num_layers
+from kdgeo.models import ModelRef, check_max_length, hidden_width, load_config, load_encoder, load_tokenizer, num_layers
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -81,17 +81,17 @@ class ProbeResult:
         }
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, setting: str = "--device") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise KdgeoError(f"device '{name}' is not a device; use auto, cpu, cuda or cuda:N.") from None
+        raise KdgeoError(f"{setting} '{name}' is not a device; use auto, cpu, cuda or cuda:N.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise KdgeoError(f"device '{name}' was asked for, but CUDA is not available here; use --device cpu (or auto).")
+        raise KdgeoError(f"device '{name}' was asked for ({setting}), but CUDA is not available here; set {setting} to cpu (or auto).")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise KdgeoError(f"device '{name}' does not exist: this machine has {torch.cuda.device_count()} CUDA device(s).")
+        raise KdgeoError(f"device '{name}' ({setting}) does not exist: this machine has {torch.cuda.device_count()} CUDA device(s).")
     return device
 
 
@@ -120,7 +120,9 @@ def run_probe(args: ProbeArgs, progress: Progress | None = None) -> ProbeResult:
     t_layers, s_layers = num_layers(t_cfg), num_layers(s_cfg)
     t_tok, s_tok = load_tokenizer(args.teacher), load_tokenizer(args.student)
     ds = data_mod.load_split(args.dataset, args.config, args.split, where="--data")
-    data_mod.check_columns(ds, {"text_column": args.text_column}, where=f"--data {args.dataset}")
+    data_mod.check_columns(ds, {"text_column": args.text_column}, where=f"--data {args.dataset}", setting="--text-column")
+    check_max_length(t_cfg, args.max_length, "--max-length", f"the teacher {args.teacher.ref}")
+    check_max_length(s_cfg, args.max_length, "--max-length", f"the student {args.student.ref}")
     if args.max_samples is not None:
         ds = ds.select(range(min(args.max_samples, len(ds))))
     texts = data_mod.texts_of(ds, args.text_column, where=f"--data {args.dataset}")

@@ -237,10 +237,22 @@ class DistillView:
                 self._refresh()
             else:
                 info(line, self.mode)
+        elif kind == "resume":
+            line = f"resumed at step {event['step']} from {event['checkpoint']}"
+            if self.mode == "rich":
+                self._ensure_live()
+                assert self._progress is not None
+                self._live.console.print(Text(line))
+                if self._task is None:
+                    self._task = self._progress.add_task("distilling", total=None, rate="")
+                self._progress.update(self._task, completed=event["step"])
+                self._refresh()
+            else:
+                info(line, self.mode)
         elif kind == "step":
             text = f"epoch {event['epoch']:.2f}  lr {event['lr']:.2e}  {_loss_text(event)}"
-            if self.mode == "rich" and self._progress is not None:
-                self._progress.update(self._task, completed=event["step"], rate=f"{event['samples_per_s']:.1f} samples/s")
+            if self.mode == "rich" and self._progress is not None and self._task is not None:
+                self._progress.update(self._task, completed=event["step"], total=event["total_steps"], rate=f"{event['samples_per_s']:.1f} samples/s")
                 self._loss = text
                 self._refresh()
             else:

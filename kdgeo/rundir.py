@@ -144,3 +144,13 @@ def truncate_events(path: str | Path, step: int) -> None:
     """Keep the events up to ``step`` (and those without a step); drop later ones and a torn last line."""
     kept = [r for r in read_jsonl(path) if not isinstance(r.get("step"), int) or r["step"] <= step]
     write_text_atomic(path, "".join(json.dumps(_clean(r)) + "\n" for r in kept))
+
+
+def truncate_lines(path: str | Path, keep: int) -> None:
+    """Keep the first ``keep`` lines of a JSON-lines file (what existed at a checkpoint)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.readlines()[:keep]
+    except FileNotFoundError:
+        lines = []
+    write_text_atomic(path, "".join(line if line.endswith("\n") else line + "\n" for line in lines))

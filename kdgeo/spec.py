@@ -66,7 +66,7 @@ class FinetuneSpec(_Strict):
     """Fraction of steps spent warming the learning rate up linearly from zero."""
     max_grad_norm: float = Field(1.0, gt=0)
     """Gradient clipping threshold (global L2 norm)."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)
     """Seed of the fine-tuning run (part of the cache key)."""
     force: bool = False
     """Fine-tune even if the loaded teacher already has a head with the right number of labels."""
@@ -308,7 +308,9 @@ class TrainSpec(_Strict):
     batch_size: int = Field(32, ge=1)
     """Examples per micro-batch."""
     grad_accum: int = Field(1, ge=1)
-    """Micro-batches per optimizer step; the update equals one batch of batch_size * grad_accum."""
+    """Micro-batches per optimizer step. For per-example losses (ce, kd) the update equals one batch of
+    batch_size * grad_accum; geometry losses (procrustes, gram, cka) are statistics of each
+    micro-batch's feature matrix, so they see batch_size rows at a time."""
     lr: float = Field(1e-4, gt=0)
     """Peak learning rate of AdamW."""
     projection_lr: float | None = Field(None, gt=0)
@@ -319,8 +321,8 @@ class TrainSpec(_Strict):
     """Fraction of steps spent warming the learning rate up linearly from zero."""
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     """Learning-rate decay after warm-up."""
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    """Gradient clipping threshold (global L2 norm); unset to disable."""
+    max_grad_norm: float = Field(1.0, ge=0)
+    """Gradient clipping threshold (global L2 norm); 0 = no clipping."""
     precision: Precision = "auto"
     """`auto`: bf16 autocast on CUDA where supported, else fp16 with a gradient scaler; fp32 on
     CPU. Geometry is always computed in fp32 or better."""
@@ -374,7 +376,7 @@ class SweepSpec(_Strict):
     summary.json) is skipped when the sweep is run again, so an interrupted sweep continues.
     """
 
-    seeds: list[int] = Field([0], min_length=1)
+    seeds: list[Annotated[int, Field(ge=0, lt=2**32)]] = Field([0], min_length=1)
     """Seeds to run every variant with."""
     variants: dict[str, dict[str, Any]] = {}
     """Named override tables; empty = the spec itself as one variant named after `name`."""
@@ -400,7 +402,7 @@ class RunSpec(_Strict):
     """Free text, saved with the run."""
     task: Literal["classification"] = "classification"
     """What the models do. `classification`: sequence classification on labelled text."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)
     """Seed for the student's initialisation, data order and dropout."""
     teacher: TeacherSpec
     """The model to distill from."""
@@ -497,7 +499,7 @@ def resolve_preset(raw: dict[str, Any], source: str, preset: str | None) -> dict
 
 
 RESUME_SAFE_FIELDS = (
-    "description", "monitor", "train.log_every", "train.eval_every", "train.checkpoint_every",
+    "description", "monitor.every", "monitor.metrics", "train.log_every", "train.eval_every", "train.checkpoint_every",
     "train.keep_checkpoints", "train.on_nonfinite", "output.overwrite", "output.save_student", "output.teacher_cache",
     "output.dir", "output.name",  # where the run lives, not what it computes (a moved run resumes)
 )

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from kdgeo import data as data_mod
@@ -120,10 +121,10 @@ def save_to_cache(model: nn.Module, tokenizer: Any, cache_dir: Path, key: str, m
         if entry.exists():
             shutil.rmtree(entry)
         os.replace(tmp, entry)
-    except OSError as err:
+    except (OSError, RuntimeError, SafetensorError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise OutputError(
-            f"output.teacher_cache = '{cache_dir}': cannot write the fine-tuned teacher ({err.strerror or err}); "
+            f"output.teacher_cache = '{cache_dir}': cannot write the fine-tuned teacher ({getattr(err, 'strerror', None) or err}); "
             "set output.teacher_cache to a writable directory."
         ) from None
     return entry

@@ -106,6 +106,8 @@ CASES = [
     Case("empty dataset", lambda t, d, r: ["distill", _spec_file(t, d, data={"dataset": _text_file(d, "", "e.jsonl"), "eval_dataset": _text_file(d, "", "e.jsonl")})], "has no rows"),
     Case("label column missing", lambda t, d, r: ["distill", _spec_file(t, d, data={"label_column": "category"})], "no column 'category'"),
     Case("label out of range", lambda t, d, r: ["distill", _spec_file(t, d, data=_local_data(d, (0, 7)))], "outside 0..2"),
+    Case("max_length beyond the model", lambda t, d, r: ["distill", _spec_file(t, d, data={"max_length": 512})], "data.max_length = 512 is longer than"),
+    Case("sparse integer labels", lambda t, d, r: ["distill", _spec_file(t, d, data={**_local_data(d), "dataset": str(write_jsonl(d / "s.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 5000}]))})], "the largest is 5000"),
     Case("single file, no eval file", lambda t, d, r: ["distill", _spec_file(t, d, data={**_local_data(d), "eval_dataset": None})], "set data.eval_dataset"),
     # distill: output and resume
     Case("output directory not writable", lambda t, d, r: ["distill", _spec_file(t, d, output={"dir": _text_file(d, "x", "blocker") + "/runs"})], "writable directory"),

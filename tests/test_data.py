@@ -196,13 +196,13 @@ def test_texts_of():
     ([5, 6], "row 0 of column 'text' is int (5), not text."),
 ])
 def test_non_text_values(values, shown):
-    assert data_error(D.texts_of, dataset(text=values), "text", "w") == f"w: {shown}"
+    assert data_error(D.texts_of, dataset(text=values), "text", "w").startswith(f"w: {shown}")
 
 
 def test_non_text_values_from_a_file(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": 0}, {"text": None, "label": 1}])
     ds = D.load_split(str(path), None, "train")
-    assert data_error(D.texts_of, ds, "text", "data.dataset") == "data.dataset: row 1 of column 'text' is NoneType (None), not text."
+    assert data_error(D.texts_of, ds, "text", "data.dataset").startswith("data.dataset: row 1 of column 'text' is NoneType (None), not text.")
 
 
 # --------------------------------------------------------------------------------------------

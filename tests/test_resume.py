@@ -164,7 +164,7 @@ def test_a_non_finite_loss_names_the_term_and_pair_and_checkpoints(tiny, tmp_pat
     code, _, err = run_cli(capsys, "distill", str(path), "-q")
     flat = " ".join(err.split())
     assert code == 2, err
-    assert "non-finite value at step 2" in flat and "procrustes/2-4" in flat and 'on_nonfinite = "skip"' in flat
+    assert "non-finite value at step 2" in flat and "procrustes/2-4" in flat and "--resume --set train.on_nonfinite=skip" in flat
     assert (tmp_path / "runs" / "t" / "checkpoint-1" / "state.json").exists()
 
 

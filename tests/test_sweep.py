@@ -50,6 +50,10 @@ def test_sweep_runs_all_isolates_a_failure_and_skips_finished_runs(tiny, tmp_pat
     code, out, err = run_cli(capsys, "distill", str(path))
     assert code == 1
     assert err.count("already finished") == 2
+    # A finished run is never silently reused under a changed spec.
+    code, out, err = run_cli(capsys, "distill", str(path), "--set", "train.lr=0.01")
+    flat = " ".join(err.split())
+    assert code == 1 and "finished with a different spec (train.lr: run has 0.001, spec now has 0.01)" in flat
 
 
 def test_sweep_then_compare_every_format_and_exit_code(tiny, tmp_path, capsys):
