@@ -101,6 +101,22 @@ def _check_resumable(run_dir: Path, spec: RunSpec) -> Path:
     return run_dir
 
 
+def _check_label_order(config: Any, names: list[str], teacher: str) -> None:
+    """A trained teacher whose own class names are the data's names in another order would be
+    distilled with every label swapped: refuse it (default LABEL_i names say nothing, so pass)."""
+    own = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
+    if len(own) != len(names) or all(v == f"LABEL_{k}" for k, v in own.items()):
+        return
+    ordered = [own[i].lower() for i in range(len(names))]
+    wanted = [n.lower() for n in names]
+    if ordered != wanted and sorted(ordered) == sorted(wanted):
+        raise ModelLoadError(
+            f"teacher.model = '{teacher}' numbers its classes {ordered}, but the data numbers them {wanted}: the "
+            "teacher's predictions would be read under the wrong labels. Use data whose label ids follow the "
+            "teacher's order, or fine-tune the teacher on this data ([teacher.finetune] with force = true)."
+        )
+
+
 def _forward(model: nn.Module, inputs: dict[str, torch.Tensor], hidden: bool, amp: torch.dtype | None, device: torch.device) -> Any:
     with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
         return model(**inputs, output_hidden_states=hidden)
@@ -242,6 +258,8 @@ def run_distill(spec: RunSpec, out_dir: str | None = None, progress: Progress | 
     # A head the checkpoint lacks is initialised from the global RNG: seed it, or runs differ.
     torch.manual_seed(ft.seed if ft is not None else spec.seed)
     loaded = load_classifier(teacher_ref, num_labels, label_info.names)
+    if loaded.has_trained_head:
+        _check_label_order(t_cfg, label_info.names, spec.teacher.model)
     teacher = loaded.model
     teacher_source = spec.teacher.model
     finetune_info: dict[str, Any] | None = None

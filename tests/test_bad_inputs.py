@@ -70,6 +70,20 @@ def _other_task_run(run: Path, tmp: Path) -> str:
     return str(other)
 
 
+def _swapped_teacher(tiny: dict, tmp: Path) -> str:
+    """The tiny classifier, its class names set to the demo's names in reverse order."""
+    from kdgeo import demo
+
+    target = tmp / "swapped"
+    shutil.copytree(tiny["teacher_clf"], target)
+    config = json.loads((target / "config.json").read_text())
+    names = list(reversed(demo.load_labels()))
+    config["id2label"] = {str(i): n for i, n in enumerate(names)}
+    config["label2id"] = {n: i for i, n in enumerate(names)}
+    (target / "config.json").write_text(json.dumps(config))
+    return str(target)
+
+
 def _resumable(run: Path) -> None:
     (run / "summary.json").unlink()
 
@@ -95,6 +109,7 @@ CASES = [
     Case("hub id unavailable offline", lambda t, d, r: ["distill", _spec_file(t, d, teacher={"model": MISSING_MINILM_ID})], "Cannot load the config"),
     Case("directory without config.json", lambda t, d, r: ["distill", _spec_file(t, d, teacher={"model": str(r)})], "looks like a kdgeo run directory"),
     Case("teacher without a head", lambda t, d, r: ["distill", _spec_file(t, d, teacher={"model": str(t["teacher"])})], "Add a [teacher.finetune] table"),
+    Case("teacher labels in another order", lambda t, d, r: ["distill", _spec_file(t, d, teacher={"model": _swapped_teacher(t, d)})], "would be read under the wrong labels"),
     Case("student layer out of range", lambda t, d, r: ["distill", _spec_file(t, d, student={"init": "teacher-layers", "layers": [1, 9]})], "student.layers = [1, 9]"),
     Case("layer pair out of range", lambda t, d, r: ["distill", _spec_file(t, d, features={"pairs": [[1, 2], [4, 4]]})], "student index 4 is outside 0..2"),
     Case("mse across widths", lambda t, d, r: ["distill", _spec_file(t, d, student=CONFIG_STUDENT, losses=[{"kind": "mse"}])], "need equal widths"),
