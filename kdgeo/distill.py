@@ -122,8 +122,10 @@ def _forward(model: nn.Module, inputs: dict[str, torch.Tensor], hidden: bool, am
         return model(**inputs, output_hidden_states=hidden)
 
 
-def _student_plan(spec: RunSpec, t_cfg: Any, teacher_ref: ModelRef) -> tuple[int, int, Any, list[int] | None, ModelRef | None]:
-    """(layers, width, student tokenizer ref or None = teacher's, copied teacher layers, pretrained ref)."""
+def _student_plan(spec: RunSpec, t_cfg: Any) -> tuple[int, int, Any, list[int] | None, ModelRef | None]:
+    """What the student will be, known before any weights load:
+    (layers, width, its config, the teacher layers it copies or None, its own reference for
+    init = "pretrained" or None, in which case it shares the teacher's tokenizer)."""
     t_layers = num_layers(t_cfg)
     s = spec.student
     if s.init == "pretrained":
@@ -224,7 +226,7 @@ def run_distill(spec: RunSpec, out_dir: str | None = None, progress: Progress | 
     t_cfg = load_config(teacher_ref)
     t_layers, t_width = num_layers(t_cfg), hidden_width(t_cfg)
     t_tok = load_tokenizer(teacher_ref)
-    s_layers, s_width, _, copied_layers, s_ref = _student_plan(spec, t_cfg, teacher_ref)
+    s_layers, s_width, _, copied_layers, s_ref = _student_plan(spec, t_cfg)
     s_tok = load_tokenizer(s_ref) if s_ref is not None else t_tok
 
     check_max_length(t_cfg, spec.data.max_length, "data.max_length", f"the teacher {spec.teacher.model}")
