@@ -192,7 +192,7 @@ def distill(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run (or sweep) from its newest checkpoint; SPEC may be the run directory.")] = False,
 ) -> None:
-    from kdgeo.spec import load_spec
+    from kdgeo.spec import expand_sweep, load_spec
 
     overrides = []
     if spec_path.is_dir() and (spec_path / "spec.toml").exists():
@@ -204,12 +204,10 @@ def distill(
     if out is not None:
         overrides.append(f"output.dir={json.dumps(str(out))}")
     spec = load_spec(spec_path, overrides=overrides, preset=preset)
-    from kdgeo.spec import expand_sweep
-
     runs = expand_sweep(spec, str(spec_path))  # validates every variant before anything runs
+
     from kdgeo import report
     from kdgeo.distill import run_distill, run_sweep
-
     from kdgeo.errors import RunInterrupted
 
     view = report.DistillView(report.pick_mode(quiet), json_lines=json_lines)

@@ -42,6 +42,7 @@ from typing import Any, Literal, Sequence
 
 from kdgeo import rundir, stats
 from kdgeo.errors import KdgeoError, OutputError
+from kdgeo.rundir import json_safe
 
 Test = Literal["t", "wilcoxon", "permutation"]
 TESTS: tuple[str, ...] = ("t", "wilcoxon", "permutation")
@@ -738,16 +739,6 @@ def print_compare(result: CompareResult) -> None:
         con.print(Text(f"note: {note}"))
 
 
-def _clean(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
-
-
 def _test_json(t: stats.TestResult) -> dict[str, Any]:
     return {"method": t.method, "statistic": t.statistic, "p": t.p_value, "n": t.n, "note": t.note}
 
@@ -788,7 +779,7 @@ def to_json(result: CompareResult) -> dict[str, Any]:
                      for g in result.geometry],
         "notes": result.notes, "warnings": result.warnings, "exit_code": result.exit_code,
     }
-    return _clean(data)
+    return json_safe(data)
 
 
 def _write(path: str | Path, text: str) -> None:
@@ -818,7 +809,7 @@ def write_csv(result: CompareResult, path: str | Path) -> None:
     writer.writeheader()
     for c in result.metrics:
         for row in _rows(c):
-            writer.writerow({k: "" if _clean(row[k]) is None else row[k] for k in CSV_COLUMNS})
+            writer.writerow({k: "" if json_safe(row[k]) is None else row[k] for k in CSV_COLUMNS})
     _write(path, buf.getvalue())
 
 

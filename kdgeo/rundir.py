@@ -35,16 +35,16 @@ STUDENT = "student"
 FORMAT_VERSION = 1
 
 
-def _clean(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON has no NaN/inf: write them as null so every reader can load the file."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     if hasattr(value, "tolist"):
-        return _clean(value.tolist())
+        return json_safe(value.tolist())
     return value
 
 
@@ -67,13 +67,13 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
-    write_text_atomic(path, json.dumps(_clean(data), indent=2, sort_keys=False) + "\n")
+    write_text_atomic(path, json.dumps(json_safe(data), indent=2, sort_keys=False) + "\n")
 
 
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
     """Append one line with a single write(2) on an O_APPEND descriptor: a kill at any moment
     leaves the line whole or absent, never torn (a write is not interrupted by a signal)."""
-    data = (json.dumps(_clean(record)) + "\n").encode("utf-8")
+    data = (json.dumps(json_safe(record)) + "\n").encode("utf-8")
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
@@ -143,7 +143,7 @@ def prepare_run_dir(parent: str | Path, name: str, overwrite: bool) -> Path:
 def truncate_events(path: str | Path, step: int) -> None:
     """Keep the events up to ``step`` (and those without a step); drop later ones and a torn last line."""
     kept = [r for r in read_jsonl(path) if not isinstance(r.get("step"), int) or r["step"] <= step]
-    write_text_atomic(path, "".join(json.dumps(_clean(r)) + "\n" for r in kept))
+    write_text_atomic(path, "".join(json.dumps(json_safe(r)) + "\n" for r in kept))
 
 
 def truncate_lines(path: str | Path, keep: int) -> None:

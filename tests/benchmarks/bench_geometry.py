@@ -206,7 +206,7 @@ def loss_table(reps: int, n: int = 4096) -> None:
         print(f"{name:>32} | {t * 1e3:>8.1f} | {t / base:>10.2f}")
 
     # Procrustes route choice at a small batch (n < min(d_t, d_s)) and at the training batch.
-    print(f"\n## Procrustes routes (forward+backward ms; 'auto' picks the cheaper by a flop estimate)")
+    print("\n## Procrustes routes (forward+backward ms; 'auto' picks the cheaper by a flop estimate)")
     print(f"{'n':>6} | {'auto picks':>10} | {'gram (n x n)':>12} | {'cov (d_t x d_s)':>15}")
     print("-" * 54)
     for rows in (64, 256, n):
