@@ -112,3 +112,32 @@ def test_probe_pooled_rows_work_across_tokenizers(tiny, tmp_path, capsys):
     code, out, err = run_cli(capsys, "probe", str(tiny["teacher"]), str(tiny["student_other_tok"]), "--data", str(data), "--rows", "mean", "-q")
     assert code == 0, err
     assert "12 samples, 12 feature rows (mean)" in out
+
+
+def test_probe_works_on_decoder_models(tiny, tmp_path, capsys):
+    """OPT and GPT-2 (decoders, no token_type_ids, OPT with a projection-free width) probe like encoders."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2Model, OPTConfig, OPTModel
+
+    from kdgeo.models import quiet_transformers
+
+    tok = AutoTokenizer.from_pretrained(tiny["teacher"])
+    torch.manual_seed(0)
+    models = {
+        "opt": OPTModel(OPTConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=3, ffn_dim=64, num_attention_heads=2,
+                                  max_position_embeddings=128, word_embed_proj_dim=32, pad_token_id=tok.pad_token_id,
+                                  bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)),
+        "gpt2": GPT2Model(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                                     bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)),
+    }
+    for name, model in models.items():
+        with quiet_transformers():
+            model.save_pretrained(tmp_path / name)
+            tok.save_pretrained(tmp_path / name)
+    out_json = tmp_path / "p.json"
+    code, out, err = run_cli(capsys, "probe", str(tmp_path / "opt"), str(tmp_path / "gpt2"), "--rows", "tokens",
+                             "--max-samples", "24", "--json", str(out_json), "-q")
+    assert code == 0, err
+    data = json.loads(out_json.read_text())
+    assert data["teacher_layers"] == 3 and data["student_layers"] == 2
+    assert all(0.0 <= p["procrustes"] <= 2.0 for p in data["pairs"])
