@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from kdgeo.errors import KdgeoError, OutputError
+from kdgeo.models import SAVE_ERRORS
 
 PREFIX = "checkpoint-"
 STATE = "state.json"
@@ -102,7 +103,7 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(run_dir)
-    except (OSError, RuntimeError, SafetensorError) as err:  # torch.save raises RuntimeError on a full disk
+    except SAVE_ERRORS as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise OutputError(
             f"cannot write the checkpoint {final}: {getattr(err, 'strerror', None) or err}. Free some space or make {run_dir} writable; "

@@ -27,7 +27,8 @@ LOCAL_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "
 # loading
 
 
-def _is_local(ref: str) -> bool:
+def is_local_file(ref: str) -> bool:
+    """A path with a data-file extension, or anything that exists on disk (not a hub id)."""
     return Path(os.path.expanduser(ref)).suffix.lower() in LOCAL_FORMATS or os.path.exists(os.path.expanduser(ref))
 
 
@@ -60,7 +61,7 @@ def load_split(ref: str, config: str | None, split: str, where: str = "data.data
             }
         )
         return datasets.Dataset.from_list(rows, features=features)
-    if _is_local(ref):
+    if is_local_file(ref):
         path = Path(os.path.expanduser(ref))
         if not path.exists():
             raise DataError(f"{where} = '{ref}': file not found. Give an existing .csv, .json, .jsonl or .parquet file, or a hub dataset id.")

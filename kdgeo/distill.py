@@ -19,7 +19,6 @@ Progress goes out through a callback of event dicts; :mod:`kdgeo.report` draws t
 from __future__ import annotations
 
 import math
-import os
 import platform
 import shutil
 import signal
@@ -30,7 +29,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors import SafetensorError
 from torch import nn
 
 from kdgeo import __version__, checkpoint, geometry, rundir
@@ -40,6 +38,7 @@ from kdgeo.evaluate import score
 from kdgeo.features import check_tokenizers_agree, resolve_layer_pairs, select_rows, suggest_layer_map
 from kdgeo.losses import EQUAL_WIDTH_KINDS, FEATURE_KINDS, LossTerm, Objective
 from kdgeo.models import (
+    SAVE_ERRORS,
     ModelRef,
     default_layer_choice,
     hidden_width,
@@ -50,7 +49,7 @@ from kdgeo.models import (
     fingerprint_model,
     check_max_length,
     num_layers,
-    quiet_transformers,
+    save_model_dir,
     student_from_config,
     student_from_teacher_layers,
 )
@@ -161,7 +160,7 @@ def _load_texts(spec: RunSpec) -> tuple[data_mod.TextSplit, data_mod.TextSplit, 
     if d.eval_dataset is not None:
         eval_ds = data_mod.load_split(d.eval_dataset, None, d.eval_split, where="data.eval_dataset")
         eval_where = f"data.eval_dataset ({d.eval_dataset})"
-    elif data_mod._is_local(d.dataset):
+    elif data_mod.is_local_file(d.dataset):
         raise DataError(
             f"data.dataset = '{d.dataset}' is a single file, so it has no '{d.eval_split}' split; set data.eval_dataset "
             "to a separate evaluation file."
@@ -203,7 +202,7 @@ def _feature_rows(hidden: tuple[torch.Tensor, ...], mask: torch.Tensor, indices:
     return [select_rows(hidden[i], mask, rows) for i in indices]  # each (n, d)
 
 
-def run_distill(spec: RunSpec, out_dir: str | None = None, progress: Progress | None = None, resume: bool = False) -> DistillResult:
+def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = False) -> DistillResult:
     """Train the student per ``spec``; with ``resume``, continue the run directory's newest checkpoint."""
     emit = progress or (lambda event: None)
     wall_start = time.perf_counter()
@@ -215,7 +214,7 @@ def run_distill(spec: RunSpec, out_dir: str | None = None, progress: Progress | 
         raise KdgeoError('train.precision = "fp16" needs a CUDA device; use "bf16" or "fp32" on CPU (or "auto").')
     amp = autocast_dtype(train_cfg.precision, device)
     run_name = spec.output.name or spec.name
-    parent = out_dir if out_dir is not None else spec.output.dir
+    parent = spec.output.dir
     if resume:
         run_dir = _check_resumable(Path(parent).expanduser() / run_name, spec)
     else:
@@ -426,7 +425,7 @@ def run_distill(spec: RunSpec, out_dir: str | None = None, progress: Progress | 
     # Loop state: everything a checkpoint needs besides weights, optimizer and RNG.
     st: dict[str, Any] = {
         "step": 0, "epoch": 0, "next_micro": 0, "train_seconds": 0.0, "samples_seen": 0,
-        "window": {}, "window_n": 0, "window_samples": 0, "evaluated_at": -1, "last_scores": {},
+        "window": {}, "window_n": 0, "window_samples": 0, "window_time": 0.0, "evaluated_at": -1, "last_scores": {},
         "last_monitor": [], "skipped_nonfinite": 0, "skipped_scaler": 0,
     }
 
@@ -535,7 +534,6 @@ def run_distill(spec: RunSpec, out_dir: str | None = None, progress: Progress | 
                 st["samples_seen"] += n_step
                 st["window_samples"] += n_step
                 st["window_n"] += 1
-                st.setdefault("window_time", 0.0)
                 st["window_time"] += dt
                 for k, v in step_parts.items():
                     st["window"][k] = st["window"].get(k, 0.0) + v
@@ -587,17 +585,9 @@ def run_distill(spec: RunSpec, out_dir: str | None = None, progress: Progress | 
     student_dir = None
     if spec.output.save_student:
         student_dir = run_dir / rundir.STUDENT
-        tmp_dir = run_dir / f".{rundir.STUDENT}.tmp-{os.getpid()}"
         try:
-            # Written aside and renamed into place: a crash never leaves a half-saved student/.
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-            with quiet_transformers():
-                student.save_pretrained(tmp_dir, safe_serialization=True)
-                s_tok.save_pretrained(tmp_dir)
-            shutil.rmtree(student_dir, ignore_errors=True)
-            os.replace(tmp_dir, student_dir)
-        except (OSError, RuntimeError, SafetensorError) as err:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
+            save_model_dir(student, s_tok, student_dir)
+        except SAVE_ERRORS as err:
             raise OutputError(
                 f"cannot save the student to {student_dir}: {getattr(err, 'strerror', None) or err}. metrics.jsonl and the checkpoints "
                 "hold the run so far: free some space and run the same command with --resume."

@@ -15,11 +15,13 @@ import contextlib
 import copy
 import importlib.util
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from kdgeo.errors import LayerMapError, ModelLoadError
@@ -337,3 +339,26 @@ def fingerprint_model(ref: ModelRef) -> str:
             stat = child.stat()
             parts.append(f"{child.name}:{stat.st_size}:{stat.st_mtime_ns}")
     return "|".join(parts)
+
+
+SAVE_ERRORS = (OSError, RuntimeError, SafetensorError)
+"""What saving weights raises on a full or read-only disk (torch.save and safetensors do not use OSError)."""
+
+
+def save_model_dir(model: nn.Module, tokenizer: Any, dest: Path, extra: dict[str, str] | None = None) -> None:
+    """``save_pretrained`` (safetensors) + tokenizer into ``dest`` atomically: written into a
+    temporary sibling, then renamed over ``dest``, so a crash never leaves it half-written.
+    ``extra`` maps file names to text written beside them. Raises one of SAVE_ERRORS."""
+    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        with quiet_transformers():
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

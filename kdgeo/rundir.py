@@ -140,12 +140,6 @@ def prepare_run_dir(parent: str | Path, name: str, overwrite: bool) -> Path:
     return run
 
 
-def truncate_events(path: str | Path, step: int) -> None:
-    """Keep the events up to ``step`` (and those without a step); drop later ones and a torn last line."""
-    kept = [r for r in read_jsonl(path) if not isinstance(r.get("step"), int) or r["step"] <= step]
-    write_text_atomic(path, "".join(json.dumps(json_safe(r)) + "\n" for r in kept))
-
-
 def truncate_lines(path: str | Path, keep: int) -> None:
     """Keep the first ``keep`` lines of a JSON-lines file (what existed at a checkpoint)."""
     try:

@@ -13,20 +13,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors import SafetensorError
 from torch import nn
 
 from kdgeo import data as data_mod
 from kdgeo.errors import OutputError
-from kdgeo.models import quiet_transformers
+from kdgeo.models import SAVE_ERRORS, save_model_dir
 from kdgeo.optim import build_optimizer, build_scheduler, param_groups
 
 CACHE_META = "kdgeo-teacher.json"
@@ -109,20 +106,9 @@ def finetune(
 
 def save_to_cache(model: nn.Module, tokenizer: Any, cache_dir: Path, key: str, meta: dict[str, Any]) -> Path:
     entry = cache_dir / key
-    tmp = cache_dir / f".{key}.tmp-{os.getpid()}"
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        with quiet_transformers():
-            model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-        (tmp / CACHE_META).write_text(json.dumps(meta, indent=2) + "\n")
-        if entry.exists():
-            shutil.rmtree(entry)
-        os.replace(tmp, entry)
-    except (OSError, RuntimeError, SafetensorError) as err:
-        shutil.rmtree(tmp, ignore_errors=True)
+        save_model_dir(model, tokenizer, entry, extra={CACHE_META: json.dumps(meta, indent=2) + "\n"})
+    except SAVE_ERRORS as err:
         raise OutputError(
             f"output.teacher_cache = '{cache_dir}': cannot write the fine-tuned teacher ({getattr(err, 'strerror', None) or err}); "
             "set output.teacher_cache to a writable directory."
