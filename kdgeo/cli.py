@@ -235,7 +235,10 @@ def distill(
         "Examples:\n\n"
         "  kdgeo eval runs/demo\n\n"
         "  kdgeo eval runs/demo --teacher ~/.cache/kdgeo/teachers/<key> --json scores.json\n\n"
-        "  kdgeo eval textattack/bert-base-uncased-CoLA --data nyu-mll/glue --data-config cola --text-column sentence"
+        "  kdgeo eval textattack/bert-base-uncased-CoLA --data nyu-mll/glue --data-config cola --text-column sentence\n\n"
+        "Causal LMs (a causal-lm run, or any *ForCausalLM model): ROUGE-L of generated responses and perplexity of the references:\n\n"
+        "  kdgeo eval runs/opt-dolly --max-new-tokens 256 --predictions preds.jsonl\n\n"
+        "  kdgeo eval facebook/opt-125m --data databricks/databricks-dolly-15k --split train --prompt-column instruction --max-samples 500"
     ),
 )
 def eval_(
@@ -249,24 +252,56 @@ def eval_(
     teacher: Annotated[Optional[str], typer.Option(help="Also score this teacher and report agreement with it.")] = None,
     max_samples: Annotated[Optional[int], typer.Option(min=1, help="Evaluate at most this many examples.")] = None,
     max_length: Annotated[Optional[int], typer.Option(min=2, help="Tokens per example (default: the run's, else 128).")] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Examples per forward pass (default 64; causal LMs: the run's generate.batch_size, else 16).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    precision: Annotated[PrecisionChoice, typer.Option(help="Autocast for the forward passes.")] = PrecisionChoice.fp32,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow model repositories to run their own code.")] = False,
+    prompt_column: Annotated[Optional[str], typer.Option(help="Causal LMs: instruction column (default: the run's, else prompt).")] = None,
+    response_column: Annotated[Optional[str], typer.Option(help="Causal LMs: reference response column (default: the run's, else response).")] = None,
+    context_column: Annotated[Optional[str], typer.Option(help="Causal LMs: optional context column (default: the run's).")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(min=1, help="Causal LMs: most tokens generated per response (default: the run's, else 128).")] = None,
+    sample: Annotated[Optional[bool], typer.Option("--sample/--greedy", help="Causal LMs: sample (with --temperature, --top-p) or decode greedily (default: the run's, else greedy).")] = None,
+    temperature: Annotated[Optional[float], typer.Option(min=1e-6, help="Causal LMs: sampling temperature.")] = None,
+    top_p: Annotated[Optional[float], typer.Option(min=1e-6, max=1.0, help="Causal LMs: nucleus sampling mass.")] = None,
+    seed: Annotated[Optional[int], typer.Option(min=0, help="Causal LMs: sampling seed (default: the run's, else 0).")] = None,
+    predictions: Annotated[Optional[Path], typer.Option(help="Causal LMs: write prompt, reference and generated response per line to this JSONL file.")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the scores as JSON to this file ('-' for stdout).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
     from kdgeo import report
 
-    if json_path is not None and str(json_path) != "-":
-        _check_writable(json_path, "--json")
+    for path, option in ((json_path, "--json"), (predictions, "--predictions")):
+        if path is not None and str(path) != "-":
+            _check_writable(path, option)
+    mode = report.pick_mode(quiet)
+    from kdgeo.evaluate_lm import wants_causal_lm
+
+    if wants_causal_lm(model, trust_remote_code):
+        from kdgeo.evaluate_lm import run_lm_eval_cli
+
+        result = run_lm_eval_cli(model, {
+            "dataset": data, "config": data_config, "split": split, "prompt_column": prompt_column,
+            "response_column": response_column, "context_column": context_column, "max_samples": max_samples,
+            "max_length": max_length, "batch_size": batch_size, "device": device, "precision": precision.value,
+            "trust_remote_code": trust_remote_code, "teacher": teacher, "max_new_tokens": max_new_tokens,
+            "do_sample": sample, "temperature": temperature, "top_p": top_p, "seed": seed,
+        }, progress=lambda e: report.info(e["message"], mode) if e["event"] == "stage" else None)
+        if not (json_path is not None and str(json_path) == "-"):
+            report.print_lm_eval(result)
+        if predictions is not None:
+            from kdgeo.evaluate_lm import write_predictions
+
+            write_predictions(predictions, result)
+        if json_path is not None:
+            _write_json_output(json_path, {k: v for k, v in result.items() if k != "texts"})
+        return
     from kdgeo.evaluate import EvalArgs, run_eval
 
     args = EvalArgs(
         model=model, dataset=data, config=data_config, split=split, text_column=text_column,
         text_pair_column=text_pair_column, label_column=label_column, teacher=teacher, max_samples=max_samples,
-        max_length=max_length, batch_size=batch_size, device=device, trust_remote_code=trust_remote_code,
+        max_length=max_length, batch_size=batch_size or 64, device=device, precision=precision.value, trust_remote_code=trust_remote_code,
     )
-    mode = report.pick_mode(quiet)
     result = run_eval(args, progress=lambda e: report.info(e["message"], mode) if e["event"] == "stage" else None)
     if not (json_path is not None and str(json_path) == "-"):
         report.print_eval(result)

@@ -46,10 +46,10 @@ from kdgeo.rundir import json_safe
 
 Test = Literal["t", "wilcoxon", "permutation"]
 TESTS: tuple[str, ...] = ("t", "wilcoxon", "permutation")
-SCORE_METRICS: tuple[str, ...] = ("accuracy", "macro_f1", "mcc", "f1", "teacher_agreement")
+SCORE_METRICS: tuple[str, ...] = ("accuracy", "macro_f1", "mcc", "f1", "teacher_agreement", "rougeL", "perplexity")
 GEOMETRY_METRICS: tuple[str, ...] = ("procrustes", "cka", "gram")
-LOWER_IS_BETTER: frozenset[str] = frozenset({"procrustes", "procrustes_angular", "gram"})
-"""Distances: lower is better. Every other metric (task scores, CKA) is higher-is-better."""
+LOWER_IS_BETTER: frozenset[str] = frozenset({"procrustes", "procrustes_angular", "gram", "perplexity", "response_nll"})
+"""Distances and perplexity: lower is better. Every other metric (task scores, CKA) is higher-is-better."""
 BASELINE_NAMES: tuple[str, ...] = ("baseline", "ce")
 """Variant names taken as the baseline when none is given (in this order)."""
 _PAIR_KEYS = ("student", "teacher")

@@ -222,6 +222,8 @@ class Encoded:
     input_ids: list[list[int]]
     token_type_ids: list[list[int]] | None
     pad_id: int
+    response_start: list[int] | None = None
+    """Causal LMs: index of each example's first response token (everything before it is prompt)."""
 
 
 def encode(tokenizer: Any, texts: Sequence[str], pairs: Sequence[str] | None, max_length: int) -> Encoded:
@@ -238,6 +240,8 @@ class TextSplit:
     labels: list[int] | None
     encodings: dict[str, Encoded] = field(default_factory=dict)
     pair_texts: list[str] | None = None
+    responses: list[str] | None = None
+    """Causal LMs: the reference response of each example (``texts`` holds the formatted prompts)."""
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -248,12 +252,14 @@ class TextSplit:
                 input_ids=[e.input_ids[i] for i in indices],
                 token_type_ids=[e.token_type_ids[i] for i in indices] if e.token_type_ids is not None else None,
                 pad_id=e.pad_id,
+                response_start=[e.response_start[i] for i in indices] if e.response_start is not None else None,
             )
             for role, e in self.encodings.items()
         }
         labels = [self.labels[i] for i in indices] if self.labels is not None else None
         pair_texts = [self.pair_texts[i] for i in indices] if self.pair_texts is not None else None
-        return TextSplit(texts=[self.texts[i] for i in indices], labels=labels, encodings=encs, pair_texts=pair_texts)
+        responses = [self.responses[i] for i in indices] if self.responses is not None else None
+        return TextSplit(texts=[self.texts[i] for i in indices], labels=labels, encodings=encs, pair_texts=pair_texts, responses=responses)
 
 
 def _pad(seqs: list[list[int]], value: int) -> Tensor:
@@ -265,7 +271,9 @@ def _pad(seqs: list[list[int]], value: int) -> Tensor:
 
 
 def collate(split: TextSplit, indices: Sequence[int]) -> dict[str, Any]:
-    """A padded batch: ``batch[role]`` holds input_ids, attention_mask (and token_type_ids), (B, T)."""
+    """A right-padded batch: ``batch[role]`` holds the model inputs input_ids, attention_mask (and
+    token_type_ids), (B, T). Causal-LM splits add ``batch["response_mask"][role]``, (B, T), 1 on
+    response tokens only (not on the prompt, not on padding)."""
     batch: dict[str, Any] = {}
     for role, enc in split.encodings.items():
         seqs = [enc.input_ids[i] for i in indices]
@@ -273,6 +281,9 @@ def collate(split: TextSplit, indices: Sequence[int]) -> dict[str, Any]:
         if enc.token_type_ids is not None:
             inputs["token_type_ids"] = _pad([enc.token_type_ids[i] for i in indices], 0)
         batch[role] = inputs
+        if enc.response_start is not None:
+            marks = [[0] * enc.response_start[i] + [1] * (len(enc.input_ids[i]) - enc.response_start[i]) for i in indices]
+            batch.setdefault("response_mask", {})[role] = _pad(marks, 0)  # (B, T)
     if split.labels is not None:
         batch["labels"] = torch.tensor([split.labels[i] for i in indices], dtype=torch.long)  # (B,)
     batch["index"] = torch.tensor(list(indices), dtype=torch.long)

@@ -5,7 +5,9 @@ The run, in order:
 1. pre-flight: device, output directory, configs and tokenizers, data, labels, layer pairs.
    Everything cheap that can fail does so here, before any weights are read.
 2. teacher: loaded with a classification head for the run's labels; fine-tuned first (and
-   cached) when it has none and ``[teacher.finetune]`` says how.
+   cached) when it has none and ``[teacher.finetune]`` says how. For ``task = "causal-lm"`` the
+   teacher is a causal LM (fine-tuned on the responses when ``[teacher.finetune]`` is given),
+   the losses see response tokens only, and evaluations are perplexity and ROUGE-L.
 3. student: pretrained, copied teacher layers, or fresh from the teacher's config.
 4. the objective (a weighted sum of loss terms) and AdamW with warm-up and decay.
 5. the training loop: gradient accumulation, autocast, clipping; every ``log_every`` steps a
@@ -31,12 +33,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from kdgeo import __version__, checkpoint, geometry, rundir
+from kdgeo import __version__, checkpoint, geometry, lm_data, rundir
 from kdgeo import data as data_mod
-from kdgeo.errors import DataError, KdgeoError, LayerMapError, ModelLoadError, OutputError, RunInterrupted
+from kdgeo.errors import DataError, KdgeoError, LayerMapError, ModelLoadError, OutputError, RunInterrupted, TokenizerMismatchError
 from kdgeo.evaluate import score
 from kdgeo.features import check_tokenizers_agree, resolve_layer_pairs, select_rows, suggest_layer_map
-from kdgeo.losses import EQUAL_WIDTH_KINDS, FEATURE_KINDS, LossTerm, Objective
+from kdgeo.losses import EQUAL_WIDTH_KINDS, FEATURE_KINDS, LossTerm, Objective, response_predictions
 from kdgeo.models import (
     SAVE_ERRORS,
     ModelRef,
@@ -47,7 +49,9 @@ from kdgeo.models import (
     load_tokenizer,
     align_pad_token,
     fingerprint_model,
+    check_decoder,
     check_max_length,
+    load_causal_lm,
     num_layers,
     save_model_dir,
     student_from_config,
@@ -56,6 +60,8 @@ from kdgeo.models import (
 from kdgeo.optim import build_optimizer, build_scheduler, param_groups
 from kdgeo.probe import autocast_dtype, resolve_device
 from kdgeo.spec import RunSpec, SweepRun, resume_differences
+from kdgeo.evaluate_lm import split_scores
+from kdgeo.generation import GenerationArgs
 from kdgeo.teacher import FinetuneArgs, cache_key, cached_teacher, finetune, save_to_cache
 
 Progress = Callable[[dict[str, Any]], None]
@@ -189,6 +195,70 @@ def _load_texts(spec: RunSpec) -> tuple[data_mod.TextSplit, data_mod.TextSplit, 
     return splits[0], splits[1], info
 
 
+def _load_lm_texts(spec: RunSpec, t_tok: Any, s_tok: Any, emit: Progress) -> tuple[data_mod.TextSplit, data_mod.TextSplit]:
+    """Causal-LM splits: prompts formatted by the template, tokenized with both tokenizers."""
+    d = spec.data
+    train_ds = data_mod.load_split(d.dataset, d.config, d.train_split, where="data.dataset")
+    if d.eval_dataset is not None:
+        eval_ds = data_mod.load_split(d.eval_dataset, None, d.eval_split, where="data.eval_dataset")
+        eval_where = f"data.eval_dataset ({d.eval_dataset})"
+    elif data_mod.is_local_file(d.dataset):
+        raise DataError(
+            f"data.dataset = '{d.dataset}' is a single file, so it has no '{d.eval_split}' split; set data.eval_dataset "
+            "to a separate evaluation file."
+        )
+    else:
+        eval_ds = data_mod.load_split(d.dataset, d.config, d.eval_split, where="data.dataset")
+        eval_where = f"data.dataset ({d.dataset}, split {d.eval_split})"
+    train_where = f"data.dataset ({d.dataset}, split {d.train_split})"
+    columns = {"prompt_column": d.prompt_column, "response_column": d.response_column, "context_column": d.context_column}
+    data_mod.check_columns(train_ds, columns, train_where)
+    data_mod.check_columns(eval_ds, columns, eval_where)
+    if d.max_train_samples is not None:
+        train_ds = train_ds.select(range(min(d.max_train_samples, len(train_ds))))
+    if d.max_eval_samples is not None:
+        eval_ds = eval_ds.select(range(min(d.max_eval_samples, len(eval_ds))))
+    fmt = lm_data.PromptFormat(d.template, d.context_template, d.chat_template)
+    max_prompt = d.max_prompt_length or d.max_length // 2
+    splits = []
+    for ds, where in ((train_ds, train_where), (eval_ds, eval_where)):
+        examples = lm_data.read_examples(ds, d.prompt_column, d.response_column, d.context_column, where)
+        # The student's template rendering is the one both models see: with token rows the
+        # tokenizers are identical anyway, and pooled rows only need the same examples.
+        examples = lm_data.apply_format(examples, s_tok, fmt, where)
+        split, notes = lm_data.build_split(
+            examples, {"student": s_tok, "teacher": t_tok}, d.max_length, max_prompt, d.long_examples, where, d.chat_template
+        )
+        for note in notes:
+            emit({"event": "stage", "message": note})
+        splits.append(split)
+    return splits[0], splits[1]
+
+
+def _check_vocabularies(t_tok: Any, s_tok: Any, t_cfg: Any, s_cfg: Any, spec: RunSpec) -> int | None:
+    """Token-level KD compares distributions over the same vocabulary: refuse a pair that has
+    none in common. Returns the number of logits to compare (models may pad their output
+    layers beyond the tokenizer differently), or None when no loss compares logits."""
+    if not any(loss.kind == "kd" for loss in spec.losses):
+        return None
+    if s_tok is not t_tok and t_tok.get_vocab() != s_tok.get_vocab():
+        t_vocab, s_vocab = t_tok.get_vocab(), s_tok.get_vocab()
+        differ = sorted(set(t_vocab.items()) ^ set(s_vocab.items()))
+        example = ", ".join(repr(tok) for tok, _ in differ[:3])
+        raise TokenizerMismatchError(
+            f"losses: kd compares the teacher's and the student's next-token distributions, which needs one shared "
+            f"vocabulary, but teacher.model = '{spec.teacher.model}' has {len(t_vocab)} tokens and student.model = "
+            f"'{spec.student.model}' has {len(s_vocab)} ({len(differ)} entries differ, e.g. {example}). What is possible: "
+            'drop kd and distill with geometry losses on pooled features (features.rows = "mean"), which need no shared '
+            "vocabulary, or pick a student from the teacher's family (same tokenizer)."
+        )
+    t_out = getattr(t_cfg, "vocab_size", None)
+    s_out = getattr(s_cfg, "vocab_size", None) if s_cfg is not None else t_out
+    if isinstance(t_out, int) and isinstance(s_out, int) and t_out != s_out:
+        return len(t_tok) if min(t_out, s_out) >= len(t_tok) else min(t_out, s_out)
+    return None
+
+
 def _encode(split: data_mod.TextSplit, tokenizers: dict[str, Any], max_length: int) -> None:
     pairs = split.pair_texts
     shared: dict[int, data_mod.Encoded] = {}
@@ -221,28 +291,49 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
         run_dir = rundir.prepare_run_dir(parent, run_name, spec.output.overwrite)
 
     teacher_ref = ModelRef(spec.teacher.model, spec.teacher.revision, spec.teacher.trust_remote_code)
+    is_lm = spec.task == "causal-lm"
     emit({"event": "stage", "message": f"pre-flight: teacher {spec.teacher.model}, data {spec.data.dataset}"})
     t_cfg = load_config(teacher_ref)
+    if is_lm:
+        check_decoder(t_cfg, spec.teacher.model, "teacher.model")
     t_layers, t_width = num_layers(t_cfg), hidden_width(t_cfg)
     t_tok = load_tokenizer(teacher_ref)
-    s_layers, s_width, _, copied_layers, s_ref = _student_plan(spec, t_cfg)
+    s_layers, s_width, s_cfg, copied_layers, s_ref = _student_plan(spec, t_cfg)
     s_tok = load_tokenizer(s_ref) if s_ref is not None else t_tok
+    if is_lm and s_ref is not None:
+        check_decoder(s_cfg, spec.student.model or "", "student.model")
 
     check_max_length(t_cfg, spec.data.max_length, "data.max_length", f"the teacher {spec.teacher.model}")
     if s_ref is not None:
-        check_max_length(load_config(s_ref), spec.data.max_length, "data.max_length", f"the student {spec.student.model}")
-    train, evals, label_info = _load_texts(spec)
-    num_labels = label_info.num_labels
+        check_max_length(s_cfg, spec.data.max_length, "data.max_length", f"the student {spec.student.model}")
     kinds = {loss.kind for loss in spec.losses}
     feature_kinds = kinds & FEATURE_KINDS
+    logit_width = _check_vocabularies(t_tok, s_tok, t_cfg, s_cfg if s_ref is not None else None, spec) if is_lm else None
+    label_info: data_mod.LabelInfo | None = None
+    if is_lm:
+        train, evals = _load_lm_texts(spec, t_tok, s_tok, emit)
+        num_labels = 0
+        gen = spec.generate
+        for cfg, who in ((t_cfg, f"the teacher {spec.teacher.model}"), (s_cfg, f"the student {spec.student.model or ''}".rstrip())):
+            limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+            longest = max(len(p) for p in lm_data.prompt_ids(evals.encodings["student" if cfg is s_cfg else "teacher"]))
+            if isinstance(limit, int) and longest + gen.max_new_tokens > limit:
+                raise KdgeoError(
+                    f"generate.max_new_tokens = {gen.max_new_tokens}: an evaluation prompt of {longest} tokens plus that many new "
+                    f"tokens exceeds the {limit} positions {who} accepts; lower generate.max_new_tokens or data.max_prompt_length."
+                )
+    else:
+        train, evals, label_info = _load_texts(spec)
+        num_labels = label_info.num_labels
+        _encode(train, {"student": s_tok, "teacher": t_tok}, spec.data.max_length)
+        _encode(evals, {"student": s_tok, "teacher": t_tok}, spec.data.max_length)
     if spec.features.rows == "tokens" and s_tok is not t_tok:
         # Token rows pair the k-th teacher token with the k-th student token (losses and monitor alike).
+        texts = train.texts[:64] if not is_lm else [p + r for p, r in zip(train.texts[:64], (train.responses or [])[:64])]
+        pooled = '"mean"' if is_lm else '"mean" (or "cls")'
         check_tokenizers_agree(
-            t_tok, s_tok, train.texts[:64],
-            hint='Set features.rows = "mean" (or "cls") to compare pooled features, or use a student with the teacher\'s tokenizer.',
+            t_tok, s_tok, texts, hint=f"Set features.rows = {pooled} to compare pooled features, or use a student with the teacher's tokenizer."
         )
-    _encode(train, {"student": s_tok, "teacher": t_tok}, spec.data.max_length)
-    _encode(evals, {"student": s_tok, "teacher": t_tok}, spec.data.max_length)
 
     probe_pairs = spec.features.pairs == "probe"
     pairs = [] if probe_pairs else resolve_layer_pairs(spec.features.pairs, s_layers, t_layers)
@@ -258,39 +349,57 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
     ft = spec.teacher.finetune
     # A head the checkpoint lacks is initialised from the global RNG: seed it, or runs differ.
     torch.manual_seed(ft.seed if ft is not None else spec.seed)
-    loaded = load_classifier(teacher_ref, num_labels, label_info.names)
-    if loaded.has_trained_head:
-        _check_label_order(t_cfg, label_info.names, spec.teacher.model)
-    teacher = loaded.model
-    teacher_source = spec.teacher.model
-    finetune_info: dict[str, Any] | None = None
-    if not loaded.has_trained_head or (ft is not None and ft.force):
-        if ft is None:
+    if is_lm:
+        teacher = load_causal_lm(teacher_ref)
+        needs_finetune = ft is not None  # a causal LM always has its head: the table itself asks for SFT
+    else:
+        assert label_info is not None
+        loaded = load_classifier(teacher_ref, num_labels, label_info.names)
+        if loaded.has_trained_head:
+            _check_label_order(t_cfg, label_info.names, spec.teacher.model)
+        teacher = loaded.model
+        needs_finetune = not loaded.has_trained_head or (ft is not None and ft.force)
+        if needs_finetune and ft is None:
             raise ModelLoadError(
                 f"teacher.model = '{spec.teacher.model}' has no trained classification head for these {num_labels} labels "
                 f"(freshly initialised: {', '.join(loaded.new_keys[:3])}{', ...' if len(loaded.new_keys) > 3 else ''}). "
                 "Add a [teacher.finetune] table to fine-tune it on the task first, or give a teacher fine-tuned for this task."
             )
+    teacher_source = spec.teacher.model
+    finetune_info: dict[str, Any] | None = None
+    if needs_finetune:
+        assert ft is not None
         ft_args = FinetuneArgs(ft.epochs, ft.lr, ft.batch_size, ft.weight_decay, ft.warmup_ratio, ft.max_grad_norm, ft.seed)
         d = spec.data
-        data_key = {
-            "dataset": d.dataset, "config": d.config, "split": d.train_split, "text": d.text_column,
-            "pair": d.text_pair_column, "label": d.label_column, "max_length": d.max_length, "max_train_samples": d.max_train_samples,
-            "group_by_length": d.group_by_length,
-        }
+        if is_lm:
+            data_key = {
+                "task": "causal-lm", "dataset": d.dataset, "config": d.config, "split": d.train_split, "prompt": d.prompt_column,
+                "response": d.response_column, "context": d.context_column, "template": d.template, "context_template": d.context_template,
+                "chat_template": d.chat_template, "max_prompt_length": d.max_prompt_length, "long_examples": d.long_examples,
+                "max_length": d.max_length, "max_train_samples": d.max_train_samples, "group_by_length": d.group_by_length,
+            }
+        else:
+            data_key = {
+                "dataset": d.dataset, "config": d.config, "split": d.train_split, "text": d.text_column,
+                "pair": d.text_pair_column, "label": d.label_column, "max_length": d.max_length, "max_train_samples": d.max_train_samples,
+                "group_by_length": d.group_by_length,
+            }
         data_key["fingerprint"] = data_mod.fingerprint(d.dataset)
         model_key = f"{spec.teacher.model}|{fingerprint_model(teacher_ref)}"
-        key = cache_key(model_key, spec.teacher.revision, data_key, label_info.names, ft_args)
+        key = cache_key(model_key, spec.teacher.revision, data_key, label_info.names if label_info else [], ft_args)
         cache_dir = Path(spec.output.teacher_cache).expanduser()
         hit = cached_teacher(cache_dir, key)
         if hit is not None:
             emit({"event": "stage", "message": f"using the cached fine-tuned teacher {hit}"})
-            cached = load_classifier(ModelRef(str(hit)), num_labels, label_info.names)
-            teacher = cached.model
+            if is_lm:
+                teacher = load_causal_lm(ModelRef(str(hit)))
+            else:
+                assert label_info is not None
+                teacher = load_classifier(ModelRef(str(hit)), num_labels, label_info.names).model
             finetune_info = {"cached": True, "path": str(hit), "key": key}
         else:
             emit({"event": "stage", "message": f"fine-tuning the teacher ({ft.epochs:g} epochs on {len(train)} examples)"})
-            stats = finetune(teacher, train, ft_args, device, amp, emit, group_by_length=spec.data.group_by_length)
+            stats = finetune(teacher, train, ft_args, device, amp, emit, group_by_length=spec.data.group_by_length, causal_lm=is_lm)
             entry = save_to_cache(teacher, t_tok, cache_dir, key, {"teacher": spec.teacher.model, "key": key, **stats})
             finetune_info = {"cached": False, "path": str(entry), "key": key, **stats}
         teacher_source = finetune_info["path"]
@@ -303,8 +412,11 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
     torch.manual_seed(spec.seed)
     if spec.student.init == "pretrained":
         assert s_ref is not None
-        s_loaded = load_classifier(s_ref, num_labels, label_info.names)
-        student = s_loaded.model
+        if is_lm:
+            student = load_causal_lm(s_ref)
+        else:
+            assert label_info is not None
+            student = load_classifier(s_ref, num_labels, label_info.names).model
     elif spec.student.init == "teacher-layers":
         assert copied_layers is not None
         student = student_from_teacher_layers(teacher, copied_layers)
@@ -312,9 +424,10 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
             p.requires_grad_(True)
     else:
         overrides = {k: v for k, v in (spec.student.arch.model_dump() if spec.student.arch else {}).items() if v is not None}
-        student = student_from_config(teacher.config, overrides, num_labels, spec.seed)
-        student.config.id2label = dict(teacher.config.id2label)
-        student.config.label2id = dict(teacher.config.label2id)
+        student = student_from_config(teacher.config, overrides, num_labels, spec.seed, causal_lm=is_lm)
+        if not is_lm:
+            student.config.id2label = dict(teacher.config.id2label)
+            student.config.label2id = dict(teacher.config.label2id)
     align_pad_token(student, s_tok)
     student.to(device).train()
 
@@ -323,6 +436,9 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
     monitor_batch = data_mod.collate(evals, monitor_idx)
     m_t_in = data_mod.to_device(monitor_batch["teacher"], device)
     m_s_in = data_mod.to_device(monitor_batch["student"], device)
+    # Rows come from real tokens; for a causal LM from response tokens only.
+    m_t_mask = monitor_batch["response_mask"]["teacher"].to(device) if is_lm else m_t_in["attention_mask"]
+    m_s_mask = monitor_batch["response_mask"]["student"].to(device) if is_lm else m_s_in["attention_mask"]
     with torch.no_grad():
         m_t_hidden = _forward(teacher, m_t_in, True, amp, device).hidden_states  # L_t+1 x (B, T, d_t)
 
@@ -331,20 +447,23 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
             m_s_hidden = _forward(student, m_s_in, True, amp, device).hidden_states
         acc = geometry.CrossLayerAccumulator([t_width] * (t_layers + 1), [s_width] * (s_layers + 1), device=device)
         acc.update(
-            [select_rows(h, m_t_in["attention_mask"], spec.features.rows) for h in m_t_hidden],
-            [select_rows(h, m_s_in["attention_mask"], spec.features.rows) for h in m_s_hidden],
+            [select_rows(h, m_t_mask, spec.features.rows) for h in m_t_hidden],
+            [select_rows(h, m_s_mask, spec.features.rows) for h in m_s_hidden],
         )
         table = acc.compute("procrustes").cpu()  # (L_t+1, L_s+1)
         pairs = suggest_layer_map(table, geometry.METRIC_HIGHER_IS_BETTER["procrustes"])
         emit({"event": "stage", "message": "layer pairs from probing: " + ", ".join(f"{s}->{t}" for s, t in pairs)})
     s_idx = [s for s, _ in pairs]
     t_idx = [t for _, t in pairs]
-    m_t_rows = [r.float() for r in _feature_rows(m_t_hidden, m_t_in["attention_mask"], t_idx, spec.features.rows)]
+    m_t_rows = [r.float() for r in _feature_rows(m_t_hidden, m_t_mask, t_idx, spec.features.rows)]
     del m_t_hidden
 
     # ---- 4. objective and optimiser ---------------------------------------------------------
     terms = [
-        LossTerm(kind=l.kind, weight=l.weight, temperature=getattr(l, "temperature", 2.0), angular=getattr(l, "form", "squared") == "angular")
+        LossTerm(
+            kind=l.kind, weight=l.weight, temperature=getattr(l, "temperature", 2.0), angular=getattr(l, "form", "squared") == "angular",
+            direction=getattr(l, "direction", "forward"), mix=getattr(l, "mix", 0.5),
+        )
         for l in spec.losses
     ]
     objective = Objective(terms, pairs if feature_kinds else [], [(s_width, t_width)] * (len(pairs) if feature_kinds else 0)).to(device)
@@ -361,7 +480,16 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
 
     # ---- teacher's evaluation predictions (once) and the run directory ------------------------
-    teacher_scores, teacher_preds = score(teacher, evals, num_labels, "teacher", max(64, train_cfg.batch_size), device, amp)
+    eval_batch = max(64, train_cfg.batch_size) if not is_lm else train_cfg.batch_size
+    gen_args = None
+    if is_lm:
+        g = spec.generate
+        gen_args = GenerationArgs(g.max_new_tokens, g.batch_size, g.do_sample, g.temperature, g.top_p, spec.seed)
+        emit({"event": "stage", "message": f"scoring the teacher: perplexity and ROUGE-L on {min(len(evals), g.max_samples or len(evals))} generated responses"})
+        teacher_scores, _ = split_scores(teacher, t_tok, evals, "teacher", gen_args, eval_batch, device, amp, g.max_samples)
+        teacher_preds = None
+    else:
+        teacher_scores, teacher_preds = score(teacher, evals, num_labels, "teacher", eval_batch, device, amp)
     metrics_path = run_dir / rundir.METRICS
     resumed_from: Path | None = None
     ckpt_state: dict[str, Any] | None = None
@@ -409,7 +537,7 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
         with torch.no_grad():
             hidden = _forward(student, m_s_in, True, amp, device).hidden_states
         student.train(was)
-        s_rows = _feature_rows(hidden, m_s_in["attention_mask"], s_idx, spec.features.rows)
+        s_rows = _feature_rows(hidden, m_s_mask, s_idx, spec.features.rows)
         values = []
         for (s, t), x, y in zip(pairs, m_t_rows, s_rows):
             m = geometry.pair_metrics(x, y.float())
@@ -417,8 +545,14 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
         record({"event": "monitor", "step": step, "pairs": values})
         return values
 
-    def evaluate(step: int, epoch: float) -> dict[str, float]:
-        scores, _ = score(student, evals, num_labels, "student", max(64, train_cfg.batch_size), device, amp, reference=teacher_preds)
+    def evaluate(step: int, epoch: float, final: bool = False) -> dict[str, float]:
+        if is_lm:
+            generate_now = final or spec.generate.every_eval
+            scores, _ = split_scores(
+                student, s_tok, evals, "student", gen_args if generate_now else None, eval_batch, device, amp, spec.generate.max_samples
+            )
+        else:
+            scores, _ = score(student, evals, num_labels, "student", eval_batch, device, amp, reference=teacher_preds)
         record({"event": "eval", "step": step, "epoch": epoch, "scores": scores})
         return scores
 
@@ -438,6 +572,40 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
         path = checkpoint.save_checkpoint(run_dir, st["step"], student, objective, optimizer, state, train_cfg.keep_checkpoints + extra_keep)
         record({"event": "checkpoint", "step": st["step"], "path": str(path)})
         return path
+
+    s_enc = train.encodings["student"]
+
+    def micro_weight(idx: list[int]) -> int:
+        """What a micro-batch's mean loss is a mean over: examples, or a causal LM's response tokens."""
+        if not is_lm:
+            return len(idx)
+        assert s_enc.response_start is not None
+        return sum(len(s_enc.input_ids[i]) - s_enc.response_start[i] for i in idx)
+
+    def micro_loss(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The objective on one micro-batch: forward passes, then the weighted loss terms."""
+        s_in = data_mod.to_device(batch["student"], device)
+        s_out = _forward(student, s_in, need_hidden, amp, device)
+        if is_lm:
+            s_mask = batch["response_mask"]["student"].to(device)  # (B, T)
+            s_logits, labels = response_predictions(s_out.logits, s_in["input_ids"], s_mask)  # (n, V), (n,)
+        else:
+            s_mask, s_logits, labels = s_in["attention_mask"], s_out.logits, batch["labels"].to(device)
+        t_logits, t_rows, s_rows = None, [], []
+        if need_teacher:
+            t_in = data_mod.to_device(batch["teacher"], device)
+            with torch.no_grad():
+                t_out = _forward(teacher, t_in, need_hidden, amp, device)
+            t_mask = batch["response_mask"]["teacher"].to(device) if is_lm else t_in["attention_mask"]
+            t_logits = response_predictions(t_out.logits, t_in["input_ids"], t_mask)[0] if is_lm else t_out.logits
+            if need_hidden:
+                t_rows = _feature_rows(t_out.hidden_states, t_mask, t_idx, spec.features.rows)
+                s_rows = _feature_rows(s_out.hidden_states, s_mask, s_idx, spec.features.rows)
+        if logit_width is not None:
+            # Output layers padded to different sizes: compare the tokenizer's ids only.
+            s_logits = s_logits[..., :logit_width]
+            t_logits = t_logits[..., :logit_width] if t_logits is not None else None
+        return objective(s_logits, labels, t_logits, t_rows, s_rows)
 
     # ---- 5. the training loop ----------------------------------------------------------------
     torch.manual_seed(spec.seed)
@@ -472,29 +640,18 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
                 first = st["next_micro"]
                 group = micro[first : first + train_cfg.grad_accum]
                 n_step = sum(len(b) for b in group)
+                weights = [float(micro_weight(b)) for b in group]
                 t0 = time.perf_counter()
                 optimizer.zero_grad(set_to_none=True)
                 step_parts: dict[str, float] = {}
                 nonfinite: list[str] = []
-                for idx in group:
-                    batch = data_mod.collate(train, idx)
-                    s_in = data_mod.to_device(batch["student"], device)
-                    labels = batch["labels"].to(device)
-                    s_out = _forward(student, s_in, need_hidden, amp, device)
-                    t_logits, t_rows, s_rows = None, [], []
-                    if need_teacher:
-                        t_in = data_mod.to_device(batch["teacher"], device)
-                        with torch.no_grad():
-                            t_out = _forward(teacher, t_in, need_hidden, amp, device)
-                        t_logits = t_out.logits
-                        if need_hidden:
-                            t_rows = _feature_rows(t_out.hidden_states, t_in["attention_mask"], t_idx, spec.features.rows)
-                            s_rows = _feature_rows(s_out.hidden_states, s_in["attention_mask"], s_idx, spec.features.rows)
-                    loss, parts = objective(s_out.logits, labels, t_logits, t_rows, s_rows)
+                for idx, weight in zip(group, weights):
+                    loss, parts = micro_loss(data_mod.collate(train, idx))
                     if not torch.isfinite(loss):
                         nonfinite = [k for k, v in parts.items() if not torch.isfinite(v)] or ["the total loss"]
                         break
-                    share = len(idx) / n_step  # mean over the step's examples, however they are split
+                    # Mean over the step's examples (response tokens for a causal LM), however they are split.
+                    share = weight / sum(weights)
                     scaler.scale(loss * share).backward()
                     for k, v in parts.items():
                         step_parts[k] = step_parts.get(k, 0.0) + float(v) * share
@@ -581,7 +738,7 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
     if pairs:
         last_monitor = monitor(step)
     if evaluated_at != step:
-        last_scores = evaluate(step, round(step / steps_per_epoch, 4))
+        last_scores = evaluate(step, round(step / steps_per_epoch, 4), final=True)
     student_dir = None
     if spec.output.save_student:
         student_dir = run_dir / rundir.STUDENT
@@ -599,8 +756,9 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
         "variant": spec.variant or spec.name,
         "data": {
             "dataset": d.dataset, "config": d.config, "train_split": d.train_split, "eval_split": d.eval_split,
-            "eval_dataset": d.eval_dataset, "text_column": d.text_column, "label_column": d.label_column,
-            "max_train_samples": d.max_train_samples, "max_eval_samples": d.max_eval_samples,
+            "eval_dataset": d.eval_dataset, "max_train_samples": d.max_train_samples, "max_eval_samples": d.max_eval_samples,
+            **({"prompt_column": d.prompt_column, "response_column": d.response_column, "context_column": d.context_column}
+               if is_lm else {"text_column": d.text_column, "label_column": d.label_column}),
         },
         "run_dir": str(run_dir),
         "task": spec.task,
@@ -618,7 +776,7 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
         "losses": [{"kind": t.kind, "weight": t.weight} for t in terms],
         "pairs": [list(p) for p in pairs],
         "rows": spec.features.rows,
-        "label_names": label_info.names,
+        "label_names": label_info.names if label_info is not None else None,
         "steps": step,
         "epochs": round(step / steps_per_epoch, 4),
         "train_samples": len(train),

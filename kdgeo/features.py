@@ -29,8 +29,10 @@ def select_rows(hidden: Tensor, mask: Tensor, rows: Rows) -> Tensor:
     if rows == "cls":
         return hidden[:, 0]  # (B, d)
     if rows == "mean":
-        weights = mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
-        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)  # (B, d)
+        keep = mask.bool().unsqueeze(-1)  # (B, T, 1)
+        # masked_fill, not a multiply by 0: a non-finite value at a masked position must not leak in.
+        total = hidden.masked_fill(~keep, 0).sum(1)  # (B, d)
+        return total / keep.sum(1).clamp_min(1).to(hidden.dtype)  # (B, d)
     raise ValueError(f"unknown rows {rows!r}")
 
 

@@ -4,8 +4,14 @@ The total loss is a weighted sum of terms, ``L = sum_k w_k L_k``. Logit terms:
 
 - ``ce``: cross-entropy of the student's logits against the gold labels.
 - ``kd``: Hinton, Vinyals & Dean (2015), "Distilling the knowledge in a neural network":
-  ``T^2 * KL(softmax(z_t / T) || softmax(z_s / T))``, averaged over examples; the ``T^2`` keeps
-  gradient magnitudes comparable across temperatures.
+  ``T^2 * KL(softmax(z_t / T) || softmax(z_s / T))``, averaged over rows (examples, or response
+  tokens of a causal LM); the ``T^2`` keeps gradient magnitudes comparable across temperatures.
+  ``direction = "reverse"`` uses ``KL(p_s || p_t)`` instead (mode-seeking; MiniLLM, Gu et al.
+  2024, arXiv 2306.08543, argues for it in generation), ``"mixed"`` the blend
+  ``mix * forward + (1 - mix) * reverse``.
+
+Causal LMs: :func:`response_predictions` keeps the positions that predict a response token
+(prompt and padding positions never reach a loss), so ``ce`` and ``kd`` above apply per token.
 
 Feature terms, each averaged over the layer pairs (X = teacher rows, Y = student rows):
 
@@ -46,17 +52,53 @@ class LossTerm:
     weight: float = 1.0
     temperature: float = 2.0
     angular: bool = False
+    direction: str = "forward"
+    mix: float = 0.5
 
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    """T^2 * KL(p_t || p_s) with p = softmax(z / T), summed over classes, averaged over examples.
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float, direction: str = "forward", mix: float = 0.5) -> Tensor:
+    """T^2 * KL between p_t = softmax(z_t / T) and p_s = softmax(z_s / T), summed over classes
+    (or the vocabulary), averaged over rows:
 
-    student_logits, teacher_logits: (B, C). Computed in float32.
+    - forward: KL(p_t || p_s) = sum_c p_t,c (log p_t,c - log p_s,c)
+    - reverse: KL(p_s || p_t) = sum_c p_s,c (log p_s,c - log p_t,c)
+    - mixed:   mix * forward + (1 - mix) * reverse
+
+    student_logits, teacher_logits: (N, C). Computed in float32.
     """
     t = temperature
-    log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)  # (B, C)
-    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)  # (B, C)
-    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)  # (N, C)
+    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)  # (N, C)
+    n = max(log_p_s.shape[0], 1)
+    forward = reverse = None
+    if direction in ("forward", "mixed"):
+        forward = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+    if direction in ("reverse", "mixed"):
+        reverse = (log_p_s.exp() * (log_p_s - log_p_t)).sum() / n
+    match direction:
+        case "forward":
+            value = forward
+        case "reverse":
+            value = reverse
+        case "mixed":
+            value = mix * forward + (1.0 - mix) * reverse
+        case _:
+            raise ValueError(f"unknown kd direction {direction!r}")
+    return value * (t * t)
+
+
+def response_predictions(logits: Tensor, input_ids: Tensor, response_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The causal LM's predictions of response tokens, and those tokens.
+
+    Position j predicts token j + 1, so the predictions that count are at positions j with
+    ``response_mask[:, j + 1] == 1``: nothing at a prompt or padding position is selected.
+
+    logits: (B, T, V); input_ids, response_mask: (B, T). Returns ((n, V), (n,)), n = response tokens.
+    """
+    targets_mask = response_mask[:, 1:].bool()  # (B, T-1): token j+1 is a response token
+    predictions = logits[:, :-1][targets_mask]  # (n, V)
+    targets = input_ids[:, 1:][targets_mask]  # (n,)
+    return predictions, targets
 
 
 class Objective(nn.Module):
@@ -120,7 +162,11 @@ class Objective(nn.Module):
         teacher_features: Sequence[Tensor] = (),
         student_features: Sequence[Tensor] = (),
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Returns (total, parts): parts maps each term (and ``kind/pair s-t`` for feature terms) to its unweighted value."""
+        """Returns (total, parts): parts maps each term (and ``kind/pair s-t`` for feature terms) to its unweighted value.
+
+        student_logits: (N, C) and labels (N,): examples of a classifier, or the response-token
+        predictions of a causal LM (see :func:`response_predictions`).
+        """
         total = student_logits.new_zeros((), dtype=torch.float32)
         parts: dict[str, Tensor] = {}
         for term in self.terms:
@@ -130,7 +176,7 @@ class Objective(nn.Module):
                 case "kd":
                     if teacher_logits is None:
                         raise ValueError("kd needs teacher logits")
-                    value = kd_loss(student_logits, teacher_logits, term.temperature)
+                    value = kd_loss(student_logits, teacher_logits, term.temperature, term.direction, term.mix)
                 case kind if kind in FEATURE_KINDS:
                     per_pair = self.feature_term(kind, term, teacher_features, student_features)
                     for (s, t), v in zip(self.pairs, per_pair):

@@ -213,6 +213,43 @@ def load_classifier(ref: ModelRef, num_labels: int, label_names: Sequence[str] |
     return LoadedClassifier(model=model, has_trained_head=not new_keys, new_keys=new_keys)
 
 
+ENCODER_TYPES = frozenset({"bert", "roberta", "distilbert", "electra", "xlm-roberta", "albert", "mpnet", "deberta", "deberta-v2", "camembert", "ernie"})
+
+
+def check_decoder(config: Any, ref: str, setting: str) -> None:
+    """task = "causal-lm" needs a model that predicts the next token left to right."""
+    model_type = getattr(config, "model_type", "")
+    if model_type in ENCODER_TYPES or getattr(config, "is_encoder_decoder", False):
+        raise ModelLoadError(
+            f"{setting} = '{ref}' is a {model_type or type(config).__name__} model, "
+            f"{'an encoder-decoder' if getattr(config, 'is_encoder_decoder', False) else 'a bidirectional encoder'}; "
+            'task = "causal-lm" needs a decoder language model (OPT, GPT-2, Llama, ...). Use task = "classification" for encoders.'
+        )
+
+
+def load_causal_lm(ref: ModelRef, dtype: torch.dtype | None = None) -> nn.Module:
+    """``AutoModelForCausalLM``; refuses a checkpoint whose body weights did not load."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = _hub_kwargs(ref)
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    location = ref.location
+    try:
+        with quiet_transformers():
+            model, info = AutoModelForCausalLM.from_pretrained(location, output_loading_info=True, **kwargs)
+    except Exception as err:  # OSError, ValueError (no causal-LM class for this config), SafetensorError, ...
+        raise _load_error(ref, "causal language model", err) from None
+    missing = sorted(set(info.get("missing_keys", []) or []))
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise ModelLoadError(
+            f"Model '{ref.ref}': {len(missing)} weights did not load from the checkpoint ({shown}); it is not a complete "
+            "causal language model. Give a model saved with its language-modelling head (AutoModelForCausalLM)."
+        )
+    return model
+
+
 def align_pad_token(model: nn.Module, tokenizer: Any) -> None:
     """Decoder classifiers (GPT-2, Llama) find the last real token through config.pad_token_id."""
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
@@ -300,19 +337,32 @@ def student_from_teacher_layers(teacher: nn.Module, layers: Sequence[int]) -> nn
     return student
 
 
-def student_from_config(teacher_config: Any, overrides: dict[str, int], num_labels: int, seed: int) -> nn.Module:
-    """A freshly initialised classifier from the teacher's config with ``overrides`` applied."""
-    from transformers import AutoModelForSequenceClassification
+_ARCH_ALIASES = {
+    # spec name -> the config attribute that holds it, where the architecture spells it differently
+    "opt": {"intermediate_size": "ffn_dim"},
+    "gpt2": {"intermediate_size": "n_inner"},
+}
+
+
+def student_from_config(teacher_config: Any, overrides: dict[str, int], num_labels: int, seed: int, causal_lm: bool = False) -> nn.Module:
+    """A freshly initialised classifier (or causal LM) from the teacher's config with ``overrides`` applied."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     config = copy.deepcopy(teacher_config)
+    aliases = _ARCH_ALIASES.get(getattr(config, "model_type", ""), {})
     for key, value in overrides.items():
-        setattr(config, key, value)
-    config.num_labels = num_labels
+        setattr(config, aliases.get(key, key), value)
+    if getattr(config, "model_type", "") == "opt" and "hidden_size" in overrides:
+        config.word_embed_proj_dim = overrides["hidden_size"]  # no extra in/out projections in the student
+    if not causal_lm:
+        config.num_labels = num_labels
     if isinstance(getattr(config, "layer_types", None), list):
         config.layer_types = (config.layer_types * config.num_hidden_layers)[: config.num_hidden_layers]
     torch.manual_seed(seed)
     try:
         with quiet_transformers():
+            if causal_lm:
+                return AutoModelForCausalLM.from_config(config)
             return AutoModelForSequenceClassification.from_config(config)
     except (ValueError, RuntimeError) as err:
         raise ModelLoadError(f"Cannot build a student from the teacher's config with {overrides}: {err}") from None

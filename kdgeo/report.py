@@ -150,9 +150,12 @@ def monitor_table(step: int, pairs: list[dict[str, Any]]) -> Table:
     return table
 
 
+SCORE_ORDER = ("accuracy", "macro_f1", "mcc", "f1", "teacher_agreement", "rougeL", "perplexity")
+"""Task scores shown on screen, in this order (classification, then causal LM)."""
+
+
 def scores_text(scores: dict[str, float]) -> str:
-    order = ("accuracy", "macro_f1", "mcc", "f1", "teacher_agreement")
-    return "  ".join(f"{k} {fmt(scores[k])}" for k in order if k in scores)
+    return "  ".join(f"{k} {fmt(scores[k])}" for k in SCORE_ORDER if k in scores)
 
 
 class DistillView:
@@ -296,7 +299,7 @@ class DistillView:
 def print_eval(result: Any) -> None:
     table = Table(title=Text(f"{result.model} on {result.dataset} [{result.split}], {result.samples} examples"), title_justify="left")
     table.add_column("model")
-    keys = [k for k in ("accuracy", "macro_f1", "mcc", "f1", "teacher_agreement") if k in result.scores]
+    keys = [k for k in SCORE_ORDER if k in result.scores]
     for k in keys:
         table.add_column(k, justify="right")
     table.add_row(Text(str(result.model)), *[fmt(result.scores.get(k)) for k in keys])
@@ -305,15 +308,31 @@ def print_eval(result: Any) -> None:
     out_console.print(table)
 
 
+def print_lm_eval(result: dict[str, Any]) -> None:
+    """Causal-LM evaluation: ROUGE-L and perplexity per model."""
+    first = next(iter(result["results"].values()))
+    table = Table(title=Text(f"{result['model']} on {result['dataset']} [{result['split']}], {first['samples']} prompts"), title_justify="left")
+    keys = ("rougeL", "perplexity", "generated_tokens_mean")
+    table.add_column("model")
+    for k in keys:
+        table.add_column(k, justify="right")
+    for role, r in result["results"].items():
+        name = r["model"] if role == "model" else f"teacher {r['model']}"
+        table.add_row(Text(str(name)), *[fmt(r["scores"].get(k), 2 if k != "perplexity" else 3) for k in keys])
+    out_console.print(table)
+
+
 def print_sweep(outcomes: Sequence[Any], json_lines: bool = False) -> None:
     """One row per run of a sweep: status and final scores (to stderr with --json, else stdout)."""
     table = Table(title=Text("sweep"), title_justify="left")
-    for col in ("variant", "seed", "status", "accuracy", "macro_f1", "run directory / error"):
-        table.add_column(col, justify="right" if col in ("seed", "accuracy", "macro_f1") else "left")
+    lm = any((o.summary or {}).get("task") == "causal-lm" for o in outcomes)
+    shown = ("rougeL", "perplexity") if lm else ("accuracy", "macro_f1")
+    for col in ("variant", "seed", "status", *shown, "run directory / error"):
+        table.add_column(col, justify="right" if col in ("seed", *shown) else "left")
     for o in outcomes:
         scores = (o.summary or {}).get("scores", {})
         detail = o.error.splitlines()[0] if o.error else str(o.run_dir)
-        table.add_row(Text(o.variant), str(o.seed), Text(o.status), fmt(scores.get("accuracy")), fmt(scores.get("macro_f1")), Text(detail))
+        table.add_row(Text(o.variant), str(o.seed), Text(o.status), *[fmt(scores.get(k)) for k in shown], Text(detail))
     (err_console if json_lines else out_console).print(table)
     failed = sum(o.status == "failed" for o in outcomes)
     if failed:

@@ -158,6 +158,19 @@ class StudentSpec(_Strict):
         return self
 
 
+DEFAULT_TEMPLATE = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{prompt}\n\n### Response:\n"
+)
+DEFAULT_CONTEXT_TEMPLATE = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{prompt}\n\n### Input:\n{context}\n\n### Response:\n"
+)
+LM_DATA_FIELDS = frozenset({"prompt_column", "response_column", "context_column", "template", "context_template", "chat_template", "max_prompt_length", "long_examples"})
+CLASSIFICATION_DATA_FIELDS = frozenset({"text_column", "text_pair_column", "label_column"})
+
+
 class DataSpec(_Strict):
     """Where the labelled text comes from and how it is tokenized."""
 
@@ -187,6 +200,41 @@ class DataSpec(_Strict):
     group_by_length: bool = False
     """Batch examples of similar length together (much less padding, so faster; batches are
     still shuffled). Off by default: it changes which examples share a batch."""
+    prompt_column: str = "prompt"
+    """`task = "causal-lm"`: column holding the instruction (the prompt)."""
+    response_column: str = "response"
+    """`task = "causal-lm"`: column holding the reference response. Only its tokens count in the losses."""
+    context_column: str | None = None
+    """`task = "causal-lm"`: optional column of extra input (Dolly's `context`); rows where it is
+    non-empty are formatted with `context_template`."""
+    template: str = DEFAULT_TEMPLATE
+    """`task = "causal-lm"`: how a prompt is written before the response, with `{prompt}` where the
+    instruction goes (default: the Alpaca/MiniLLM instruction format)."""
+    context_template: str = DEFAULT_CONTEXT_TEMPLATE
+    """`task = "causal-lm"`: the format for rows with a non-empty context, with `{prompt}` and `{context}`."""
+    chat_template: bool = False
+    """`task = "causal-lm"`: format each prompt with the tokenizer's own chat template (a user turn,
+    plus the generation prompt) instead of `template`. Needs a tokenizer that has one."""
+    max_prompt_length: int | None = Field(None, ge=1)
+    """`task = "causal-lm"`: tokens kept of a longer prompt (its end, nearest the response; default:
+    half of max_length). The response fills the rest of max_length."""
+    long_examples: Literal["truncate", "drop", "error"] = "truncate"
+    """`task = "causal-lm"`, examples longer than max_length: `truncate` (prompt cut from the left to
+    max_prompt_length, response cut at the end; the counts are reported), `drop` them (counted),
+    or stop with an `error` naming the first one."""
+
+    @field_validator("template", "context_template")
+    @classmethod
+    def _template_fields(cls, value: str, info: Any) -> str:
+        need = ["{prompt}"] + (["{context}"] if info.field_name == "context_template" else [])
+        missing = [n for n in need if n not in value]
+        if missing:
+            raise ValueError(f"must contain {' and '.join(need)} (missing {', '.join(missing)}), e.g. {DEFAULT_CONTEXT_TEMPLATE!r}")
+        try:
+            value.format(prompt="", context="")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"is not a valid template ({err!r}); only {{prompt}} and {{context}} may appear in braces, write {{{{ and }}}} for literal braces") from None
+        return value
 
 
 FeatureRows = Literal["tokens", "cls", "mean"]
@@ -234,11 +282,16 @@ class CELoss(_LossBase):
 
 
 class KDLoss(_LossBase):
-    """Hinton et al. (2015): T^2 * KL(softmax(t/T) || softmax(s/T))."""
+    """Hinton et al. (2015): T^2 * KL(softmax(t/T) || softmax(s/T)); per response token for causal LMs."""
 
     kind: Literal["kd"]
     temperature: float = Field(2.0, gt=0)
     """Softmax temperature T applied to both teacher and student logits."""
+    direction: Literal["forward", "reverse", "mixed"] = "forward"
+    """`forward`: KL(p_teacher || p_student) (Hinton; mean-seeking). `reverse`: KL(p_student || p_teacher)
+    (mode-seeking, as MiniLLM argues for generation). `mixed`: mix * forward + (1 - mix) * reverse."""
+    mix: float = Field(0.5, ge=0, le=1)
+    """For `direction = "mixed"`: the weight of the forward KL."""
 
 
 class ProcrustesLoss(_LossBase):
@@ -352,6 +405,25 @@ class MonitorSpec(_Strict):
     """Metrics shown per layer pair."""
 
 
+class GenerateSpec(_Strict):
+    """Generation for the ROUGE-L evaluation of causal LMs (batched, left-padded)."""
+
+    max_new_tokens: int = Field(128, ge=1)
+    """Most tokens generated per response (generation also stops at the end-of-sequence token)."""
+    do_sample: bool = False
+    """false: greedy decoding. true: sampling with `temperature` and `top_p` (seeded by the run's seed)."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature (with `do_sample`)."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling: sample from the smallest set of tokens with this much probability (with `do_sample`)."""
+    batch_size: int = Field(16, ge=1)
+    """Prompts generated together."""
+    max_samples: int | None = Field(None, ge=1)
+    """Generate for the first N evaluation examples only (perplexity still uses all of them)."""
+    every_eval: bool = False
+    """Generate (and score ROUGE-L) at every evaluation; false: only at the final one (generation is slow)."""
+
+
 class OutputSpec(_Strict):
     """Where the run is written."""
 
@@ -400,8 +472,10 @@ class RunSpec(_Strict):
     """Run name: letters, digits, `.`, `_`, `-` (names the run directory)."""
     description: str = ""
     """Free text, saved with the run."""
-    task: Literal["classification"] = "classification"
-    """What the models do. `classification`: sequence classification on labelled text."""
+    task: Literal["classification", "causal-lm"] = "classification"
+    """What the models do. `classification`: sequence classification on labelled text.
+    `causal-lm`: instruction following with decoder language models (prompt -> response; the
+    losses count response tokens only; evaluation by ROUGE-L of generated responses and perplexity)."""
     seed: int = Field(0, ge=0, lt=2**32)
     """Seed for the student's initialisation, data order and dropout."""
     teacher: TeacherSpec
@@ -419,6 +493,8 @@ class RunSpec(_Strict):
     """Optimisation of the student."""
     monitor: MonitorSpec = MonitorSpec()
     """Live per-layer-pair geometry."""
+    generate: GenerateSpec = GenerateSpec()
+    """`task = "causal-lm"`: how responses are generated for ROUGE-L."""
     output: OutputSpec = OutputSpec()
     """The run directory."""
     sweep: SweepSpec | None = None
@@ -432,6 +508,45 @@ class RunSpec(_Strict):
         dup = sorted({k for k in kinds if kinds.count(k) > 1})
         if dup:
             raise ValueError(f"losses: each kind may appear once, found {', '.join(dup)} more than once; merge their weights")
+        return self
+
+    @model_validator(mode="after")
+    def _task_fields(self) -> "RunSpec":
+        """Settings of the other task are mistakes (they would be silently ignored): name them."""
+        # A field counts as set when it differs from its default: resolved specs (spec.json,
+        # spec.toml of a run) write every field out.
+        data_set = {
+            name for name in self.data.model_fields_set
+            if getattr(self.data, name) != DataSpec.model_fields[name].get_default(call_default_factory=True)
+        }
+        problems = []
+        if self.task == "causal-lm":
+            wrong = sorted(data_set & CLASSIFICATION_DATA_FIELDS)
+            if wrong:
+                problems.append(
+                    f"data: {', '.join(wrong)} are for task = \"classification\"; a causal-lm run reads "
+                    "data.prompt_column and data.response_column (and optionally data.context_column)"
+                )
+            if self.features.rows == "cls":
+                problems.append(
+                    'features.rows = "cls": a decoder has no classification token; use "tokens" (every response '
+                    'token) or "mean" (the mean over response tokens)'
+                )
+            if self.data.chat_template and {"template", "context_template"} & data_set:
+                problems.append("data: chat_template = true replaces data.template / data.context_template; set one or the other")
+            if self.data.max_prompt_length is not None and self.data.max_prompt_length >= self.data.max_length:
+                problems.append(
+                    f"data.max_prompt_length = {self.data.max_prompt_length} leaves no room for the response in "
+                    f"data.max_length = {self.data.max_length}; make it smaller"
+                )
+        else:
+            wrong = sorted(data_set & LM_DATA_FIELDS)
+            if wrong:
+                problems.append(f'data: {", ".join(wrong)} are for task = "causal-lm" (this run is a classification run)')
+            if self.generate != GenerateSpec():
+                problems.append('[generate] is for task = "causal-lm" (this run is a classification run)')
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     @property

@@ -1,7 +1,9 @@
 """Fine-tuning a teacher on the task, and caching the result.
 
 A teacher that has no classification head for the run's labels (a base model such as
-all-MiniLM-L6-v2) is fine-tuned with cross-entropy first. The result is saved under
+all-MiniLM-L6-v2) is fine-tuned with cross-entropy first. A causal-LM teacher is fine-tuned on
+the instruction data when asked (``[teacher.finetune] force = true``, as MiniLLM fine-tunes its
+OPT teachers on Dolly): next-token cross-entropy on the response tokens only. The result is saved under
 ``<teacher_cache>/<key>/`` where the key hashes everything that changes it: the model reference
 and revision, the training data settings, the label names, and the fine-tuning
 hyper-parameters. Every later run with the same key reuses it. The directory is written to a
@@ -69,8 +71,12 @@ def finetune(
     amp: torch.dtype | None,
     progress: Progress,
     group_by_length: bool = False,
+    causal_lm: bool = False,
 ) -> dict[str, Any]:
-    """Cross-entropy fine-tuning of ``model`` on ``split`` (role 'teacher'), in place."""
+    """Cross-entropy fine-tuning of ``model`` on ``split`` (role 'teacher'), in place: on the
+    labels, or (``causal_lm``) on the next response token."""
+    from kdgeo.losses import response_predictions
+
     torch.manual_seed(args.seed)
     model.to(device).train()
     steps_per_epoch = -(-len(split) // args.batch_size)
@@ -83,9 +89,13 @@ def finetune(
     while step < total:
         for batch in data_mod.iterate_batches(split, args.batch_size, shuffle=True, seed=args.seed, epoch=epoch, group_by_length=group_by_length):
             inputs = data_mod.to_device(batch["teacher"], device)
-            labels = batch["labels"].to(device)
             with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                logits = model(**inputs).logits  # (B, C)
+                logits = model(**inputs).logits  # (B, C) or (B, T, V)
+            if causal_lm:
+                mask = batch["response_mask"]["teacher"].to(device)
+                logits, labels = response_predictions(logits, inputs["input_ids"], mask)  # (n, V), (n,)
+            else:
+                labels = batch["labels"].to(device)
             loss = torch.nn.functional.cross_entropy(logits.float(), labels)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()

@@ -49,3 +49,30 @@ def tiny_spec(tiny: dict[str, Path], tmp_path: Path, **sections: Any) -> dict[st
 def write_spec(path: Path, spec: dict[str, Any]) -> Path:
     path.write_text(tomli_w.dumps(spec))
     return path
+
+
+def tiny_lm_spec(tiny_lm: dict[str, Path], tmp_path: Path, **sections: Any) -> dict[str, Any]:
+    """A fast causal-LM spec: OPT teacher (4 layers) -> 2 copied layers, 48 instructions."""
+    spec: dict[str, Any] = {
+        "name": "lm",
+        "task": "causal-lm",
+        "seed": 0,
+        "teacher": {"model": str(tiny_lm["opt_teacher"])},
+        "student": {"init": "teacher-layers", "num_layers": 2},
+        "data": {
+            "dataset": str(tiny_lm["train"]), "eval_dataset": str(tiny_lm["eval"]), "prompt_column": "instruction",
+            "response_column": "response", "context_column": "context", "max_length": 96,
+        },
+        "features": {"rows": "tokens", "pairs": "uniform"},
+        "losses": [{"kind": "ce"}, {"kind": "kd", "temperature": 1.0}],
+        "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "log_every": 1, "warmup_ratio": 0.0},
+        "monitor": {"every": 2, "samples": 8},
+        "generate": {"max_new_tokens": 8, "batch_size": 6},
+        "output": {"dir": str(tmp_path / "runs"), "teacher_cache": str(tmp_path / "cache")},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(spec.get(key), dict) and key not in ("student", "teacher"):
+            spec[key] = {**spec[key], **value}
+        else:
+            spec[key] = value
+    return spec

@@ -102,3 +102,83 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def make_lm_tokenizer(directory: Path, vocab_size: int = 600, bos: bool = True):
+    """A byte-level BPE tokenizer trained in-process on the demo glosses, OPT-style: ``</s>`` is
+    BOS and EOS (prepended to every encoded text when ``bos``), ``<pad>`` pads."""
+    from tokenizers import ByteLevelBPETokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from kdgeo import demo
+
+    directory.mkdir(parents=True, exist_ok=True)
+    texts = [r["text"] for r in demo.load_split("train")] + [r["label_name"] for r in demo.load_split("validation")]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=["<pad>", "</s>", "<unk>"])
+    if bos:
+        bpe.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", bpe.token_to_id("</s>"))])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    tok.save_pretrained(directory)
+    return tok
+
+
+def make_causal_lm(directory: Path, tokenizer_dir: Path, arch: str = "opt", layers: int = 2, width: int = 32, seed: int = 0) -> Path:
+    """A tiny OPT or GPT-2 causal LM saved with save_pretrained beside its tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
+
+    from kdgeo.models import quiet_transformers
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    if arch == "opt":
+        model = OPTForCausalLM(OPTConfig(
+            vocab_size=len(tok), hidden_size=width, num_hidden_layers=layers, ffn_dim=width * 2, num_attention_heads=2,
+            max_position_embeddings=256, word_embed_proj_dim=width, pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, dropout=0.0, attention_dropout=0.0,
+        ))
+    else:
+        model = GPT2LMHeadModel(GPT2Config(
+            vocab_size=len(tok), n_embd=width, n_layer=layers, n_head=2, n_positions=256, bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        ))
+    with quiet_transformers():
+        model.save_pretrained(directory)
+        tok.save_pretrained(directory)
+    return directory
+
+
+def lm_rows(split: str, n: int, context_every: int = 0) -> list[dict]:
+    """Instruction rows from the demo data: "define something in category C" -> its gloss."""
+    from kdgeo import demo
+
+    rows = []
+    for k, r in enumerate(demo.load_split(split)[:n]):
+        row = {"instruction": f"Describe something of the kind {r['label_name'].split('.')[1]}.", "response": r["text"], "context": ""}
+        if context_every and k % context_every == 0:
+            row["context"] = f"WordNet synset {r['synset']}"
+        rows.append(row)
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny causal LMs and instruction data.
+
+    opt_teacher: 4-layer OPT, width 64. opt_student: 2-layer OPT, width 32. gpt2_student: 2-layer
+    GPT-2, width 32 (same tokenizer). opt_other_vocab: a 2-layer OPT with another tokenizer.
+    train/eval: instruction jsonl files (instruction, context, response).
+    """
+    root = tmp_path_factory.mktemp("tiny_lm")
+    make_lm_tokenizer(root / "tok")
+    make_lm_tokenizer(root / "tok_other", vocab_size=400)
+    return {
+        "opt_teacher": make_causal_lm(root / "opt_teacher", root / "tok", "opt", layers=4, width=64, seed=0),
+        "opt_student": make_causal_lm(root / "opt_student", root / "tok", "opt", layers=2, width=32, seed=1),
+        "gpt2_student": make_causal_lm(root / "gpt2_student", root / "tok", "gpt2", layers=2, width=32, seed=2),
+        "opt_other_vocab": make_causal_lm(root / "opt_other", root / "tok_other", "opt", layers=2, width=32, seed=3),
+        "train": write_jsonl(root / "train.jsonl", lm_rows("train", 48, context_every=3)),
+        "eval": write_jsonl(root / "eval.jsonl", lm_rows("validation", 12, context_every=3)),
+        "root": root,
+    }

@@ -184,7 +184,7 @@ precision = "fp64"
     assert "unknown key; did you mean 'revision'?" in problems["teacher.revison"]
     assert "Allowed here: finetune, model, revision, trust_remote_code." in problems["teacher.revison"]
     assert "did you mean 'temperature'?" in problems["losses[0].temprature"]
-    assert "Allowed here: kind, temperature, weight." in problems["losses[0].temprature"]
+    assert "Allowed here: direction, kind, mix, temperature, weight." in problems["losses[0].temprature"]
     assert "unknown loss kind 'procrustus'" in problems["losses[1]"]
     assert "did you mean 'procrustes'?" in problems["losses[1]"]
     assert "ce, kd, procrustes, gram, cka, projection, mse, cosine" in problems["losses[1]"]
@@ -215,7 +215,7 @@ def test_unknown_key_without_suggestion_lists_allowed_keys():
     path, msg = only_problem("zzz = 1\n" + MINIMAL)
     assert path == "zzz"
     assert "did you mean" not in msg
-    assert "Allowed here: data, description, features, losses, monitor, name, output, seed, student, sweep, task, teacher, train, variant." in msg
+    assert "Allowed here: data, description, features, generate, losses, monitor, name, output, seed, student, sweep, task, teacher, train, variant." in msg
 
 
 def test_unknown_key_message_is_punctuated():
@@ -260,7 +260,7 @@ def test_wrong_types_and_ranges(extra, path, needles):
 
 @pytest.mark.parametrize("top, path, needle", [
     ('name = "bad name"', "name", "String should match pattern"),
-    ('task = "regression"', "task", "Input should be 'classification', found 'regression'"),
+    ('task = "regression"', "task", "Input should be 'classification' or 'causal-lm', found 'regression'"),
     ("seed = 1.5", "seed", "valid integer"),
 ])
 def test_wrong_top_level_values(top, path, needle):

@@ -1,0 +1,251 @@
+"""task = "causal-lm": instruction data, the response mask, token-level KD, distill + eval end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cli_helpers import run_cli, tiny_lm_spec, write_spec
+from conftest import write_jsonl
+from kdgeo import data as data_mod
+from kdgeo import lm_data
+from kdgeo.features import select_rows
+from kdgeo.losses import LossTerm, Objective, kd_loss, response_predictions
+from kdgeo.models import ModelRef, load_tokenizer
+
+SHORT = {"template": "Q: {prompt}\nA:", "context_template": "Q: {prompt}\nC: {context}\nA:"}
+
+
+# ---- token-level KD: textbook definitions ------------------------------------------------------
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.5])
+def test_kd_directions_match_textbook_kl(temperature):
+    """forward = T^2 mean_i sum_c p_t log(p_t / p_s), reverse swaps p_t and p_s, mixed blends (rtol 1e-6)."""
+    gen = torch.Generator().manual_seed(0)
+    s = torch.randn(7, 11, generator=gen, dtype=torch.float64) * 3
+    t = torch.randn(7, 11, generator=gen, dtype=torch.float64) * 3
+    p_s, p_t = _softmax(s.numpy() / temperature), _softmax(t.numpy() / temperature)
+    from scipy.special import rel_entr
+
+    forward = rel_entr(p_t, p_s).sum(-1).mean() * temperature**2
+    reverse = rel_entr(p_s, p_t).sum(-1).mean() * temperature**2
+    assert float(kd_loss(s, t, temperature, "forward")) == pytest.approx(forward, rel=1e-6)
+    assert float(kd_loss(s, t, temperature, "reverse")) == pytest.approx(reverse, rel=1e-6)
+    assert float(kd_loss(s, t, temperature, "mixed", mix=0.3)) == pytest.approx(0.3 * forward + 0.7 * reverse, rel=1e-6)
+    assert forward != pytest.approx(reverse, rel=1e-3)  # the two directions really differ here
+    assert float(kd_loss(t, t, temperature, "reverse")) == pytest.approx(0.0, abs=1e-12)
+
+
+# ---- data: formatting, truncation, the response mask -------------------------------------------
+
+
+def test_encode_lm_marks_exactly_the_response_and_eos(tiny_lm):
+    tok = load_tokenizer(ModelRef(str(tiny_lm["opt_teacher"])))
+    prompts, responses = ["Q: say hi\nA:", "Q: a longer question about dogs\nA:"], [" hello there", " a dog is an animal"]
+    enc, report = lm_data.encode_lm(tok, prompts, responses, max_length=64, max_prompt_length=32, long_examples="error", where="t")
+    assert report.kept == [0, 1]
+    batch = data_mod.collate(data_mod.TextSplit(texts=prompts, labels=None, encodings={"student": enc}, responses=responses), [0, 1])
+    ids, mask = batch["student"]["input_ids"], batch["response_mask"]["student"]
+    for row, (p, r) in enumerate(zip(prompts, responses)):
+        want = tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert ids[row][mask[row].bool()].tolist() == want
+        prompt_ids = tok(p)["input_ids"]
+        assert prompt_ids[0] == tok.bos_token_id  # OPT-style BOS added to the prompt
+        assert ids[row][: len(prompt_ids)].tolist() == prompt_ids and not mask[row][: len(prompt_ids)].any()
+    assert not (mask.bool() & ~batch["student"]["attention_mask"].bool()).any()  # never on padding
+
+
+def test_long_examples_truncate_drop_or_error(tiny_lm):
+    tok = load_tokenizer(ModelRef(str(tiny_lm["opt_teacher"])))
+    long_prompt = "Q: " + " ".join(["the animal that lives in the sea"] * 20) + "\nA:"
+    prompts, responses = [long_prompt, "Q: short\nA:"], [" a fish of the sea", " yes"]
+    enc, report = lm_data.encode_lm(tok, prompts, responses, max_length=24, max_prompt_length=12, long_examples="truncate", where="t")
+    assert report.prompts_cut == 1 and report.kept == [0, 1]
+    full_prompt = tok(long_prompt)["input_ids"]
+    ids, start = enc.input_ids[0], enc.response_start[0]
+    assert len(ids) <= 24 and ids[0] == tok.bos_token_id  # BOS kept, the prompt's start cut
+    assert ids[1:start] == full_prompt[len(full_prompt) - (start - 1):]  # the prompt's end survives
+    assert ids[start:] == tok(" a fish of the sea", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    enc, report = lm_data.encode_lm(tok, prompts, responses, max_length=24, max_prompt_length=12, long_examples="drop", where="t")
+    assert report.dropped_long == 1 and report.kept == [1] and len(enc.input_ids) == 1
+    with pytest.raises(Exception, match=r"row 0 is \d+ prompt \+ \d+ response tokens.*data.long_examples"):
+        lm_data.encode_lm(tok, prompts, responses, max_length=24, max_prompt_length=12, long_examples="error", where="t")
+    # A response longer than what is left is cut at its end, and the cut is counted.
+    enc, report = lm_data.encode_lm(tok, ["Q: x\nA:"], [" word" * 40], max_length=16, max_prompt_length=8, long_examples="truncate", where="t")
+    assert report.responses_cut == 1 and len(enc.input_ids[0]) == 16
+
+
+def test_prompt_tokens_never_contribute_to_any_loss(tiny_lm):
+    """NaN in every logit and hidden state outside the response leaves every loss finite and unchanged."""
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(ModelRef(str(tiny_lm["opt_teacher"])))
+    rows = [json.loads(line) for line in tiny_lm["train"].read_text().splitlines()[:6]]
+    prompts = [SHORT["template"].format(prompt=r["instruction"]) for r in rows]
+    responses = [" " + r["response"] for r in rows]
+    enc, _ = lm_data.encode_lm(tok, prompts, responses, 64, 32, "truncate", "t")
+    split = data_mod.TextSplit(texts=prompts, labels=None, encodings={"student": enc, "teacher": enc}, responses=responses)
+    batch = data_mod.collate(split, list(range(6)))
+    inputs, mask = batch["student"], batch["response_mask"]["student"]
+    outs = {}
+    for role, width in (("teacher", 64), ("student", 32)):
+        model = AutoModelForCausalLM.from_pretrained(tiny_lm[f"opt_{role}"]).eval()
+        with torch.no_grad():
+            outs[role] = model(**inputs, output_hidden_states=True)
+    terms = [LossTerm("ce"), LossTerm("kd", direction="mixed", temperature=2.0)] + [
+        LossTerm(k) for k in ("procrustes", "gram", "cka", "projection")
+    ]
+    torch.manual_seed(0)
+    objective = Objective(terms, [(1, 2), (2, 4)], [(32, 64)] * 2)
+
+    def total(poison: bool) -> dict[str, float]:
+        logits = {r: o.logits.clone() for r, o in outs.items()}  # (B, T, V)
+        hidden = {r: [h.clone() for h in o.hidden_states] for r, o in outs.items()}
+        if poison:
+            predicts_prompt = torch.ones_like(mask, dtype=torch.bool)
+            predicts_prompt[:, :-1] = ~mask[:, 1:].bool()  # position j predicts token j+1
+            for r in logits:
+                logits[r][predicts_prompt] = float("nan")
+                for h in hidden[r]:
+                    h[~mask.bool()] = float("nan")
+        s_logits, labels = response_predictions(logits["student"], inputs["input_ids"], mask)
+        t_logits, _ = response_predictions(logits["teacher"], inputs["input_ids"], mask)
+        values = {}
+        for rows in ("tokens", "mean"):
+            t_rows = [select_rows(hidden["teacher"][i], mask, rows) for i in (2, 4)]
+            s_rows = [select_rows(hidden["student"][i], mask, rows) for i in (1, 2)]
+            loss, parts = objective(s_logits, labels, t_logits, t_rows, s_rows)
+            values.update({f"{rows}:{k}": float(v) for k, v in parts.items()})
+            values[f"{rows}:total"] = float(loss.detach())
+        return values
+
+    clean, poisoned = total(False), total(True)
+    assert all(math.isfinite(v) for v in poisoned.values()), poisoned
+    for key, value in clean.items():
+        assert poisoned[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+
+
+# ---- distill + eval end to end -----------------------------------------------------------------
+
+
+def test_distill_and_eval_causal_lm_end_to_end(tiny_lm, tmp_path, capsys):
+    spec = tiny_lm_spec(tiny_lm, tmp_path, data={**tiny_lm_spec(tiny_lm, tmp_path)["data"], **SHORT},
+                        losses=[{"kind": "ce"}, {"kind": "kd", "direction": "reverse"}, {"kind": "procrustes"}])
+    code, _, err = run_cli(capsys, "distill", str(write_spec(tmp_path / "lm.toml", spec)), "-q")
+    assert code == 0, err
+    run = tmp_path / "runs" / "lm"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["task"] == "causal-lm" and summary["label_names"] is None
+    scores = summary["scores"]
+    assert 0.0 <= scores["rougeL"] <= 100.0 and scores["perplexity"] > 1.0 and scores["generated_samples"] == 12
+    assert set(summary["teacher_scores"]) >= {"rougeL", "perplexity"}
+    assert [p["student"] for p in summary["geometry"]] == [1, 2]
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [e for e in events if e["event"] == "step"]
+    assert steps and all(math.isfinite(e["kd"]) and math.isfinite(e["procrustes"]) for e in steps)
+    assert steps[-1]["procrustes"] < steps[0]["procrustes"]
+    # The saved student is a causal LM, and `kdgeo eval` on the run reproduces the run's own scores.
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(run / "student")
+    out_json, preds = tmp_path / "eval.json", tmp_path / "preds.jsonl"
+    code, out, err = run_cli(capsys, "eval", str(run), "--json", str(out_json), "--predictions", str(preds), "-q")
+    assert code == 0, err
+    assert "rougeL" in out and "perplexity" in out
+    result = json.loads(out_json.read_text())
+    mine = result["results"]["model"]["scores"]
+    assert mine["rougeL"] == pytest.approx(scores["rougeL"], abs=1e-6)
+    assert mine["perplexity"] == pytest.approx(scores["perplexity"], rel=1e-5)
+    lines = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert len(lines) == 12 and {"prompt", "reference", "prediction"} <= set(lines[0])
+    assert lines[0]["prompt"].startswith("Q: ")
+
+
+def test_gpt2_student_from_opt_teacher_and_every_kd_direction(tiny_lm, tmp_path, capsys):
+    """A pretrained GPT-2 student (same tokenizer, other architecture) with mixed KD and gram on mean rows."""
+    spec = tiny_lm_spec(
+        tiny_lm, tmp_path, student={"init": "pretrained", "model": str(tiny_lm["gpt2_student"])},
+        data={**tiny_lm_spec(tiny_lm, tmp_path)["data"], **SHORT, "max_train_samples": 16, "max_eval_samples": 4},
+        features={"rows": "mean", "pairs": "last"},
+        losses=[{"kind": "kd", "direction": "mixed", "mix": 0.25}, {"kind": "gram"}],
+        generate={"max_new_tokens": 4, "do_sample": True, "top_p": 0.9, "temperature": 0.8},
+    )
+    code, _, err = run_cli(capsys, "distill", str(write_spec(tmp_path / "g.toml", spec)), "-q")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "runs" / "lm" / "summary.json").read_text())
+    assert summary["pairs"] == [[2, 4]] and math.isfinite(summary["scores"]["rougeL"])
+
+
+def test_teacher_finetune_on_responses_is_cached(tiny_lm, tmp_path, capsys):
+    spec = tiny_lm_spec(
+        tiny_lm, tmp_path, teacher={"model": str(tiny_lm["opt_teacher"]), "finetune": {"epochs": 1, "batch_size": 16, "lr": 1e-3}},
+        data={**tiny_lm_spec(tiny_lm, tmp_path)["data"], **SHORT, "max_train_samples": 16, "max_eval_samples": 4},
+        losses=[{"kind": "kd"}], monitor={"every": 0, "samples": 4}, generate={"max_new_tokens": 2},
+    )
+    path = write_spec(tmp_path / "f.toml", spec)
+    code, _, err = run_cli(capsys, "distill", str(path), "-q")
+    assert code == 0, err
+    first = json.loads((tmp_path / "runs" / "lm" / "summary.json").read_text())["teacher_finetune"]
+    assert first["cached"] is False and first["steps"] == 1 and math.isfinite(first["final_loss"])
+    code, _, err = run_cli(capsys, "distill", str(path), "-q", "--set", "output.overwrite=true")
+    assert code == 0, err
+    second = json.loads((tmp_path / "runs" / "lm" / "summary.json").read_text())["teacher_finetune"]
+    assert second["cached"] is True and second["key"] == first["key"]
+
+
+# ---- bad input: clear errors before heavy work ---------------------------------------------------
+
+
+def test_vocabulary_mismatch_is_caught_and_pooled_geometry_still_works(tiny_lm, tmp_path, capsys):
+    base = tiny_lm_spec(tiny_lm, tmp_path)
+    data = {**base["data"], **SHORT, "max_train_samples": 16, "max_eval_samples": 4}
+    spec = tiny_lm_spec(tiny_lm, tmp_path, student={"init": "pretrained", "model": str(tiny_lm["opt_other_vocab"])}, data=data)
+    code, _, err = run_cli(capsys, "distill", str(write_spec(tmp_path / "v.toml", spec)), "-q")
+    assert code == 2 and "Traceback" not in err
+    assert "shared vocabulary" in err and 'features.rows = "mean"' in err and "losses: kd" in err
+    assert not (tmp_path / "runs" / "lm" / "metrics.jsonl").exists()
+    # Token rows need identical tokenization even without kd ...
+    spec["losses"] = [{"kind": "ce"}, {"kind": "procrustes"}]
+    code, _, err = run_cli(capsys, "distill", str(write_spec(tmp_path / "v.toml", spec)), "-q")
+    assert code == 2 and "split text differently" in err and "features.rows" in err
+    # ... while pooled response features compare across vocabularies.
+    spec["features"] = {"rows": "mean", "pairs": "last"}
+    spec["output"]["overwrite"] = True
+    spec["generate"] = {"max_new_tokens": 2}
+    code, _, err = run_cli(capsys, "distill", str(write_spec(tmp_path / "v.toml", spec)), "-q")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"data": {"response_column": "answer"}}, "no column 'answer' (set by data.response_column)"),
+        ({"data": {"long_examples": "error", "max_length": 24, "template": "{prompt} " + "please answer this " * 10}}, "data.long_examples"),
+        ({"data": {"chat_template": True, "template": None, "context_template": None}}, "has no chat template"),
+        ({"data": {"label_column": "topic"}}, 'are for task = "classification"'),
+        ({"features": {"rows": "cls"}}, "a decoder has no classification token"),
+        ({"generate": {"max_new_tokens": 250}}, "generate.max_new_tokens = 250"),
+        ({"teacher": {"model": "BERT"}}, "bidirectional encoder"),
+    ],
+)
+def test_causal_lm_bad_inputs_exit_2_with_a_message(tiny_lm, tiny, tmp_path, capsys, change, expected):
+    spec = tiny_lm_spec(tiny_lm, tmp_path)
+    spec["data"].update(SHORT)
+    for key, value in change.items():
+        if key == "teacher":
+            spec["teacher"] = {"model": str(tiny["teacher"])}
+            continue
+        spec[key] = {k: v for k, v in {**spec.get(key, {}), **value}.items() if v is not None}
+    code, _, err = run_cli(capsys, "distill", str(write_spec(tmp_path / "bad.toml", spec)), "-q")
+    assert code == 2, err
+    assert expected in err.replace("\n", " ") and "Traceback" not in err
