@@ -62,6 +62,8 @@ from kdgeo.probe import autocast_dtype, resolve_device
 from kdgeo.spec import RunSpec, SweepRun, resume_differences
 from kdgeo.evaluate_lm import split_scores
 from kdgeo.generation import GenerationArgs
+from kdgeo.teacher_outputs import OutputPlan, TeacherOutputs
+from kdgeo.teacher_outputs import ensure as ensure_teacher_outputs
 from kdgeo.teacher import FinetuneArgs, cache_key, cached_teacher, finetune, save_to_cache
 
 Progress = Callable[[dict[str, Any]], None]
@@ -479,6 +481,28 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
     scheduler = build_scheduler(optimizer, total_steps, train_cfg.warmup_ratio, train_cfg.schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
 
+    # ---- the teacher's training outputs from the cache (built on first use) -------------------
+    touts: TeacherOutputs | None = None
+    if spec.output.teacher_outputs and need_teacher:
+        d = spec.data
+        payload = {
+            "format": 1, "task": spec.task, "teacher": spec.teacher.model, "revision": spec.teacher.revision,
+            "teacher_files": fingerprint_model(ModelRef(teacher_source)), "finetune": (finetune_info or {}).get("key"),
+            "data": {k: v for k, v in d.model_dump(mode="json").items() if k not in ("eval_split", "eval_dataset", "max_eval_samples")},
+            "data_fingerprint": data_mod.fingerprint(d.dataset),
+            "precision": str(amp).replace("torch.", "") if amp else "fp32",
+        }
+        cached_logits = None
+        if objective.needs_teacher_logits:
+            cached_logits = (logit_width or int(teacher.config.vocab_size)) if is_lm else num_labels
+        plan = OutputPlan(
+            causal_lm=is_lm, rows=spec.features.rows, layers=tuple(t_idx) if need_hidden else (), width=t_width, logit_width=cached_logits,
+        )
+        touts = ensure_teacher_outputs(
+            Path(spec.output.teacher_outputs_dir).expanduser(), payload, plan, teacher, train, spec.output.teacher_outputs_dtype,
+            max(64, train_cfg.batch_size), device, amp, emit,
+        )
+
     # ---- teacher's evaluation predictions (once) and the run directory ------------------------
     eval_batch = max(64, train_cfg.batch_size) if not is_lm else train_cfg.batch_size
     gen_args = None
@@ -592,7 +616,13 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
         else:
             s_mask, s_logits, labels = s_in["attention_mask"], s_out.logits, batch["labels"].to(device)
         t_logits, t_rows, s_rows = None, [], []
-        if need_teacher:
+        if touts is not None:
+            idx = batch["index"].tolist()
+            t_logits = touts.logits(idx, device)
+            if need_hidden:
+                t_rows = touts.features(idx, device)
+                s_rows = _feature_rows(s_out.hidden_states, s_mask, s_idx, spec.features.rows)
+        elif need_teacher:
             t_in = data_mod.to_device(batch["teacher"], device)
             with torch.no_grad():
                 t_out = _forward(teacher, t_in, need_hidden, amp, device)
@@ -787,6 +817,7 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
         "skipped_steps_nonfinite": st["skipped_nonfinite"],
         "skipped_steps_fp16_overflow": st["skipped_scaler"],
         "resumed_from": str(resumed_from) if resumed_from else None,
+        "teacher_outputs": str(touts.path) if touts is not None else None,
         "wall_seconds": time.perf_counter() - wall_start,
         "train_seconds": train_seconds,
         "samples_per_s": samples_seen / max(train_seconds, 1e-9),

@@ -437,6 +437,17 @@ class OutputSpec(_Strict):
     """Where fine-tuned teachers are cached, keyed by model, data and hyper-parameters."""
     save_student: bool = True
     """Save the trained student (with tokenizer) under `student/` in the run directory."""
+    teacher_outputs: bool = False
+    """Cache the frozen teacher's outputs on the training data (the logits kd needs and the paired
+    layers' feature rows) in memory-mapped fp16/bf16 shards, keyed by the content of teacher, data
+    and feature settings. The first run builds the entry (printing its disk cost first); every
+    later run with the same key, e.g. each variant and seed of a sweep, reads it instead of
+    running the teacher. Results differ from uncached runs by the rounding to `teacher_outputs_dtype`."""
+    teacher_outputs_dir: str = "~/.cache/kdgeo/teacher-outputs"
+    """Where teacher-output cache entries live (one directory per key; safe to delete)."""
+    teacher_outputs_dtype: Literal["fp16", "bf16"] = "fp16"
+    """Storage precision of cached teacher outputs: fp16 (more mantissa) or bf16 (fp32's range,
+    for teachers whose activations exceed 65504)."""
 
 
 class SweepSpec(_Strict):
@@ -616,6 +627,7 @@ def resolve_preset(raw: dict[str, Any], source: str, preset: str | None) -> dict
 RESUME_SAFE_FIELDS = (
     "description", "monitor.every", "monitor.metrics", "train.log_every", "train.eval_every", "train.checkpoint_every",
     "train.keep_checkpoints", "train.on_nonfinite", "output.overwrite", "output.save_student", "output.teacher_cache",
+    "output.teacher_outputs_dir",
     "output.dir", "output.name",  # where the run lives, not what it computes (a moved run resumes)
 )
 """Fields a resumed run may change: they affect what is logged or kept, not the numbers."""

@@ -1,0 +1,152 @@
+"""The frozen teacher's training-time outputs, computed once and read back from disk.
+
+A distillation step needs two things from the teacher: the logits kd compares with (per example
+for a classifier, per response token for a causal LM) and the feature rows of the paired teacher
+layers (per token, or pooled per example). Both depend only on the teacher, the tokenized
+example and the feature settings, so :func:`ensure` computes them once for the whole training
+split into a :mod:`kdgeo.output_cache` entry and :class:`TeacherOutputs` hands each micro-batch
+exactly the tensors the teacher forward would have produced (rounded to fp16/bf16), in the same
+row order as :func:`kdgeo.features.select_rows` and :func:`kdgeo.losses.response_predictions`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from kdgeo import data as data_mod
+from kdgeo import output_cache
+from kdgeo.features import select_rows
+from kdgeo.losses import response_predictions
+
+Progress = Callable[[dict[str, Any]], None]
+LOGITS = "logits"
+
+
+def layer_field(t: int) -> str:
+    return f"layer{t}"
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """What is cached: logits (``logit_width`` wide, or none) and the rows of ``layers``."""
+
+    causal_lm: bool
+    rows: str
+    layers: tuple[int, ...]
+    width: int
+    logit_width: int | None
+
+    def fields(self) -> dict[str, int]:
+        out = {layer_field(t): self.width for t in self.layers}
+        if self.logit_width is not None:
+            out[LOGITS] = self.logit_width
+        return out
+
+    def row_counts(self, split: data_mod.TextSplit) -> dict[str, list[int]]:
+        """Rows per example of every field (for the disk estimate), from the teacher's encoding."""
+        enc = split.encodings["teacher"]
+        if self.causal_lm:
+            assert enc.response_start is not None
+            tokens = [len(ids) - start for ids, start in zip(enc.input_ids, enc.response_start)]
+        else:
+            tokens = [len(ids) for ids in enc.input_ids]
+        per_example = [1] * len(tokens)
+        counts = {layer_field(t): (tokens if self.rows == "tokens" else per_example) for t in self.layers}
+        if self.logit_width is not None:
+            counts[LOGITS] = tokens if self.causal_lm else per_example
+        return counts
+
+
+def _split_rows(rows: Tensor, counts: Sequence[int]) -> list[Tensor]:
+    return list(torch.split(rows, list(counts)))
+
+
+@torch.no_grad()
+def _build(
+    writer: output_cache.CacheWriter, teacher: nn.Module, split: data_mod.TextSplit, plan: OutputPlan,
+    batch_size: int, device: torch.device, amp: torch.dtype | None, emit: Progress,
+) -> None:
+    n = len(split)
+    need_hidden = bool(plan.layers)
+    for start in range(0, n, batch_size):
+        idx = list(range(start, min(n, start + batch_size)))
+        batch = data_mod.collate(split, idx)
+        t_in = data_mod.to_device(batch["teacher"], device)
+        with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            out = teacher(**t_in, output_hidden_states=need_hidden)
+        mask = batch["response_mask"]["teacher"].to(device) if plan.causal_lm else t_in["attention_mask"]  # (B, T)
+        arrays: dict[str, list[Tensor]] = {}
+        if plan.rows == "tokens":
+            counts = mask.sum(1).tolist()
+        else:
+            counts = [1] * len(idx)
+        for t in plan.layers:
+            arrays[layer_field(t)] = _split_rows(select_rows(out.hidden_states[t], mask, plan.rows).float().cpu(), counts)
+        if plan.logit_width is not None:
+            if plan.causal_lm:
+                logits, _ = response_predictions(out.logits, t_in["input_ids"], mask)  # (n, V)
+                per = mask[:, 1:].sum(1).tolist()
+            else:
+                logits, per = out.logits, [1] * len(idx)  # (B, C)
+            arrays[LOGITS] = _split_rows(logits[..., : plan.logit_width].float().cpu(), per)
+        writer.append_batch(start, arrays)
+
+
+class TeacherOutputs:
+    """Cached teacher outputs of the training split, served per micro-batch."""
+
+    def __init__(self, reader: output_cache.CacheReader, plan: OutputPlan, path: Path) -> None:
+        self.reader = reader
+        self.plan = plan
+        self.path = path
+
+    def logits(self, indices: Sequence[int], device: torch.device) -> Tensor | None:
+        """(B, C) for a classifier, (n_response_tokens, V) for a causal LM; None when not cached."""
+        if self.plan.logit_width is None:
+            return None
+        return torch.cat(self.reader.batch(LOGITS, indices)).to(device)
+
+    def features(self, indices: Sequence[int], device: torch.device) -> list[Tensor]:
+        """One (n, d_t) row matrix per cached teacher layer, in ``plan.layers`` order."""
+        return [torch.cat(self.reader.batch(layer_field(t), indices)).to(device) for t in self.plan.layers]
+
+
+def ensure(
+    root: Path, payload: dict[str, Any], plan: OutputPlan, teacher: nn.Module, split: data_mod.TextSplit,
+    dtype: str, batch_size: int, device: torch.device, amp: torch.dtype | None, emit: Progress, build: bool = True,
+) -> TeacherOutputs:
+    """Open the entry for ``payload``; build it first when it is missing, corrupt or stale
+    (the reason is reported, the disk cost is printed before any work).
+
+    With ``build=False`` (ranks other than 0 under torchrun, after rank 0 built it) only open.
+    """
+    payload = {**payload, "plan": {"causal_lm": plan.causal_lm, "rows": plan.rows, "layers": list(plan.layers),
+                                   "width": plan.width, "logit_width": plan.logit_width}, "dtype": dtype}
+    key = output_cache.cache_key(payload)
+    setting = "output.teacher_outputs_dir"
+    status, reason = output_cache.check_entry(root, key)
+    if status == "ok" or not build:
+        reader = output_cache.open_entry(root, key)
+        if reader is None:
+            raise output_cache.CacheEntryError(root / key, "missing", "rank 0 did not build it (is the directory shared by every rank?)")
+        emit({"event": "stage", "message": f"teacher outputs read from the cache {root / key}"})
+        return TeacherOutputs(reader, plan, root / key)
+    if status in ("corrupt", "stale"):
+        emit({"event": "stage", "message": f"teacher-output cache entry {root / key} is {status} ({reason}): rebuilding it"})
+        output_cache.remove_entry(root, key)
+    cost = output_cache.estimate_bytes(plan.row_counts(split), plan.fields(), dtype)
+    emit({"event": "stage", "message": (
+        f"caching teacher outputs of {len(split)} examples ({', '.join(plan.fields())}) in {root / key}: "
+        f"{output_cache.format_bytes(cost)} on disk"
+    )})
+    with output_cache.CacheWriter(root, key, payload, plan.fields(), len(split), dtype=dtype, setting=setting) as writer:
+        _build(writer, teacher, split, plan, batch_size, device, amp, emit)
+        path = writer.commit()
+    reader = output_cache.open_entry(root, key)
+    assert reader is not None
+    return TeacherOutputs(reader, plan, path)
