@@ -76,8 +76,17 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
     keep: int,
+    *,
+    student_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+    rng: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write checkpoint-<step> atomically and prune to the newest ``keep``."""
+    """Write checkpoint-<step> atomically and prune to the newest ``keep``.
+
+    Under torchrun the caller passes what the modules alone cannot give: the student's full
+    weights gathered from its FSDP shards (``student_state``), the optimizer's full state, and
+    every rank's generator states (``rng``, keys ``rank<r>.cpu`` ...).
+    """
     from safetensors.torch import save_file, save_model
 
     final = run_dir / f"{PREFIX}{step}"
@@ -86,15 +95,15 @@ def save_checkpoint(
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        save_model(student, str(tmp / "student.safetensors"))
+        if student_state is not None:
+            # Tied weights (embeddings and LM head) are one tensor twice: safetensors wants separate copies.
+            save_file({k: v.detach().cpu().contiguous().clone() for k, v in student_state.items()}, str(tmp / "student.safetensors"))
+        else:
+            save_model(student, str(tmp / "student.safetensors"))
         if any(True for _ in objective.parameters()):
             save_model(objective, str(tmp / "objective.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                rng[f"cuda{i}"] = s
-        save_file(rng, str(tmp / "rng.safetensors"))
+        torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file(rng if rng is not None else rng_states(), str(tmp / "rng.safetensors"))
         (tmp / STATE).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
         for child in tmp.iterdir():
             _fsync_file(child)
@@ -116,17 +125,39 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: Path, student: nn.Module, objective: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, Any]:
+def rng_states() -> dict[str, torch.Tensor]:
+    """This process's torch generator states (CPU, and every CUDA device)."""
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"cuda{i}"] = s
+    return rng
+
+
+def load_checkpoint(
+    path: Path, student: nn.Module, objective: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+    load_student: Any = None, load_optimizer: Any = None,
+) -> dict[str, Any]:
     """Restore weights and optimizer state in place; return state.json with the RNG states under
-    ``_rng`` (apply them with :func:`restore_rng` once nothing else will seed or draw)."""
+    ``_rng`` (apply them with :func:`restore_rng` once nothing else will seed or draw).
+
+    ``load_student(state_dict)`` / ``load_optimizer(state)`` replace the plain loads (FSDP shards
+    the full state dicts a checkpoint holds)."""
     from safetensors.torch import load_file, load_model
 
     try:
         state = json.loads((path / STATE).read_text(encoding="utf-8"))
-        load_model(student, str(path / "student.safetensors"), device=str(device))
+        if load_student is not None:
+            load_student(load_file(str(path / "student.safetensors")))
+        else:
+            load_model(student, str(path / "student.safetensors"), device=str(device))
         if (path / "objective.safetensors").exists():
             load_model(objective, str(path / "objective.safetensors"), device=str(device))
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+        saved_opt = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
+        if load_optimizer is not None:
+            load_optimizer(saved_opt)
+        else:
+            optimizer.load_state_dict(saved_opt)
         rng = load_file(str(path / "rng.safetensors"))
     except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError, SafetensorError) as err:
         raise KdgeoError(
@@ -137,8 +168,12 @@ def load_checkpoint(path: Path, student: nn.Module, objective: nn.Module, optimi
     return state
 
 
-def restore_rng(rng: dict[str, torch.Tensor]) -> None:
-    """Put torch's generators back where the checkpoint found them (call it last, after any seeding)."""
+def restore_rng(rng: dict[str, torch.Tensor], rank: int = 0) -> None:
+    """Put torch's generators back where the checkpoint found them (call it last, after any seeding).
+    Under torchrun each rank takes its own (``rank<r>.``-prefixed) states."""
+    prefix = f"rank{rank}."
+    if any(k.startswith(prefix) for k in rng):
+        rng = {k[len(prefix) :]: v for k, v in rng.items() if k.startswith(prefix)}
     torch.set_rng_state(rng["cpu"])
     if torch.cuda.is_available():
         states = [rng[k] for k in sorted(rng) if k.startswith("cuda")]

@@ -221,6 +221,9 @@ def distill(
         raise
     finally:
         view.close()
+        from kdgeo import distributed
+
+        distributed.teardown(distributed.from_environment())
     report.print_sweep(outcomes, json_lines=json_lines)
     if any(o.status == "failed" for o in outcomes):
         raise typer.Exit(1)
@@ -323,15 +326,22 @@ class TestChoice(str, Enum):
         "RUN is a run directory or a directory of runs (a sweep's output).\n\n"
         "Exit codes: 0 ok; 1 with --fail-if-worse when a variant is significantly worse than the baseline; "
         "2 bad input (no runs, runs of different tasks, a missing metric, an unknown baseline).\n\n"
+        "The metric defaults to accuracy for classification runs and rougeL for causal-lm runs (the task in summary.json); "
+        "the output says when the default was used.\n\n"
         "Examples:\n\n"
         "  kdgeo compare runs/demo-sweep --baseline ce\n\n"
+        "  kdgeo compare runs/opt-dolly-sweep --baseline kd --metric rougeL,perplexity\n\n"
         "  kdgeo compare runs/sweep/* --metric accuracy,procrustes --markdown report.md --plot report.png\n\n"
         "  kdgeo compare runs/sweep --baseline ce --fail-if-worse --json -"
     )
 )
 def compare(
     runs: Annotated[list[str], typer.Argument(metavar="RUN...", help="Run directories, or directories holding run directories.")],
-    metric: Annotated[str, typer.Option(help="accuracy, macro_f1, mcc, f1, teacher_agreement, or procrustes/cka/gram (final geometry, mean over pairs); comma-separated for several.")] = "accuracy",
+    metric: Annotated[
+        Optional[str],
+        typer.Option(help="accuracy, macro_f1, mcc, f1, teacher_agreement; causal LMs: rougeL, perplexity, response_nll; or procrustes/cka/gram "
+                          "(final geometry, mean over pairs); comma-separated for several. Default: accuracy for classification runs, rougeL for causal-lm runs."),
+    ] = None,
     baseline: Annotated[Optional[str], typer.Option(help="Variant to compare against (default: 'baseline' or 'ce' if present, else the first).")] = None,
     alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="Significance level after Holm correction.")] = 0.05,
     test: Annotated[TestChoice, typer.Option(help="Which test's p-value decides significance (all are reported).")] = TestChoice.t,

@@ -9,6 +9,9 @@ other variant against a baseline variant:
 * **unpaired** when the seed sets differ (or a seed is unknown or repeated): Welch t,
   Mann-Whitney U and a two-sample permutation test on all runs. The table says so.
 
+The metric defaults by task: ``accuracy`` for classification runs, ``rougeL`` for causal-lm runs
+(summary.json's ``task``); the result says which it used and why (``CompareResult.default_metric``).
+
 One test (``CompareArgs.test``) drives significance: its p-values across the non-baseline
 variants are Holm-adjusted (family-wise error at ``alpha`` per metric), and a variant is
 "significant (better|worse)" when the adjusted p < alpha, in the direction of its difference
@@ -22,7 +25,7 @@ metric, so one sees whether geometry and accuracy move together.
 
 Usage (what the CLI does)::
 
-    result = compare(CompareArgs(runs=["runs/sweep"], metric="accuracy", fail_if_worse=True))
+    result = compare(CompareArgs(runs=["runs/sweep"], fail_if_worse=True))  # metric: by the runs' task
     print_compare(result); write_json(result, "-"); plot(result, "compare.png")
     raise SystemExit(result.exit_code)
 """
@@ -50,6 +53,8 @@ SCORE_METRICS: tuple[str, ...] = ("accuracy", "macro_f1", "mcc", "f1", "teacher_
 GEOMETRY_METRICS: tuple[str, ...] = ("procrustes", "cka", "gram")
 LOWER_IS_BETTER: frozenset[str] = frozenset({"procrustes", "procrustes_angular", "gram", "perplexity", "response_nll"})
 """Distances and perplexity: lower is better. Every other metric (task scores, CKA) is higher-is-better."""
+DEFAULT_METRICS: dict[str, str] = {"classification": "accuracy", "causal-lm": "rougeL"}
+"""The metric compared when none is given, by the runs' task (a run that records none: classification)."""
 BASELINE_NAMES: tuple[str, ...] = ("baseline", "ce")
 """Variant names taken as the baseline when none is given (in this order)."""
 _PAIR_KEYS = ("student", "teacher")
@@ -59,6 +64,11 @@ def higher_is_better(metric: str) -> bool:
     return metric not in LOWER_IS_BETTER
 
 
+def default_metric(task: str | None) -> str:
+    """``DEFAULT_METRICS[task]``; ``accuracy`` for a task this version does not know, or none."""
+    return DEFAULT_METRICS.get(task or "classification", DEFAULT_METRICS["classification"])
+
+
 # ---- arguments and records ---------------------------------------------------------------------
 
 
@@ -66,9 +76,10 @@ def higher_is_better(metric: str) -> bool:
 class CompareArgs:
     runs: list[str]
     """Run directories, or parents of run directories (one level: every child with summary.json)."""
-    metric: str = "accuracy"
-    """A key of summary["scores"] (accuracy, macro_f1, mcc, f1, teacher_agreement) or a geometry
-    metric (procrustes, cka, gram: mean over the run's final layer pairs). Several: comma-separated."""
+    metric: str | None = None
+    """A key of summary["scores"] (accuracy, macro_f1, mcc, f1, teacher_agreement; causal LMs:
+    rougeL, perplexity, response_nll) or a geometry metric (procrustes, cka, gram: mean over the
+    run's final layer pairs). Several: comma-separated. None: by the runs' task (DEFAULT_METRICS)."""
     baseline: str | None = None
     """Variant to compare against; default a variant named "baseline" or "ce", else the first in sorted order."""
     alpha: float = 0.05
@@ -81,7 +92,7 @@ class CompareArgs:
 
     @property
     def metrics(self) -> list[str]:
-        return [m.strip() for m in self.metric.split(",") if m.strip()]
+        return [m.strip() for m in (self.metric or "").split(",") if m.strip()]
 
 
 @dataclass(frozen=True)
@@ -241,6 +252,8 @@ class CompareResult:
     warnings: list[str]
     """Diagnostics (skipped directories, missing task fields): printed on stderr."""
     exit_code: int
+    default_metric: str | None = None
+    """The metric when the caller gave none (then ``args.metric`` holds it too); None when given."""
 
 
 # ---- loading -----------------------------------------------------------------------------------
@@ -455,7 +468,8 @@ def _show(value: Any) -> str:
     return str(list(value)) if isinstance(value, tuple) else str(value)
 
 
-def _check_metrics(runs: list[RunRecord], metrics: list[str]) -> None:
+def _check_metrics(runs: list[RunRecord], metrics: list[str], defaulted_for: str | None = None) -> None:
+    """Every run has every metric. ``defaulted_for``: the task whose default metric this is (none was given)."""
     problems = []
     for metric in metrics:
         lacking = [r for r in runs if r.value(metric) is None]
@@ -466,8 +480,9 @@ def _check_metrics(runs: list[RunRecord], metrics: list[str]) -> None:
         near = difflib.get_close_matches(metric, every, n=1)
         hint = f" (did you mean '{near[0]}'?)" if near and near[0] != metric else ""
         shown = ", ".join(str(r.path) for r in lacking[:5]) + (f" and {len(lacking) - 5} more" if len(lacking) > 5 else "")
+        chosen = f" (the default for {defaulted_for} runs)" if defaulted_for else ""
         problems.append(
-            f"metric '{metric}'{hint} is missing (or null) in {len(lacking)} of {len(runs)} runs: {shown}. "
+            f"metric '{metric}'{hint}{chosen} is missing (or null) in {len(lacking)} of {len(runs)} runs: {shown}. "
             f"Metrics every run has: {', '.join(available) or 'none'}"
         )
     if problems:
@@ -589,19 +604,29 @@ def compare(args: CompareArgs) -> CompareResult:
         raise KdgeoError(f"test '{args.test}' is not one of {', '.join(TESTS)}; pass --test t, wilcoxon or permutation.")
     if not (isinstance(args.alpha, (int, float)) and 0 < args.alpha < 1):
         raise KdgeoError(f"alpha = {args.alpha} must be between 0 and 1 (exclusive), e.g. --alpha 0.05.")
-    metrics = args.metrics
-    if not metrics:
-        raise KdgeoError("no metric given; pass --metric accuracy (or macro_f1, mcc, procrustes, cka, gram, ...).")
+    if args.metric is not None and not args.metrics:
+        raise KdgeoError(
+            f"no metric in --metric {args.metric!r}; pass one, e.g. --metric accuracy (or rougeL, perplexity, macro_f1, "
+            "mcc, procrustes, cka, gram, ...), or leave --metric out for the task's default."
+        )
     warnings: list[str] = []
     runs = load_runs(args.runs, warnings)
     task = _check_tasks(runs, warnings)
-    _check_metrics(runs, metrics)
+    chosen: str | None = None
+    if args.metric is None:
+        # By the task the runs record (they agree, or _check_tasks refused them).
+        chosen = default_metric(task.task)
+        args = replace(args, metric=chosen)
+    metrics = args.metrics
+    _check_metrics(runs, metrics, (task.task or "classification") if chosen else None)
     variants = sorted({r.variant for r in runs})
     baseline = _pick_baseline(variants, args.baseline)
     ordered = [baseline] + [v for v in variants if v != baseline]
     by_variant = {v: [r for r in runs if r.variant == v] for v in ordered}
     comparisons = [_compare_metric(m, by_variant, baseline, args, runs) for m in metrics]
     notes: list[str] = []
+    if chosen is not None:
+        notes.append(f"metric {chosen}: the default for {task.task or 'classification'} runs; choose others with --metric")
     if len(variants) == 1:
         notes.append(f"only one variant ({baseline}): nothing to test against a baseline")
     if any(len(recs) == 1 for recs in by_variant.values()):
@@ -612,7 +637,7 @@ def compare(args: CompareArgs) -> CompareResult:
     if args.fail_if_worse and worse:
         notes.append("significantly worse than the baseline: " + ", ".join(f"{v} on {m}" for m, v in worse) + " (exit code 1)")
     geometry = _geometry_rows(by_variant, metrics[0])
-    return CompareResult(args, runs, task, ordered, baseline, comparisons, geometry, notes, warnings, exit_code)
+    return CompareResult(args, runs, task, ordered, baseline, comparisons, geometry, notes, warnings, exit_code, chosen)
 
 
 # ---- output ------------------------------------------------------------------------------------
@@ -744,7 +769,9 @@ def _test_json(t: stats.TestResult) -> dict[str, Any]:
 
 
 def to_json(result: CompareResult) -> dict[str, Any]:
-    """Everything in the tables as plain JSON types (NaN and inf become null)."""
+    """Everything in the tables as plain JSON types (NaN and inf become null).
+
+    ``default_metric``: the metric picked by the runs' task when none was given; null when given."""
     a = result.args
     metrics = []
     for c in result.metrics:
@@ -774,6 +801,7 @@ def to_json(result: CompareResult) -> dict[str, Any]:
         "task": {k: (list(v) if isinstance(v, tuple) else v) for k, v in result.task.fields().items()},
         "runs": [{"path": str(r.path), "variant": r.variant, "seed": r.seed} for r in result.runs],
         "variants": result.variants, "baseline": result.baseline, "alpha": a.alpha, "test": a.test,
+        "default_metric": result.default_metric,
         "fail_if_worse": a.fail_if_worse, "metrics": metrics,
         "geometry": [{"variant": g.variant, "student": g.student, "teacher": g.teacher, "runs": g.n, **g.values, "score": g.score}
                      for g in result.geometry],

@@ -33,7 +33,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from kdgeo import __version__, checkpoint, geometry, lm_data, rundir
+from kdgeo import __version__, checkpoint, distributed, geometry, lm_data, rundir
 from kdgeo import data as data_mod
 from kdgeo.errors import DataError, KdgeoError, LayerMapError, ModelLoadError, OutputError, RunInterrupted, TokenizerMismatchError
 from kdgeo.evaluate import score
@@ -58,7 +58,7 @@ from kdgeo.models import (
     student_from_teacher_layers,
 )
 from kdgeo.optim import build_optimizer, build_scheduler, param_groups
-from kdgeo.probe import autocast_dtype, resolve_device
+from kdgeo.probe import autocast_dtype
 from kdgeo.spec import RunSpec, SweepRun, resume_differences
 from kdgeo.evaluate_lm import split_scores
 from kdgeo.generation import GenerationArgs
@@ -270,18 +270,50 @@ def _encode(split: data_mod.TextSplit, tokenizers: dict[str, Any], max_length: i
         split.encodings[role] = shared[id(tok)]
 
 
+def _write_run_files(run_dir: Path, spec: RunSpec) -> None:
+    """A new run's directory: the format marker and the resolved spec (JSON and TOML)."""
+    import tomli_w
+
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"cannot create the run directory {run_dir}: {err.strerror or err}") from None
+    if spec.output.overwrite:
+        for name in (rundir.METRICS, rundir.SUMMARY):
+            (run_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / rundir.STUDENT, ignore_errors=True)
+        for _, old in checkpoint.list_checkpoints(run_dir):
+            shutil.rmtree(old, ignore_errors=True)
+    resolved = spec.model_dump(mode="json", exclude_none=True)
+    rundir.write_json(run_dir / rundir.RUN_MARKER, {"format_version": rundir.FORMAT_VERSION, "kdgeo": __version__})
+    rundir.write_json(run_dir / rundir.SPEC_JSON, resolved)
+    rundir.write_text_atomic(run_dir / rundir.SPEC_TOML, tomli_w.dumps(resolved))
+
+
+def _epoch_batches(n: int, global_batch: int, world: int, seed: int, epoch: int, lengths: list[int] | None) -> list[list[int]]:
+    """One epoch's global micro-batches (the same on every rank). Under torchrun a last batch
+    with fewer examples than processes is left out, since every process needs at least one."""
+    micro = data_mod.batch_indices(n, global_batch, shuffle=True, seed=seed, epoch=epoch, lengths=lengths)
+    if world > 1:
+        micro = [b for b in micro if len(b) >= world]
+    return micro
+
+
 def _feature_rows(hidden: tuple[torch.Tensor, ...], mask: torch.Tensor, indices: list[int], rows: str) -> list[torch.Tensor]:
     return [select_rows(hidden[i], mask, rows) for i in indices]  # each (n, d)
 
 
 def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = False) -> DistillResult:
     """Train the student per ``spec``; with ``resume``, continue the run directory's newest checkpoint."""
-    emit = progress or (lambda event: None)
     wall_start = time.perf_counter()
     train_cfg = spec.train
 
     # ---- 1. pre-flight ----------------------------------------------------------------------
-    device = resolve_device(train_cfg.device, "train.device")
+    # Under torchrun every rank runs this function; rank 0 alone writes files and reports.
+    dist, device = distributed.setup(train_cfg.device, "train.device")
+    emit = (progress or (lambda event: None)) if dist.is_main else (lambda event: None)
+    world = dist.world_size
+    fsdp = dist.enabled and train_cfg.distributed == "fsdp"
     if train_cfg.precision == "fp16" and device.type != "cuda":
         raise KdgeoError('train.precision = "fp16" needs a CUDA device; use "bf16" or "fp32" on CPU (or "auto").')
     amp = autocast_dtype(train_cfg.precision, device)
@@ -290,7 +322,7 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
     if resume:
         run_dir = _check_resumable(Path(parent).expanduser() / run_name, spec)
     else:
-        run_dir = rundir.prepare_run_dir(parent, run_name, spec.output.overwrite)
+        run_dir = distributed.on_main(lambda: rundir.prepare_run_dir(parent, run_name, spec.output.overwrite), dist)
 
     teacher_ref = ModelRef(spec.teacher.model, spec.teacher.revision, spec.teacher.trust_remote_code)
     is_lm = spec.task == "causal-lm"
@@ -390,6 +422,16 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
         model_key = f"{spec.teacher.model}|{fingerprint_model(teacher_ref)}"
         key = cache_key(model_key, spec.teacher.revision, data_key, label_info.names if label_info else [], ft_args)
         cache_dir = Path(spec.output.teacher_cache).expanduser()
+        if dist.enabled:
+            # Rank 0 fine-tunes (and caches) alone; the others then load the cached result.
+            def finetune_once() -> None:
+                if cached_teacher(cache_dir, key) is None:
+                    emit({"event": "stage", "message": f"fine-tuning the teacher on rank 0 ({ft.epochs:g} epochs on {len(train)} examples)"})
+                    model = teacher
+                    stats = finetune(model, train, ft_args, device, amp, emit, group_by_length=spec.data.group_by_length, causal_lm=is_lm)
+                    save_to_cache(model, t_tok, cache_dir, key, {"teacher": spec.teacher.model, "key": key, **stats})
+
+            distributed.on_main(finetune_once, dist)
         hit = cached_teacher(cache_dir, key)
         if hit is not None:
             emit({"event": "stage", "message": f"using the cached fine-tuned teacher {hit}"})
@@ -471,11 +513,25 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
     objective = Objective(terms, pairs if feature_kinds else [], [(s_width, t_width)] * (len(pairs) if feature_kinds else 0)).to(device)
     need_hidden = objective.needs_features
     need_teacher = objective.needs_teacher_logits or need_hidden
+    model = student  # the user's module; under torchrun `student` becomes its DDP/FSDP wrapper
+    if dist.enabled:
+        emit({"event": "stage", "message": f"torchrun: {world} processes, {train_cfg.distributed}, backend {dist.backend}"})
+        if fsdp:
+            teacher = distributed.shard_frozen(teacher, dist)
+        # Without a logit loss, the head (and layers above the deepest pair) get no gradient.
+        student = distributed.wrap_student(
+            student, dist, device, train_cfg.distributed, find_unused_parameters=not (kinds & {"ce", "kd"}),
+        )
+    # Evaluations and the monitor run on rank 0 only, unless FSDP needs every rank for a forward.
+    measure_here = dist.is_main or fsdp
+    # Under FSDP the optimizer state is read and written by parameter name across both modules.
+    trained = nn.ModuleDict({"student": student, "objective": objective}) if fsdp else None
     groups = param_groups(student.named_parameters(), train_cfg.lr, train_cfg.weight_decay)
     if len(objective.projections):
         groups += param_groups(objective.named_parameters(), train_cfg.projection_lr or train_cfg.lr, train_cfg.weight_decay)
     optimizer = build_optimizer(groups, train_cfg.lr)
-    micro_per_epoch = math.ceil(len(train) / train_cfg.batch_size)
+    global_batch = train_cfg.batch_size * world  # batch_size is per process
+    micro_per_epoch = len(_epoch_batches(len(train), global_batch, world, spec.seed, 0, None))
     steps_per_epoch = math.ceil(micro_per_epoch / train_cfg.grad_accum)
     total_steps = train_cfg.max_steps or max(1, int(round(train_cfg.epochs * steps_per_epoch)))
     scheduler = build_scheduler(optimizer, total_steps, train_cfg.warmup_ratio, train_cfg.schedule)
@@ -498,10 +554,17 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
         plan = OutputPlan(
             causal_lm=is_lm, rows=spec.features.rows, layers=tuple(t_idx) if need_hidden else (), width=t_width, logit_width=cached_logits,
         )
-        touts = ensure_teacher_outputs(
-            Path(spec.output.teacher_outputs_dir).expanduser(), payload, plan, teacher, train, spec.output.teacher_outputs_dtype,
-            max(64, train_cfg.batch_size), device, amp, emit,
-        )
+        touts_root = Path(spec.output.teacher_outputs_dir).expanduser()
+        if fsdp:
+            # A sharded teacher's forward needs every rank; build the entry in one process (or under ddp) first.
+            touts = ensure_teacher_outputs(touts_root, payload, plan, teacher, train, spec.output.teacher_outputs_dtype,
+                                           max(64, train_cfg.batch_size), device, amp, emit, build=False)
+        else:
+            distributed.on_main(lambda: ensure_teacher_outputs(
+                touts_root, payload, plan, teacher, train, spec.output.teacher_outputs_dtype, max(64, train_cfg.batch_size), device, amp, emit,
+            ).reader.close(), dist)
+            touts = ensure_teacher_outputs(touts_root, payload, plan, teacher, train, spec.output.teacher_outputs_dtype,
+                                           max(64, train_cfg.batch_size), device, amp, lambda event: None, build=False)
 
     # ---- teacher's evaluation predictions (once) and the run directory ------------------------
     eval_batch = max(64, train_cfg.batch_size) if not is_lm else train_cfg.batch_size
@@ -509,10 +572,12 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
     if is_lm:
         g = spec.generate
         gen_args = GenerationArgs(g.max_new_tokens, g.batch_size, g.do_sample, g.temperature, g.top_p, spec.seed)
+    teacher_scores: dict[str, float] = {}
+    teacher_preds: list[int] | None = None
+    if is_lm and measure_here:
         emit({"event": "stage", "message": f"scoring the teacher: perplexity and ROUGE-L on {min(len(evals), g.max_samples or len(evals))} generated responses"})
         teacher_scores, _ = split_scores(teacher, t_tok, evals, "teacher", gen_args, eval_batch, device, amp, g.max_samples)
-        teacher_preds = None
-    else:
+    elif measure_here:
         teacher_scores, teacher_preds = score(teacher, evals, num_labels, "teacher", eval_batch, device, amp)
     metrics_path = run_dir / rundir.METRICS
     resumed_from: Path | None = None
@@ -520,47 +585,52 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
     if resume:
         resumed_from = checkpoint.latest_checkpoint(run_dir)
         if resumed_from is not None:
-            ckpt_state = checkpoint.load_checkpoint(resumed_from, student, objective, optimizer, device)
+            loaders: dict[str, Any] = {}
+            if fsdp:
+                loaders = {
+                    "load_student": lambda sd: distributed.load_full_state_dict(student, sd, dist),
+                    "load_optimizer": lambda state: distributed.load_full_optimizer_state(trained, optimizer, state, dist),
+                }
+            ckpt_state = checkpoint.load_checkpoint(resumed_from, distributed.unwrap(student), objective, optimizer, device, **loaders)
+            saved = (ckpt_state.get("world_size", 1), ckpt_state.get("strategy", "ddp"))
+            here = (world, train_cfg.distributed if dist.enabled else "ddp")
+            if saved != here:
+                raise KdgeoError(
+                    f"{resumed_from} was written by {saved[0]} process(es) ({saved[1]}); this run has {here[0]} ({here[1]}). The "
+                    "global batch is batch_size x processes and the optimizer state is laid out per strategy: resume with the same "
+                    f"launch (torchrun --nproc-per-node {saved[0]} and train.distributed = \"{saved[1]}\"; no torchrun for 1 process)."
+                )
             scheduler.load_state_dict(ckpt_state["scheduler"])
             if ckpt_state.get("scaler"):
                 scaler.load_state_dict(ckpt_state["scaler"])
             # Events after the checkpoint will be produced again; drop them so nothing is doubled.
-            rundir.truncate_lines(metrics_path, ckpt_state["metrics_lines"])
+            if dist.is_main:
+                rundir.truncate_lines(metrics_path, ckpt_state["metrics_lines"])
             emit({"event": "stage", "message": f"resuming from {resumed_from} (step {ckpt_state['step']} of {total_steps})"})
         else:
             emit({"event": "stage", "message": f"{run_dir} has no checkpoint yet: starting the run again from step 0"})
-            metrics_path.unlink(missing_ok=True)
+            if dist.is_main:
+                metrics_path.unlink(missing_ok=True)
     else:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise OutputError(f"cannot create the run directory {run_dir}: {err.strerror or err}") from None
-        if spec.output.overwrite:
-            for name in (rundir.METRICS, rundir.SUMMARY):
-                (run_dir / name).unlink(missing_ok=True)
-            shutil.rmtree(run_dir / rundir.STUDENT, ignore_errors=True)
-            for _, old in checkpoint.list_checkpoints(run_dir):
-                shutil.rmtree(old, ignore_errors=True)
-        resolved = spec.model_dump(mode="json", exclude_none=True)
-        rundir.write_json(run_dir / rundir.RUN_MARKER, {"format_version": rundir.FORMAT_VERSION, "kdgeo": __version__})
-        rundir.write_json(run_dir / rundir.SPEC_JSON, resolved)
-        import tomli_w
-
-        rundir.write_text_atomic(run_dir / rundir.SPEC_TOML, tomli_w.dumps(resolved))
+        distributed.on_main(lambda: _write_run_files(run_dir, spec), dist)
 
     lines = {"n": ckpt_state["metrics_lines"] if ckpt_state is not None else 0}
 
     def record(event: dict[str, Any]) -> None:
-        rundir.append_jsonl(metrics_path, event)
-        lines["n"] += 1
-        emit(event)
+        lines["n"] += 1  # on every rank: checkpoints carry the count
+        if dist.is_main:
+            rundir.append_jsonl(metrics_path, event)
+            emit(event)
 
     def monitor(step: int) -> list[dict[str, Any]]:
-        was = student.training
-        student.eval()
+        if not measure_here:
+            return []
+        # `model`, not the DDP wrapper: a wrapper's forward would wait for the other ranks.
+        was = model.training
+        model.eval()
         with torch.no_grad():
-            hidden = _forward(student, m_s_in, True, amp, device).hidden_states
-        student.train(was)
+            hidden = _forward(model, m_s_in, True, amp, device).hidden_states
+        model.train(was)
         s_rows = _feature_rows(hidden, m_s_mask, s_idx, spec.features.rows)
         values = []
         for (s, t), x, y in zip(pairs, m_t_rows, s_rows):
@@ -570,13 +640,15 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
         return values
 
     def evaluate(step: int, epoch: float, final: bool = False) -> dict[str, float]:
+        if not measure_here:
+            return {}
         if is_lm:
             generate_now = final or spec.generate.every_eval
             scores, _ = split_scores(
-                student, s_tok, evals, "student", gen_args if generate_now else None, eval_batch, device, amp, spec.generate.max_samples
+                model, s_tok, evals, "student", gen_args if generate_now else None, eval_batch, device, amp, spec.generate.max_samples
             )
         else:
-            scores, _ = score(student, evals, num_labels, "student", eval_batch, device, amp, reference=teacher_preds)
+            scores, _ = score(model, evals, num_labels, "student", eval_batch, device, amp, reference=teacher_preds)
         record({"event": "eval", "step": step, "epoch": epoch, "scores": scores})
         return scores
 
@@ -592,12 +664,25 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
             "step": st["step"], "total_steps": total_steps, "loop": st,
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
             "metrics_lines": lines["n"],  # metrics.jsonl is cut back to this on resume
+            "world_size": world, "strategy": train_cfg.distributed if dist.enabled else "ddp",
         }
-        path = checkpoint.save_checkpoint(run_dir, st["step"], student, objective, optimizer, state, train_cfg.keep_checkpoints + extra_keep)
+        extra: dict[str, Any] = {}
+        if dist.enabled:
+            per_rank = distributed.gather_objects(checkpoint.rng_states(), dist)
+            rng = {f"rank{r}.{k}": v for r, states in enumerate(per_rank) for k, v in states.items()}
+            extra["rng"] = {**{k: v.clone() for k, v in per_rank[0].items()}, **rng}  # plain keys: rank 0, as one process writes
+            if fsdp:  # collectives: every rank takes part, rank 0 receives the full tensors
+                extra["student_state"] = distributed.full_state_dict(student, dist)
+                extra["optimizer_state"] = distributed.full_optimizer_state(trained, optimizer, dist)
+        keep = train_cfg.keep_checkpoints + extra_keep
+        path = distributed.on_main(
+            lambda: checkpoint.save_checkpoint(run_dir, st["step"], model, objective, optimizer, state, keep, **extra), dist
+        )
         record({"event": "checkpoint", "step": st["step"], "path": str(path)})
         return path
 
     s_enc = train.encodings["student"]
+    gather = dist.enabled and train_cfg.gather_features
 
     def micro_weight(idx: list[int]) -> int:
         """What a micro-batch's mean loss is a mean over: examples, or a causal LM's response tokens."""
@@ -606,8 +691,9 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
         assert s_enc.response_start is not None
         return sum(len(s_enc.input_ids[i]) - s_enc.response_start[i] for i in idx)
 
-    def micro_loss(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The objective on one micro-batch: forward passes, then the weighted loss terms."""
+    def micro_loss(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """The objective on one micro-batch: forward passes, then the weighted logit terms and
+        feature terms (on rows gathered from every rank with train.gather_features)."""
         s_in = data_mod.to_device(batch["student"], device)
         s_out = _forward(student, s_in, need_hidden, amp, device)
         if is_lm:
@@ -635,13 +721,16 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
             # Output layers padded to different sizes: compare the tokenizer's ids only.
             s_logits = s_logits[..., :logit_width]
             t_logits = t_logits[..., :logit_width] if t_logits is not None else None
-        return objective(s_logits, labels, t_logits, t_rows, s_rows)
+        if gather and s_rows:
+            t_rows = [distributed.gather_rows(r.float(), dist) for r in t_rows]
+            s_rows = [distributed.gather_rows(r.float(), dist) for r in s_rows]
+        return objective.grouped(s_logits, labels, t_logits, t_rows, s_rows)
 
     # ---- 5. the training loop ----------------------------------------------------------------
-    torch.manual_seed(spec.seed)
+    torch.manual_seed(spec.seed + dist.rank)  # rank 0 draws what a single process draws
     if ckpt_state is not None:
         st.update(ckpt_state["loop"])
-        checkpoint.restore_rng(ckpt_state["_rng"])  # after the seeding above, which it must override
+        checkpoint.restore_rng(ckpt_state["_rng"], dist.rank)  # after the seeding above, which it must override
         record({"event": "resume", "step": st["step"], "checkpoint": str(resumed_from)})
     else:
         record({
@@ -665,30 +754,51 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
         handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while st["step"] < total_steps:
-            micro = data_mod.batch_indices(len(train), train_cfg.batch_size, shuffle=True, seed=spec.seed, epoch=st["epoch"], lengths=lengths)
+            micro = _epoch_batches(len(train), global_batch, world, spec.seed, st["epoch"], lengths)
             while st["next_micro"] < len(micro) and st["step"] < total_steps:
                 first = st["next_micro"]
-                group = micro[first : first + train_cfg.grad_accum]
+                group = micro[first : first + train_cfg.grad_accum]  # global micro-batches
                 n_step = sum(len(b) for b in group)
-                weights = [float(micro_weight(b)) for b in group]
+                total_weight = float(sum(micro_weight(b) for b in group))
                 t0 = time.perf_counter()
+                stop_agreed = stop["signal"] is not None
                 optimizer.zero_grad(set_to_none=True)
                 step_parts: dict[str, float] = {}
                 nonfinite: list[str] = []
-                for idx, weight in zip(group, weights):
-                    loss, parts = micro_loss(data_mod.collate(train, idx))
-                    if not torch.isfinite(loss):
-                        nonfinite = [k for k, v in parts.items() if not torch.isfinite(v)] or ["the total loss"]
-                        break
-                    # Mean over the step's examples (response tokens for a causal LM), however they are split.
-                    share = weight / sum(weights)
-                    scaler.scale(loss * share).backward()
-                    for k, v in parts.items():
-                        step_parts[k] = step_parts.get(k, 0.0) + float(v) * share
-                    step_parts["loss"] = step_parts.get("loss", 0.0) + float(loss.detach()) * share
+                for k, global_idx in enumerate(group):
+                    idx = distributed.shard(global_idx, dist)
+                    # Shares: the step's loss is a mean over its examples (response tokens for a
+                    # causal LM), however they are split into micro-batches and processes; DDP
+                    # averages over processes, so per-row terms carry a factor N
+                    # (distributed.loss_share) and terms on gathered rows do not.
+                    local_share = distributed.loss_share(micro_weight(idx), 1, dist) / total_weight
+                    feature_share = micro_weight(global_idx) / total_weight if gather else local_share
+                    log_share = micro_weight(idx) / total_weight
+                    with distributed.maybe_no_sync(student, sync=k == len(group) - 1):
+                        logit_loss, feature_loss, parts = micro_loss(data_mod.collate(train, idx))
+                        loss = logit_loss + feature_loss
+                        if not torch.isfinite(loss):
+                            nonfinite = [k for k, v in parts.items() if not torch.isfinite(v)] or ["the total loss"]
+                            if not dist.enabled:
+                                break
+                        # Under torchrun every rank runs every backward (they synchronise), even past a NaN.
+                        scaler.scale(logit_loss * local_share + feature_loss * feature_share).backward()
+                    for name, v in parts.items():
+                        step_parts[name] = step_parts.get(name, 0.0) + float(v) * log_share
+                    step_parts["loss"] = step_parts.get("loss", 0.0) + float(loss.detach()) * log_share
+                if dist.enabled:
+                    distributed.average_gradients(objective.parameters(), dist)  # the projections: outside DDP/FSDP
+                    flags = {"nonfinite": float(bool(nonfinite)), "stop": float(stop["signal"] is not None)}
+                    reduced = distributed.all_reduce_sum({**{f"part:{k}": v for k, v in step_parts.items()}, **flags}, dist)
+                    step_parts = {k[5:]: v for k, v in reduced.items() if k.startswith("part:")}
+                    if reduced["nonfinite"] and not nonfinite:
+                        nonfinite = ["a loss term on another process"]
+                    # Only the agreed flag counts: a signal landing after this point waits for the next step.
+                    stop_agreed = reduced["stop"] > 0
                 if not nonfinite:
                     scaler.unscale_(optimizer)
                     norm = torch.nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm or float("inf"))  # 0: no clipping
+                    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
                     if not torch.isfinite(norm) and not scaler.is_enabled():
                         nonfinite = ["the gradients (loss finite, gradient norm not)"]
                 if nonfinite:
@@ -738,9 +848,11 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
                 if train_cfg.eval_every and step % train_cfg.eval_every == 0 and step != total_steps:
                     st["last_scores"] = evaluate(step, epoch_pos)
                     st["evaluated_at"] = step
-                if stop["signal"] is not None and step < total_steps:
+                if (stop_agreed if dist.enabled else stop["signal"] is not None) and step < total_steps:
                     path = save_checkpoint()
-                    name = signal.Signals(stop["signal"]).name
+                    signum = stop["signal"] if stop["signal"] is not None else int(signal.SIGTERM)  # another rank's signal
+                    stop["signal"] = signum
+                    name = signal.Signals(signum).name
                     raise RunInterrupted(
                         f"{name} at step {step} of {total_steps}: checkpoint written to {path}.",
                         exit_code=128 + int(stop["signal"]), run_dir=str(run_dir), step=step,
@@ -772,13 +884,18 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
     student_dir = None
     if spec.output.save_student:
         student_dir = run_dir / rundir.STUDENT
-        try:
-            save_model_dir(student, s_tok, student_dir)
-        except SAVE_ERRORS as err:
-            raise OutputError(
-                f"cannot save the student to {student_dir}: {getattr(err, 'strerror', None) or err}. metrics.jsonl and the checkpoints "
-                "hold the run so far: free some space and run the same command with --resume."
-            ) from None
+        full = distributed.full_state_dict(student, dist) if fsdp else None  # a collective under FSDP
+
+        def save_student() -> None:
+            try:
+                save_model_dir(model, s_tok, student_dir, state_dict=full)
+            except SAVE_ERRORS as err:
+                raise OutputError(
+                    f"cannot save the student to {student_dir}: {getattr(err, 'strerror', None) or err}. metrics.jsonl and the "
+                    "checkpoints hold the run so far: free some space and run the same command with --resume."
+                ) from None
+
+        distributed.on_main(save_student, dist)
     d = spec.data
     summary = {
         "format_version": rundir.FORMAT_VERSION,
@@ -825,9 +942,17 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
         "precision": str(amp).replace("torch.", "") if amp else "fp32",
         "versions": _versions(),
     }
-    rundir.write_json(run_dir / rundir.SUMMARY, summary)
-    # The end-of-training checkpoint was insurance for the final phase, which is now done.
-    shutil.rmtree(run_dir / f"{checkpoint.PREFIX}{total_steps}", ignore_errors=True)
+    if dist.enabled:
+        summary["processes"] = world
+        summary["distributed"] = train_cfg.distributed
+        summary["gather_features"] = train_cfg.gather_features
+
+    def finish() -> None:
+        rundir.write_json(run_dir / rundir.SUMMARY, summary)
+        # The end-of-training checkpoint was insurance for the final phase, which is now done.
+        shutil.rmtree(run_dir / f"{checkpoint.PREFIX}{total_steps}", ignore_errors=True)
+
+    distributed.on_main(finish, dist)
     emit({"event": "done", "summary": summary})
     return DistillResult(run_dir=run_dir, summary=summary)
 

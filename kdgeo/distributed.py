@@ -292,6 +292,39 @@ def broadcast_object(obj: Any, dist: Dist, src: int = 0) -> Any:
     return box[0]
 
 
+def gather_objects(obj: Any, dist: Dist) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+    if not dist.enabled:
+        return [obj]
+    import torch.distributed as tdist
+
+    out: list[Any] = [None] * dist.world_size
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def on_main(fn: Any, dist: Dist) -> Any:
+    """Run ``fn()`` on rank 0 only (writing files, fine-tuning the teacher once) and hand its
+    result to every rank. A :class:`KdgeoError` on rank 0 is raised on every rank with the same
+    message, so the others stop too instead of waiting at the next collective until it times out."""
+    if not dist.enabled:
+        return fn()
+    outcome: tuple[str, Any] = ("ok", None)
+    error: KdgeoError | None = None
+    if dist.is_main:
+        try:
+            outcome = ("ok", fn())
+        except KdgeoError as err:
+            error = err
+            outcome = ("error", err.render())  # the text only: exception subclasses need not pickle
+    status, value = broadcast_object(outcome, dist)
+    if status == "error":
+        if error is not None:
+            raise error
+        raise KdgeoError(str(value))
+    return value
+
+
 def barrier(dist: Dist) -> None:
     """Wait until every rank gets here (e.g. the others while rank 0 writes a checkpoint)."""
     if not dist.enabled:

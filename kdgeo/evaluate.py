@@ -24,7 +24,7 @@ from kdgeo.probe import autocast_dtype, resolve_device
 Progress = Callable[[dict[str, Any]], None]
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: FSDP reuses buffers made here in training forwards
 def predict(model: nn.Module, split: data_mod.TextSplit, role: str, batch_size: int, device: torch.device, amp: torch.dtype | None) -> list[int]:
     """Arg-max class of every example, in order."""
     was_training = model.training

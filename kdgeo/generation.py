@@ -184,7 +184,7 @@ def generate(
     ``tokenizer_pad_id`` (attention mask 0 there, positions cumsum(mask) - 1 clipped at 0). The
     loop runs one prefill pass, then one cached pass per new token with the mask extended by a 1.
     A row stops at ``eos_id`` or after ``max_new_tokens`` tokens; a batch stops when every row
-    has. Runs under ``torch.inference_mode`` (and autocast to ``amp`` when given) and restores
+    has. Runs under ``torch.no_grad`` (not inference mode: FSDP reuses its buffers in training) and autocast to ``amp`` when given, and restores
     ``model.training``. Raises ValueError on an empty prompt or invalid decoding arguments.
     """
     _check_prompts(prompts)
@@ -196,7 +196,7 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), _autocast(device, amp):
+        with torch.no_grad(), _autocast(device, amp):
             for idx in _length_batches([len(p) for p in prompts], batch_size):
                 new = _generate_batch(model, [prompts[i] for i in idx], tokenizer_pad_id, eos_id, max_new_tokens,
                                       device, cache_kw, takes_positions, keep_kw,
@@ -288,7 +288,7 @@ def response_nll(
     log-softmax and the sum is accumulated in float64. Prompt tokens are never targets; rows with
     an empty response contribute nothing (and are not run). This is a token-level sum: MiniLLM's
     ``lm_loss`` (Gu et al. 2024) averages per-row means instead, which weights short answers more.
-    Runs under ``torch.inference_mode`` (autocast to ``amp`` when given), restores ``model.training``.
+    Runs under ``torch.no_grad`` (not inference mode: FSDP reuses its buffers in training) and autocast to ``amp`` when given; restores ``model.training``.
     """
     if len(prompts) != len(responses):
         raise ValueError(f"prompts and responses differ in length ({len(prompts)} vs {len(responses)})")
@@ -303,7 +303,7 @@ def response_nll(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.no_grad():
             lengths = [len(prompts[i]) + len(responses[i]) for i in scored]
             for batch in _length_batches(lengths, batch_size):
                 rows = [scored[k] for k in batch]

@@ -167,7 +167,24 @@ class Objective(nn.Module):
         student_logits: (N, C) and labels (N,): examples of a classifier, or the response-token
         predictions of a causal LM (see :func:`response_predictions`).
         """
-        total = student_logits.new_zeros((), dtype=torch.float32)
+        logit_total, feature_total, parts = self.grouped(student_logits, labels, teacher_logits, teacher_features, student_features)
+        return logit_total + feature_total, parts
+
+    def grouped(
+        self,
+        student_logits: Tensor,
+        labels: Tensor,
+        teacher_logits: Tensor | None = None,
+        teacher_features: Sequence[Tensor] = (),
+        student_features: Sequence[Tensor] = (),
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """(weighted sum of the per-row logit terms, weighted sum of the feature terms, parts).
+
+        The two groups are apart because data-parallel training weights them differently: a
+        logit term is a mean over rows, a geometry term a statistic of the whole row matrix.
+        """
+        logit_total = student_logits.new_zeros((), dtype=torch.float32)
+        feature_total = student_logits.new_zeros((), dtype=torch.float32)
         parts: dict[str, Tensor] = {}
         for term in self.terms:
             match term.kind:
@@ -185,5 +202,8 @@ class Objective(nn.Module):
                 case other:
                     raise ValueError(f"unknown loss kind {other!r}")
             parts[term.kind] = value.detach()
-            total = total + term.weight * value
-        return total, parts
+            if term.kind in FEATURE_KINDS:
+                feature_total = feature_total + term.weight * value
+            else:
+                logit_total = logit_total + term.weight * value
+        return logit_total, feature_total, parts

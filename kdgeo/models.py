@@ -395,16 +395,20 @@ SAVE_ERRORS = (OSError, RuntimeError, SafetensorError)
 """What saving weights raises on a full or read-only disk (torch.save and safetensors do not use OSError)."""
 
 
-def save_model_dir(model: nn.Module, tokenizer: Any, dest: Path, extra: dict[str, str] | None = None) -> None:
+def save_model_dir(model: nn.Module, tokenizer: Any, dest: Path, extra: dict[str, str] | None = None, state_dict: dict[str, Any] | None = None) -> None:
     """``save_pretrained`` (safetensors) + tokenizer into ``dest`` atomically: written into a
     temporary sibling, then renamed over ``dest``, so a crash never leaves it half-written.
-    ``extra`` maps file names to text written beside them. Raises one of SAVE_ERRORS."""
+    ``extra`` maps file names to text written beside them; ``state_dict`` replaces the model's
+    own (the full weights of an FSDP-sharded model). Raises one of SAVE_ERRORS."""
     tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         with quiet_transformers():
-            model.save_pretrained(tmp, safe_serialization=True)
+            if state_dict is not None:
+                model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+            else:
+                model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")

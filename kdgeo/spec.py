@@ -389,6 +389,16 @@ class TrainSpec(_Strict):
     """Optimizer steps between checkpoints (0: only when interrupted). `--resume` continues from the newest."""
     keep_checkpoints: int = Field(2, ge=1)
     """How many of the newest checkpoints to keep."""
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    """Under `torchrun --nproc-per-node N -m kdgeo distill ...` (ignored in one process): `ddp`
+    keeps a full student on every process and averages gradients; `fsdp` (FSDP2) shards student
+    and teacher across processes, for models too large for one device. `batch_size` is per
+    process: N processes with batch_size B train like one process with batch_size N * B."""
+    gather_features: bool = False
+    """Under torchrun: compute the geometry losses (procrustes, gram, cka, ...) on the feature rows
+    of every process's share of the micro-batch gathered together, so each Gram matrix spans the
+    global micro-batch exactly as in one process with N times the batch; false: each process uses
+    its own rows (cheaper, but a different statistic)."""
     on_nonfinite: Literal["abort", "skip"] = "abort"
     """A NaN/inf loss or gradient: `abort` (write a checkpoint, name the loss term and layer pair,
     exit 2) or `skip` the update and go on (the skipped steps are counted in summary.json)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ import pytest
 from kdgeo import rundir
 from kdgeo.compare import CompareArgs, compare, load_runs, plot, print_compare, to_json, write_csv, write_json, write_markdown
 from kdgeo.errors import KdgeoError
+
+from cli_helpers import run_cli
 
 LABELS = ["noun.animal", "noun.artifact", "noun.plant"]
 BASE_ACC = [0.71, 0.74, 0.69, 0.73, 0.72, 0.70, 0.75, 0.68]
@@ -67,6 +70,50 @@ def make_sweep(root: Path, variants: dict[str, float], seeds: int = 5, noise: bo
         for seed in range(seeds):
             jitter = NOISE[seed] if (noise and shift) else 0.0
             write_run(root, variant, seed, BASE_ACC[seed] + shift + jitter, procrustes=0.3 - shift + 0.01 * seed, **kw)
+    return root
+
+
+BASE_ROUGE = [24.1, 25.3, 23.8, 24.9, 24.4]
+BASE_PPL = [9.8, 10.4, 10.1, 9.6, 10.0]
+
+
+def write_lm_run(
+    parent: Path, variant: str, seed: int, rouge: float, perplexity: float, *, procrustes: float = 0.4, steps: int = 20,
+    drop_scores: tuple[str, ...] = (),
+) -> Path:
+    """A causal-lm run directory as kdgeo.distill writes it: no labels; scores rougeL, perplexity, response_nll."""
+    run = parent / f"{variant}-seed{seed}"
+    run.mkdir(parents=True)
+    data = {"dataset": "databricks/databricks-dolly-15k", "config": None, "train_split": "train[500:]", "eval_split": "train[:500]",
+            "eval_dataset": None, "max_train_samples": None, "max_eval_samples": 500, "prompt_column": "instruction",
+            "response_column": "response", "context_column": "context"}
+    rundir.write_json(run / rundir.SPEC_JSON, {
+        "name": "sweep", "task": "causal-lm", "seed": seed, "variant": variant, "teacher": {"model": "facebook/opt-1.3b"},
+        "data": {k: v for k, v in data.items() if v is not None}, "losses": [{"kind": "ce", "weight": 1.0}, {"kind": "kd", "weight": 1.0}],
+    })
+    scores = {"rougeL": rouge, "perplexity": perplexity, "response_nll": math.log(perplexity), "response_tokens": 41250.0}
+    for key in drop_scores:
+        scores.pop(key)
+    geometry = [{"student": s, "teacher": 2 * s, "procrustes": procrustes, "cka": 1 - procrustes, "gram": procrustes / 2} for s in (6, 12)]
+    metrics = run / rundir.METRICS
+    rundir.append_jsonl(metrics, {"event": "start", "run_dir": str(run), "total_steps": steps, "steps_per_epoch": steps})
+    # generation only at the final evaluation: the eval before it has perplexity alone
+    rundir.append_jsonl(metrics, {"event": "eval", "step": steps // 2, "epoch": 0.5, "scores": {"perplexity": perplexity + 1}})
+    rundir.append_jsonl(metrics, {"event": "eval", "step": steps, "epoch": 1.0, "scores": scores})
+    rundir.write_json(run / rundir.SUMMARY, {
+        "format_version": 1, "name": "sweep", "variant": variant, "data": data, "run_dir": str(run), "task": "causal-lm",
+        "seed": seed, "teacher": "facebook/opt-1.3b", "label_names": None, "steps": steps, "scores": scores,
+        "teacher_scores": {"rougeL": 27.0, "perplexity": 6.5}, "geometry": geometry, "pairs": [[6, 12], [12, 24]],
+    })
+    return run
+
+
+def make_lm_sweep(root: Path, variants: dict[str, tuple[float, float]], seeds: int = 5, **kw: Any) -> Path:
+    """variant -> (shift of ROUGE-L, shift of perplexity) against BASE_ROUGE / BASE_PPL, per seed."""
+    for variant, (d_rouge, d_ppl) in variants.items():
+        for seed in range(seeds):
+            jitter = NOISE[seed] * 10 if (d_rouge or d_ppl) else 0.0
+            write_lm_run(root, variant, seed, BASE_ROUGE[seed] + d_rouge + jitter, BASE_PPL[seed] + d_ppl + jitter, **kw)
     return root
 
 
@@ -171,6 +218,79 @@ def test_one_run_per_variant(tmp_path):
     assert v.verdict == "n.s." and v.diff == pytest.approx(-0.1)
     assert any("one run only" in n for n in result.notes)
     json.dumps(to_json(result), allow_nan=False)  # NaN std/CI become null
+
+
+# ---- the metric by task ------------------------------------------------------------------------
+
+
+def test_default_metric_is_accuracy_for_classification(tmp_path, capsys):
+    make_sweep(tmp_path, {"ce": 0.0, "kd": 0.0}, seeds=2)
+    result = compare(CompareArgs([str(tmp_path)]))
+    assert result.default_metric == "accuracy" and result.args.metric == "accuracy"
+    assert [c.metric for c in result.metrics] == ["accuracy"]
+    assert "metric accuracy: the default for classification runs; choose others with --metric" in result.notes
+    given = compare(CompareArgs([str(tmp_path)], metric="accuracy"))
+    assert given.default_metric is None and not any("default" in n for n in given.notes)
+    assert to_json(given)["default_metric"] is None
+
+
+def test_default_metric_is_rouge_l_for_causal_lm(tmp_path, capsys):
+    make_lm_sweep(tmp_path, {"kd": (0.0, 0.0), "kd-procrustes": (1.0, -0.5)})
+    result = compare(CompareArgs([str(tmp_path)], baseline="kd"))
+    assert result.task.task == "causal-lm" and result.task.label_names is None
+    assert result.default_metric == "rougeL" and result.args.metric == "rougeL"
+    (c,) = result.metrics
+    assert c.metric == "rougeL" and c.higher_is_better
+    v = by_variant(result, "rougeL")[0]["kd-procrustes"]
+    assert v.paired and v.diff == pytest.approx(1.0 + 10 * sum(NOISE[:5]) / 5) and v.verdict == "better"
+    assert "metric rougeL: the default for causal-lm runs; choose others with --metric" in result.notes
+    assert [s for s, _ in result.runs[0].curve_of("rougeL")] == [20]  # the perplexity-only eval has no ROUGE-L point
+    data = to_json(result)
+    assert data["default_metric"] == "rougeL" and data["metrics"][0]["metric"] == "rougeL"
+    print_compare(result)
+    out = capsys.readouterr().out
+    assert "rougeL (higher is better)" in out and "the default for causal-lm runs" in out
+    # the CLI: no --metric, so rougeL, said in the JSON
+    code, out, err = run_cli(capsys, "compare", str(tmp_path), "--baseline", "kd", "--json", "-")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["default_metric"] == "rougeL" and [m["metric"] for m in data["metrics"]] == ["rougeL"]
+    code, out, err = run_cli(capsys, "compare", str(tmp_path), "--baseline", "kd", "--metric", "perplexity", "--json", "-")
+    assert code == 0, err
+    assert json.loads(out)["default_metric"] is None
+
+
+def test_perplexity_lower_is_better(tmp_path):
+    # kd-procrustes: perplexity 0.5 lower on every seed (ROUGE-L unchanged) -> better; kd is then worse than it
+    make_lm_sweep(tmp_path, {"kd": (0.0, 0.0), "kd-procrustes": (0.0, -0.5)})
+    result = compare(CompareArgs([str(tmp_path)], metric="perplexity,response_nll", baseline="kd", fail_if_worse=True))
+    for metric in ("perplexity", "response_nll"):
+        c = next(c for c in result.metrics if c.metric == metric)
+        assert not c.higher_is_better
+        v = by_variant(result, metric)[0]["kd-procrustes"]
+        assert v.diff < 0 and v.p_holm < 0.05 and v.verdict == "better"
+    assert result.exit_code == 0
+    flipped = compare(CompareArgs([str(tmp_path)], metric="perplexity", baseline="kd-procrustes", fail_if_worse=True))
+    v = by_variant(flipped, "perplexity")[0]["kd"]
+    assert v.diff > 0 and v.verdict == "worse" and flipped.exit_code == 1
+    assert to_json(flipped)["metrics"][0]["higher_is_better"] is False
+
+
+def test_error_default_metric_missing(tmp_path):
+    for seed in range(2):
+        write_lm_run(tmp_path, "kd", seed, 24.0, 10.0, drop_scores=("rougeL",))
+    with pytest.raises(KdgeoError) as err:
+        compare(CompareArgs([str(tmp_path)]))
+    msg = str(err.value)
+    assert "'rougeL' (the default for causal-lm runs) is missing" in msg and "perplexity" in msg and "--metric" in msg
+    assert compare(CompareArgs([str(tmp_path)], metric="perplexity")).metrics[0].metric == "perplexity"
+
+
+def test_error_different_tasks_before_a_default(tmp_path):
+    write_run(tmp_path, "ce", 0, 0.7)
+    write_lm_run(tmp_path, "kd", 0, 24.0, 10.0)
+    with pytest.raises(KdgeoError, match="runs of different tasks.*task"):
+        compare(CompareArgs([str(tmp_path)]))
 
 
 # ---- loading -----------------------------------------------------------------------------------
@@ -335,3 +455,5 @@ def test_error_bad_arguments(tmp_path):
         compare(CompareArgs([str(tmp_path)], alpha=1.5))
     with pytest.raises(KdgeoError, match="test 'z'"):
         compare(CompareArgs([str(tmp_path)], test="z"))  # type: ignore[arg-type]
+    with pytest.raises(KdgeoError, match="no metric in --metric ','"):
+        compare(CompareArgs([str(tmp_path)], metric=","))

