@@ -422,16 +422,18 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
         model_key = f"{spec.teacher.model}|{fingerprint_model(teacher_ref)}"
         key = cache_key(model_key, spec.teacher.revision, data_key, label_info.names if label_info else [], ft_args)
         cache_dir = Path(spec.output.teacher_cache).expanduser()
+        fresh: dict[str, Any] | None = None
         if dist.enabled:
             # Rank 0 fine-tunes (and caches) alone; the others then load the cached result.
-            def finetune_once() -> None:
-                if cached_teacher(cache_dir, key) is None:
-                    emit({"event": "stage", "message": f"fine-tuning the teacher on rank 0 ({ft.epochs:g} epochs on {len(train)} examples)"})
-                    model = teacher
-                    stats = finetune(model, train, ft_args, device, amp, emit, group_by_length=spec.data.group_by_length, causal_lm=is_lm)
-                    save_to_cache(model, t_tok, cache_dir, key, {"teacher": spec.teacher.model, "key": key, **stats})
+            def finetune_once() -> dict[str, Any] | None:
+                if cached_teacher(cache_dir, key) is not None:
+                    return None
+                emit({"event": "stage", "message": f"fine-tuning the teacher on rank 0 ({ft.epochs:g} epochs on {len(train)} examples)"})
+                stats = finetune(teacher, train, ft_args, device, amp, emit, group_by_length=spec.data.group_by_length, causal_lm=is_lm)
+                save_to_cache(teacher, t_tok, cache_dir, key, {"teacher": spec.teacher.model, "key": key, **stats})
+                return stats
 
-            distributed.on_main(finetune_once, dist)
+            fresh = distributed.on_main(finetune_once, dist)
         hit = cached_teacher(cache_dir, key)
         if hit is not None:
             emit({"event": "stage", "message": f"using the cached fine-tuned teacher {hit}"})
@@ -441,6 +443,8 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
                 assert label_info is not None
                 teacher = load_classifier(ModelRef(str(hit)), num_labels, label_info.names).model
             finetune_info = {"cached": True, "path": str(hit), "key": key}
+            if dist.enabled and fresh is not None:
+                finetune_info = {"cached": False, "path": str(hit), "key": key, "on_rank": 0, **fresh}
         else:
             emit({"event": "stage", "message": f"fine-tuning the teacher ({ft.epochs:g} epochs on {len(train)} examples)"})
             stats = finetune(teacher, train, ft_args, device, amp, emit, group_by_length=spec.data.group_by_length, causal_lm=is_lm)
@@ -741,6 +745,7 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
         })
         st["last_monitor"] = monitor(0) if pairs else []
     lengths = data_mod.lengths_of(train) if spec.data.group_by_length else None
+    workers = data_mod.loader_workers(train_cfg.loader_workers, device, world)
     params = [p for g in groups for p in g["params"]]
     stop: dict[str, int | None] = {"signal": None}
 
@@ -755,6 +760,10 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
     try:
         while st["step"] < total_steps:
             micro = _epoch_batches(len(train), global_batch, world, spec.seed, st["epoch"], lengths)
+            # This process's shards of the rest of the epoch, collated ahead by `workers` processes.
+            batches = data_mod.prefetch_batches(
+                train, [distributed.shard(b, dist) for b in micro[st["next_micro"] :]], workers, pin_memory=device.type == "cuda"
+            )
             while st["next_micro"] < len(micro) and st["step"] < total_steps:
                 first = st["next_micro"]
                 group = micro[first : first + train_cfg.grad_accum]  # global micro-batches
@@ -766,7 +775,8 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
                 step_parts: dict[str, float] = {}
                 nonfinite: list[str] = []
                 for k, global_idx in enumerate(group):
-                    idx = distributed.shard(global_idx, dist)
+                    batch = next(batches)
+                    idx = batch["index"].tolist()  # == distributed.shard(global_idx, dist)
                     # Shares: the step's loss is a mean over its examples (response tokens for a
                     # causal LM), however they are split into micro-batches and processes; DDP
                     # averages over processes, so per-row terms carry a factor N
@@ -775,10 +785,10 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
                     feature_share = micro_weight(global_idx) / total_weight if gather else local_share
                     log_share = micro_weight(idx) / total_weight
                     with distributed.maybe_no_sync(student, sync=k == len(group) - 1):
-                        logit_loss, feature_loss, parts = micro_loss(data_mod.collate(train, idx))
+                        logit_loss, feature_loss, parts = micro_loss(batch)
                         loss = logit_loss + feature_loss
                         if not torch.isfinite(loss):
-                            nonfinite = [k for k, v in parts.items() if not torch.isfinite(v)] or ["the total loss"]
+                            nonfinite = [name for name, v in parts.items() if not torch.isfinite(v)] or ["the total loss"]
                             if not dist.enabled:
                                 break
                         # Under torchrun every rank runs every backward (they synchronise), even past a NaN.
@@ -786,6 +796,8 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
                     for name, v in parts.items():
                         step_parts[name] = step_parts.get(name, 0.0) + float(v) * log_share
                     step_parts["loss"] = step_parts.get("loss", 0.0) + float(loss.detach()) * log_share
+                for _ in range(len(group) - 1 - k):
+                    next(batches)  # micro-batches skipped after a non-finite loss: keep the stream in step
                 if dist.enabled:
                     distributed.average_gradients(objective.parameters(), dist)  # the projections: outside DDP/FSDP
                     flags = {"nonfinite": float(bool(nonfinite)), "stop": float(stop["signal"] is not None)}

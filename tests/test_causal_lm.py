@@ -186,6 +186,22 @@ def test_gpt2_student_from_opt_teacher_and_every_kd_direction(tiny_lm, tmp_path,
     assert summary["pairs"] == [[2, 4]] and math.isfinite(summary["scores"]["rougeL"])
 
 
+def test_student_built_from_the_teacher_config(tiny_lm, tmp_path, capsys):
+    """init = "config" on OPT: the spec's intermediate_size lands in OPT's ffn_dim, a narrower width
+    gets no extra in/out projections, and projection maps the widths in the loss."""
+    spec = tiny_lm_spec(
+        tiny_lm, tmp_path, student={"init": "config", "arch": {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 48}},
+        data={**tiny_lm_spec(tiny_lm, tmp_path)["data"], **SHORT, "max_train_samples": 16, "max_eval_samples": 4},
+        losses=[{"kind": "ce"}, {"kind": "kd"}, {"kind": "projection"}], generate={"max_new_tokens": 2},
+    )
+    code, _, err = run_cli(capsys, "distill", str(write_spec(tmp_path / "c.toml", spec)), "-q")
+    assert code == 0, err
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(tmp_path / "runs" / "lm" / "student")
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.ffn_dim, cfg.word_embed_proj_dim) == (2, 32, 48, 32)
+
+
 def test_teacher_finetune_on_responses_is_cached(tiny_lm, tmp_path, capsys):
     spec = tiny_lm_spec(
         tiny_lm, tmp_path, teacher={"model": str(tiny_lm["opt_teacher"]), "finetune": {"epochs": 1, "batch_size": 16, "lr": 1e-3}},
