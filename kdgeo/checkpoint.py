@@ -29,6 +29,7 @@ from torch import nn
 
 from kdgeo.errors import KdgeoError, OutputError
 from kdgeo.models import SAVE_ERRORS
+from kdgeo.rundir import fsync_dir
 
 PREFIX = "checkpoint-"
 STATE = "state.json"
@@ -39,16 +40,6 @@ def _fsync_file(path: Path) -> None:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
 
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -107,11 +98,11 @@ def save_checkpoint(
         (tmp / STATE).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
         for child in tmp.iterdir():
             _fsync_file(child)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(run_dir)
+        fsync_dir(run_dir)
     except SAVE_ERRORS as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise OutputError(

@@ -8,6 +8,7 @@ torch and transformers are imported inside the commands so that `kdgeo --help` i
 from __future__ import annotations
 
 import json
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -224,7 +225,8 @@ def distill(
         from kdgeo import distributed
 
         distributed.teardown(distributed.from_environment())
-    report.print_sweep(outcomes, json_lines=json_lines)
+    if os.environ.get("RANK", "0") in ("", "0"):  # under torchrun, rank 0 reports
+        report.print_sweep(outcomes, json_lines=json_lines)
     if any(o.status == "failed" for o in outcomes):
         raise typer.Exit(1)
 

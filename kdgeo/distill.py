@@ -162,7 +162,8 @@ def _student_plan(spec: RunSpec, t_cfg: Any) -> tuple[int, int, Any, list[int] |
     return overrides.get("num_hidden_layers", t_layers), width, t_cfg, None, None
 
 
-def _load_texts(spec: RunSpec) -> tuple[data_mod.TextSplit, data_mod.TextSplit, data_mod.LabelInfo]:
+def _load_datasets(spec: RunSpec, columns: dict[str, str | None]) -> tuple[Any, Any, str, str]:
+    """The training and evaluation datasets (capped, columns checked) and how to name each in errors."""
     d = spec.data
     train_ds = data_mod.load_split(d.dataset, d.config, d.train_split, where="data.dataset")
     if d.eval_dataset is not None:
@@ -177,13 +178,19 @@ def _load_texts(spec: RunSpec) -> tuple[data_mod.TextSplit, data_mod.TextSplit, 
         eval_ds = data_mod.load_split(d.dataset, d.config, d.eval_split, where="data.dataset")
         eval_where = f"data.dataset ({d.dataset}, split {d.eval_split})"
     train_where = f"data.dataset ({d.dataset}, split {d.train_split})"
-    columns = {"text_column": d.text_column, "text_pair_column": d.text_pair_column, "label_column": d.label_column}
     data_mod.check_columns(train_ds, columns, train_where)
     data_mod.check_columns(eval_ds, columns, eval_where)
     if d.max_train_samples is not None:
         train_ds = train_ds.select(range(min(d.max_train_samples, len(train_ds))))
     if d.max_eval_samples is not None:
         eval_ds = eval_ds.select(range(min(d.max_eval_samples, len(eval_ds))))
+    return train_ds, eval_ds, train_where, eval_where
+
+
+def _load_texts(spec: RunSpec) -> tuple[data_mod.TextSplit, data_mod.TextSplit, data_mod.LabelInfo]:
+    d = spec.data
+    columns = {"text_column": d.text_column, "text_pair_column": d.text_pair_column, "label_column": d.label_column}
+    train_ds, eval_ds, train_where, eval_where = _load_datasets(spec, columns)
     info = data_mod.infer_labels(train_ds, d.label_column, train_where)
     if info.num_labels < 2:
         raise DataError(f"{train_where}: column '{d.label_column}' has a single class; classification needs at least two.")
@@ -200,26 +207,8 @@ def _load_texts(spec: RunSpec) -> tuple[data_mod.TextSplit, data_mod.TextSplit, 
 def _load_lm_texts(spec: RunSpec, t_tok: Any, s_tok: Any, emit: Progress) -> tuple[data_mod.TextSplit, data_mod.TextSplit]:
     """Causal-LM splits: prompts formatted by the template, tokenized with both tokenizers."""
     d = spec.data
-    train_ds = data_mod.load_split(d.dataset, d.config, d.train_split, where="data.dataset")
-    if d.eval_dataset is not None:
-        eval_ds = data_mod.load_split(d.eval_dataset, None, d.eval_split, where="data.eval_dataset")
-        eval_where = f"data.eval_dataset ({d.eval_dataset})"
-    elif data_mod.is_local_file(d.dataset):
-        raise DataError(
-            f"data.dataset = '{d.dataset}' is a single file, so it has no '{d.eval_split}' split; set data.eval_dataset "
-            "to a separate evaluation file."
-        )
-    else:
-        eval_ds = data_mod.load_split(d.dataset, d.config, d.eval_split, where="data.dataset")
-        eval_where = f"data.dataset ({d.dataset}, split {d.eval_split})"
-    train_where = f"data.dataset ({d.dataset}, split {d.train_split})"
     columns = {"prompt_column": d.prompt_column, "response_column": d.response_column, "context_column": d.context_column}
-    data_mod.check_columns(train_ds, columns, train_where)
-    data_mod.check_columns(eval_ds, columns, eval_where)
-    if d.max_train_samples is not None:
-        train_ds = train_ds.select(range(min(d.max_train_samples, len(train_ds))))
-    if d.max_eval_samples is not None:
-        eval_ds = eval_ds.select(range(min(d.max_eval_samples, len(eval_ds))))
+    train_ds, eval_ds, train_where, eval_where = _load_datasets(spec, columns)
     fmt = lm_data.PromptFormat(d.template, d.context_template, d.chat_template)
     max_prompt = d.max_prompt_length or d.max_length // 2
     splits = []
@@ -985,7 +974,7 @@ def run_sweep(runs: list[SweepRun], progress: Progress | None = None) -> list[Sw
     that finished earlier (its summary.json exists) is skipped, so re-running continues a sweep."""
     import traceback
 
-    emit = progress or (lambda event: None)
+    emit = (progress or (lambda event: None)) if distributed.from_environment().is_main else (lambda event: None)
     outcomes: list[SweepOutcome] = []
     for k, run in enumerate(runs, 1):
         spec = run.spec

@@ -146,7 +146,7 @@ def run_lm_eval(
     for role, path, name in models:
         ref = ModelRef(path, trust_remote_code=trust)
         cfg = load_config(ref)
-        check_decoder(cfg, name, "the model" if role == "model" else "--teacher")
+        check_decoder(cfg, name, "MODEL" if role == "model" else "--teacher")
         check_max_length(cfg, max_length, "--max-length", f"the model {name}")
         tok = load_tokenizer(ref)
         formatted = lm_data.apply_format(examples, tok, fmt, where)

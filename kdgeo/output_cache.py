@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from kdgeo.errors import OutputError
+from kdgeo.rundir import fsync_dir
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -342,13 +343,13 @@ class CacheWriter:
                 fh.write(json.dumps(manifest, indent=1) + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())
-            _fsync_dir(self.tmp)
+            fsync_dir(self.tmp)
             if self.final.exists():
                 # os.replace cannot overwrite a non-empty directory: move the old one aside first.
                 # A reader that has it open keeps its memmaps (unlinked files stay mapped).
                 os.replace(self.final, trash)
             os.replace(self.tmp, self.final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except OSError as err:
             if trash.exists() and not self.final.exists():
                 try:  # put the entry we were replacing back; it is no worse than before this build
@@ -758,13 +759,3 @@ def _pid_alive(pid: int) -> bool:
         return True
     return True
 
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -10,6 +10,7 @@ they can be piped. Rich markup is off for anything that carries user text (a mod
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any, Literal, Sequence
 
@@ -30,9 +31,15 @@ def pick_mode(quiet: bool = False) -> Mode:
     return "rich" if err_console.is_terminal else "plain"
 
 
+def _rank_prefix() -> str:
+    """Under torchrun every process reports its own errors; name the ones that are not rank 0."""
+    rank = os.environ.get("RANK")
+    return f"[rank {rank}] " if rank not in (None, "", "0") and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+
+
 def error(message: str) -> None:
     """A user error: one paragraph, no traceback, on stderr."""
-    err_console.print(Text("error: ", style="bold red") + Text(message))
+    err_console.print(Text(_rank_prefix() + "error: ", style="bold red") + Text(message))
 
 
 def warn(message: str) -> None:

@@ -148,3 +148,15 @@ def truncate_lines(path: str | Path, keep: int) -> None:
     except FileNotFoundError:
         lines = []
     write_text_atomic(path, "".join(line if line.endswith("\n") else line + "\n" for line in lines))
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

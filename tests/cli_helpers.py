@@ -37,13 +37,7 @@ def tiny_spec(tiny: dict[str, Path], tmp_path: Path, **sections: Any) -> dict[st
         "monitor": {"every": 2, "samples": 16},
         "output": {"dir": str(tmp_path / "runs"), "teacher_cache": str(tmp_path / "cache")},
     }
-    for key, value in sections.items():
-        # student and teacher tables are replaced whole (their fields depend on each other).
-        if isinstance(value, dict) and isinstance(spec.get(key), dict) and key not in ("student", "teacher"):
-            spec[key] = {**spec[key], **value}
-        else:
-            spec[key] = value
-    return spec
+    return _merge_sections(spec, sections)
 
 
 def write_spec(path: Path, spec: dict[str, Any]) -> Path:
@@ -70,7 +64,12 @@ def tiny_lm_spec(tiny_lm: dict[str, Path], tmp_path: Path, **sections: Any) -> d
         "generate": {"max_new_tokens": 8, "batch_size": 6},
         "output": {"dir": str(tmp_path / "runs"), "teacher_cache": str(tmp_path / "cache")},
     }
+    return _merge_sections(spec, sections)
+
+
+def _merge_sections(spec: dict[str, Any], sections: dict[str, Any]) -> dict[str, Any]:
     for key, value in sections.items():
+        # student and teacher tables are replaced whole (their fields depend on each other).
         if isinstance(value, dict) and isinstance(spec.get(key), dict) and key not in ("student", "teacher"):
             spec[key] = {**spec[key], **value}
         else:
