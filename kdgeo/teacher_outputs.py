@@ -66,35 +66,52 @@ def _split_rows(rows: Tensor, counts: Sequence[int]) -> list[Tensor]:
     return list(torch.split(rows, list(counts)))
 
 
+BUILD_WINDOW = 16
+"""The build sorts each window of this many batches by length (far less padding in the teacher
+forward) and writes the window back in index order, so memory stays bounded by one window."""
+
+
 @torch.no_grad()
+def _teacher_rows(
+    teacher: nn.Module, split: data_mod.TextSplit, idx: list[int], plan: OutputPlan, device: torch.device, amp: torch.dtype | None,
+) -> dict[str, list[Tensor]]:
+    """Per example of ``idx``: its rows of every cached field, on the CPU."""
+    batch = data_mod.collate(split, idx)
+    t_in = data_mod.to_device(batch["teacher"], device)
+    with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        out = teacher(**t_in, output_hidden_states=bool(plan.layers))
+    mask = batch["response_mask"]["teacher"].to(device) if plan.causal_lm else t_in["attention_mask"]  # (B, T)
+    counts = mask.sum(1).tolist() if plan.rows == "tokens" else [1] * len(idx)
+    arrays: dict[str, list[Tensor]] = {}
+    for t in plan.layers:
+        arrays[layer_field(t)] = _split_rows(select_rows(out.hidden_states[t], mask, plan.rows).float().cpu(), counts)
+    if plan.logit_width is not None:
+        if plan.causal_lm:
+            logits, _ = response_predictions(out.logits, t_in["input_ids"], mask)  # (n, V)
+            per = mask[:, 1:].sum(1).tolist()
+        else:
+            logits, per = out.logits, [1] * len(idx)  # (B, C)
+        arrays[LOGITS] = _split_rows(logits[..., : plan.logit_width].float().cpu(), per)
+    return arrays
+
+
 def _build(
     writer: output_cache.CacheWriter, teacher: nn.Module, split: data_mod.TextSplit, plan: OutputPlan,
     batch_size: int, device: torch.device, amp: torch.dtype | None, emit: Progress,
 ) -> None:
     n = len(split)
-    need_hidden = bool(plan.layers)
-    for start in range(0, n, batch_size):
-        idx = list(range(start, min(n, start + batch_size)))
-        batch = data_mod.collate(split, idx)
-        t_in = data_mod.to_device(batch["teacher"], device)
-        with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            out = teacher(**t_in, output_hidden_states=need_hidden)
-        mask = batch["response_mask"]["teacher"].to(device) if plan.causal_lm else t_in["attention_mask"]  # (B, T)
-        arrays: dict[str, list[Tensor]] = {}
-        if plan.rows == "tokens":
-            counts = mask.sum(1).tolist()
-        else:
-            counts = [1] * len(idx)
-        for t in plan.layers:
-            arrays[layer_field(t)] = _split_rows(select_rows(out.hidden_states[t], mask, plan.rows).float().cpu(), counts)
-        if plan.logit_width is not None:
-            if plan.causal_lm:
-                logits, _ = response_predictions(out.logits, t_in["input_ids"], mask)  # (n, V)
-                per = mask[:, 1:].sum(1).tolist()
-            else:
-                logits, per = out.logits, [1] * len(idx)  # (B, C)
-            arrays[LOGITS] = _split_rows(logits[..., : plan.logit_width].float().cpu(), per)
-        writer.append_batch(start, arrays)
+    lengths = data_mod.lengths_of(split)
+    window = batch_size * BUILD_WINDOW
+    for start in range(0, n, window):
+        order = sorted(range(start, min(n, start + window)), key=lambda i: (lengths[i], i))
+        rows: dict[int, dict[str, Tensor]] = {}
+        for b in range(0, len(order), batch_size):
+            idx = order[b : b + batch_size]
+            for name, per_example in _teacher_rows(teacher, split, idx, plan, device, amp).items():
+                for i, r in zip(idx, per_example):
+                    rows.setdefault(i, {})[name] = r
+        for i in range(start, min(n, start + window)):
+            writer.append(i, rows.pop(i))
 
 
 class TeacherOutputs:

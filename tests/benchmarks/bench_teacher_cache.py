@@ -20,7 +20,7 @@ cache stores fp16-rounded teacher outputs, so small differences are expected).
 Sweeps alternate (uncached, cached / cached, uncached / ...) so drift on a shared machine hits
 both; medians are reported. Each sweep writes into a fresh output directory.
 
-    python tests/benchmarks/bench_teacher_cache.py [--quick] [--repeats R] [--train-samples N] [--epochs E]
+    python tests/benchmarks/bench_teacher_cache.py [--quick] [--repeats R] [--train-samples N] [--epochs E] [--student-layers L]
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def raw_spec(teacher: Path, out: Path, cache_dir: Path, cached: bool, args: argp
     return {
         "name": name,
         "teacher": {"model": str(teacher)},
-        "student": {"init": "teacher-layers", "num_layers": 2},
+        "student": {"init": "teacher-layers", "num_layers": args.student_layers},
         "data": {
             "dataset": "kdgeo:wordnet-supersenses", "max_length": 48, "group_by_length": True,
             "max_train_samples": args.train_samples, "max_eval_samples": 64,
@@ -178,6 +178,7 @@ def main() -> None:
     parser.add_argument("--train-samples", type=int, default=None, help="training examples (default 512; 192 with --quick)")
     parser.add_argument("--epochs", type=float, default=None, help="epochs per run (default 2; 1 with --quick)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--student-layers", type=int, default=2, help="teacher layers the student copies (default 2 of 6)")
     args = parser.parse_args()
     args.train_samples = args.train_samples or (192 if args.quick else 512)
     args.epochs = args.epochs or (1.0 if args.quick else 2.0)
@@ -213,7 +214,7 @@ def main() -> None:
         print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
               f"{repeats} repeat(s), order alternates (uncached first on even repeats)")
         print(f"sweep: {len(VARIANTS)} variants x 1 seed ({', '.join(VARIANTS)})")
-        print(f"teacher all-MiniLM-L6-v2 + untrained 8-class head; student = 2 teacher layers; {args.train_samples} train / 64 eval "
+        print(f"teacher all-MiniLM-L6-v2 + untrained 8-class head; student = {args.student_layers} teacher layers; {args.train_samples} train / 64 eval "
               f"examples, max_length 48, group_by_length, batch {args.batch_size}, {args.epochs:g} epoch(s) = {', '.join(map(str, steps))} steps/run")
         print(f"cache entries built per cached sweep   : {fmt([float(x['builds']) for x in cache], 0)}  (runs that read the entry: "
               f"{fmt([float(x['reads']) for x in cache], 0)} of {c0['runs']})")
