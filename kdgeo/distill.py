@@ -214,11 +214,8 @@ def _load_lm_texts(spec: RunSpec, t_tok: Any, s_tok: Any, emit: Progress) -> tup
     splits = []
     for ds, where in ((train_ds, train_where), (eval_ds, eval_where)):
         examples = lm_data.read_examples(ds, d.prompt_column, d.response_column, d.context_column, where)
-        # The student's template rendering is the one both models see: with token rows the
-        # tokenizers are identical anyway, and pooled rows only need the same examples.
-        examples = lm_data.apply_format(examples, s_tok, fmt, where)
         split, notes = lm_data.build_split(
-            examples, {"student": s_tok, "teacher": t_tok}, d.max_length, max_prompt, d.long_examples, where, d.chat_template
+            examples, fmt, {"student": s_tok, "teacher": t_tok}, d.max_length, max_prompt, d.long_examples, where
         )
         for note in notes:
             emit({"event": "stage", "message": note})
@@ -286,6 +283,26 @@ def _epoch_batches(n: int, global_batch: int, world: int, seed: int, epoch: int,
     if world > 1:
         micro = [b for b in micro if len(b) >= world]
     return micro
+
+
+def _clip_sharded(groups: list[list[torch.Tensor]], max_norm: float) -> torch.Tensor:
+    """Global-norm clipping over FSDP-sharded parameters (DTensors) and plain ones (the
+    projections): one norm per group, made whole, then combined, since torch cannot stack the
+    two kinds of tensor into one norm."""
+    norms = []
+    for params in groups:
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            n = torch.nn.utils.get_total_norm(grads)
+            norms.append((n.full_tensor() if hasattr(n, "full_tensor") else n).float().cpu())
+    total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    coef = max_norm / (float(total) + 1e-6)  # torch's clip_grad_norm_ formula, as a Python float:
+    if coef < 1.0:  # a float scales DTensor and plain gradients alike
+        for params in groups:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+    return total
 
 
 def _feature_rows(hidden: tuple[torch.Tensor, ...], mask: torch.Tensor, indices: list[int], rows: str) -> list[torch.Tensor]:
@@ -798,8 +815,11 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
                     stop_agreed = reduced["stop"] > 0
                 if not nonfinite:
                     scaler.unscale_(optimizer)
-                    norm = torch.nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm or float("inf"))  # 0: no clipping
-                    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
+                    max_norm = train_cfg.max_grad_norm or float("inf")  # 0: no clipping
+                    if fsdp:
+                        norm = _clip_sharded([list(model.parameters()), list(objective.parameters())], max_norm)
+                    else:
+                        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
                     if not torch.isfinite(norm) and not scaler.is_enabled():
                         nonfinite = ["the gradients (loss finite, gradient norm not)"]
                 if nonfinite:

@@ -149,8 +149,7 @@ def run_lm_eval(
         check_decoder(cfg, name, "MODEL" if role == "model" else "--teacher")
         check_max_length(cfg, max_length, "--max-length", f"the model {name}")
         tok = load_tokenizer(ref)
-        formatted = lm_data.apply_format(examples, tok, fmt, where)
-        split, notes = lm_data.build_split(formatted, {role: tok}, max_length, max_prompt, run_data.get("long_examples", "truncate"), where, fmt.chat_template)
+        split, notes = lm_data.build_split(examples, fmt, {role: tok}, max_length, max_prompt, run_data.get("long_examples", "truncate"), where)
         limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
         longest = max(len(p) for p in lm_data.prompt_ids(split.encodings[role]))
         if isinstance(limit, int) and longest + gen.max_new_tokens > limit:

@@ -185,31 +185,36 @@ def response_ids(encoded: data_mod.Encoded) -> list[list[int]]:
 
 def build_split(
     examples: LMExamples,
+    fmt: PromptFormat,
     tokenizers: dict[str, Any],
     max_length: int,
     max_prompt_length: int,
     long_examples: str,
     where: str,
-    chat_template: bool = False,
 ) -> tuple[data_mod.TextSplit, list[str]]:
-    """Encode ``examples`` once per distinct tokenizer and keep the examples every tokenizer kept
-    (teacher and student must see the same examples). Returns the split and report lines."""
-    encoded: dict[int, tuple[data_mod.Encoded, TruncationReport]] = {}
+    """Format and encode ``examples`` once per distinct tokenizer (each model sees prompts in its
+    own format: a chat template belongs to its tokenizer) and keep the examples every tokenizer
+    kept, so teacher and student see the same examples. The split's ``texts`` are the first
+    role's prompts. Returns the split and report lines."""
+    encoded: dict[int, tuple[LMExamples, data_mod.Encoded, TruncationReport]] = {}
     for tok in tokenizers.values():
         if id(tok) not in encoded:
-            encoded[id(tok)] = encode_lm(tok, examples.prompts, examples.responses, max_length, max_prompt_length, long_examples, where, chat_template)
-    kept = sorted(set.intersection(*(set(rep.kept) for _, rep in encoded.values())))
+            formatted = apply_format(examples, tok, fmt, where)
+            enc, rep = encode_lm(tok, formatted.prompts, formatted.responses, max_length, max_prompt_length, long_examples, where, fmt.chat_template)
+            encoded[id(tok)] = (formatted, enc, rep)
+    kept = sorted(set.intersection(*(set(rep.kept) for _, _, rep in encoded.values())))
     if not kept:
         raise DataError(
             f"{where}: no example is left after tokenization (all were too long or had empty responses); raise "
             'data.max_length or set data.long_examples = "truncate".'
         )
-    split = data_mod.TextSplit(texts=[examples.prompts[i] for i in kept], labels=None, responses=[examples.responses[i] for i in kept])
+    first = encoded[id(next(iter(tokenizers.values())))][0]
+    split = data_mod.TextSplit(texts=[first.prompts[i] for i in kept], labels=None, responses=[examples.responses[i] for i in kept])
     notes = []
     roles_of: dict[int, list[str]] = {}
     for role, tok in tokenizers.items():
         roles_of.setdefault(id(tok), []).append(role)
-    for key, (enc, rep) in encoded.items():
+    for key, (_, enc, rep) in encoded.items():
         position = {row: k for k, row in enumerate(rep.kept)}
         picked = [position[i] for i in kept]
         assert enc.response_start is not None

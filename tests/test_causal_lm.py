@@ -186,6 +186,25 @@ def test_gpt2_student_from_opt_teacher_and_every_kd_direction(tiny_lm, tmp_path,
     assert summary["pairs"] == [[2, 4]] and math.isfinite(summary["scores"]["rougeL"])
 
 
+def test_chat_template_formats_each_prompt_with_the_tokenizers_own_template(tiny_lm, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    chat = tmp_path / "chat_teacher"
+    shutil.copytree(tiny_lm["opt_teacher"], chat)
+    tok = AutoTokenizer.from_pretrained(chat)
+    tok.chat_template = "{% for m in messages %}<|{{ m.role }}|> {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}"
+    tok.save_pretrained(chat)
+    examples = lm_data.LMExamples(prompts=[], responses=[" a dog"], instructions=["Name an animal."], contexts=["pets"])
+    fmt = lm_data.PromptFormat("{prompt}", "{prompt} {context}", chat_template=True)
+    loaded = load_tokenizer(ModelRef(str(chat)))
+    split, _ = lm_data.build_split(examples, fmt, {"student": loaded}, 64, 32, "error", "t")
+    assert split.texts == ["<|user|> Name an animal.\n\npets\n<|assistant|> "]
+    enc = split.encodings["student"]
+    assert enc.input_ids[0][: enc.response_start[0]] == loaded(split.texts[0], add_special_tokens=False)["input_ids"]
+
+
 def test_student_built_from_the_teacher_config(tiny_lm, tmp_path, capsys):
     """init = "config" on OPT: the spec's intermediate_size lands in OPT's ffn_dim, a narrower width
     gets no extra in/out projections, and projection maps the widths in the loss."""

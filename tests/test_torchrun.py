@@ -51,10 +51,9 @@ def _assert_same(a: Path, b: Path, keys: tuple[str, ...]) -> None:
     assert [e["scores"]["accuracy"] for e in ea] == [e["scores"]["accuracy"] for e in eb]
 
 
-def _pair(tiny, tmp_path, capsys, name: str, losses: list[dict], train: dict, features: dict | None = None) -> tuple[Path, Path]:
+def _pair(tiny, tmp_path, capsys, name: str, losses: list[dict], train: dict, data: dict | None = None) -> tuple[Path, Path]:
     """(2 processes with batch 8 each, 1 process with batch 16), same spec otherwise."""
-    spec = tiny_spec(tiny, tmp_path, losses=losses, train={"epochs": 2, "batch_size": 8, **train},
-                     **({"features": features} if features else {}))
+    spec = tiny_spec(tiny, tmp_path, losses=losses, train={"epochs": 2, "batch_size": 8, **train}, **({"data": data} if data else {}))
     path = write_spec(tmp_path / f"{name}.toml", {**spec, "name": name})
     done = _torchrun(path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -72,9 +71,10 @@ def test_ddp_two_processes_match_one_process_with_the_doubled_batch(tiny, tmp_pa
 
 
 def test_gathered_geometry_losses_span_the_global_batch(tiny, tmp_path, capsys):
-    """procrustes and projection on token rows gathered from both processes = one process (rel 1e-5)."""
+    """procrustes and projection on token rows gathered from both processes = one process (rel 1e-5),
+    with length-grouped batches."""
     two, one = _pair(tiny, tmp_path, capsys, "gather", [{"kind": "ce"}, {"kind": "procrustes"}, {"kind": "projection"}],
-                     {"gather_features": True})
+                     {"gather_features": True}, data={"group_by_length": True})
     _assert_same(two, one, ("ce", "procrustes", "projection", "loss"))
 
 
@@ -109,3 +109,12 @@ def test_fsdp_two_processes_match_one_process_and_resume(tiny, tmp_path, capsys)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((two / "summary.json").read_text())["resumed_from"].endswith("checkpoint-3")
     _assert_same(two, one, ("ce", "kd", "loss"))
+
+
+@pytest.mark.slow
+def test_fsdp_with_projection_maps_gathered_rows_and_clipping(tiny, tmp_path, capsys):
+    """FSDP2 student + plain projection parameters: one global gradient norm clips both (tight
+    max_grad_norm), gathered geometry rows, and still the one-process run."""
+    two, one = _pair(tiny, tmp_path, capsys, "fsdp-proj", [{"kind": "ce"}, {"kind": "procrustes"}, {"kind": "projection"}],
+                     {"distributed": "fsdp", "gather_features": True, "max_grad_norm": 0.05})
+    _assert_same(two, one, ("ce", "procrustes", "projection", "loss"))

