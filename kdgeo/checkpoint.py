@@ -125,6 +125,17 @@ def rng_states() -> dict[str, torch.Tensor]:
     return rng
 
 
+def read_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's state.json alone (cheap: decide whether it can be resumed before loading it)."""
+    try:
+        return json.loads((path / STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise KdgeoError(
+            f"the checkpoint {path} cannot be read ({err}). Delete it to resume from the previous one, or start the run "
+            "again with output.overwrite = true."
+        ) from None
+
+
 def load_checkpoint(
     path: Path, student: nn.Module, objective: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
     load_student: Any = None, load_optimizer: Any = None,
@@ -144,7 +155,8 @@ def load_checkpoint(
             load_model(student, str(path / "student.safetensors"), device=str(device))
         if (path / "objective.safetensors").exists():
             load_model(objective, str(path / "objective.safetensors"), device=str(device))
-        saved_opt = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
+        # A full (FSDP) optimizer state stays on the CPU: each rank keeps only its shard of it.
+        saved_opt = torch.load(path / "optimizer.pt", map_location="cpu" if load_optimizer is not None else device, weights_only=True)
         if load_optimizer is not None:
             load_optimizer(saved_opt)
         else:

@@ -371,9 +371,20 @@ def prefetch_batches(split: TextSplit, batches: Sequence[Sequence[int]], workers
 
     loader = DataLoader(
         [list(b) for b in batches], batch_size=None, shuffle=False, num_workers=workers, collate_fn=_Collate(split),
-        pin_memory=pin_memory, prefetch_factor=2,
+        pin_memory=pin_memory, prefetch_factor=2, worker_init_fn=_ignore_stop_signals,
+        generator=torch.Generator(),  # its own: creating the iterator must not draw from the global RNG (bitwise resume)
     )
     yield from loader
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave SIGINT/SIGTERM to the training process: torchrun, SLURM and `timeout` signal
+    the whole process group, and a worker dying of it would abort the step instead of letting the
+    main process finish it, checkpoint and shut the workers down."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def to_device(inputs: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:

@@ -27,6 +27,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
@@ -62,7 +63,7 @@ from kdgeo.probe import autocast_dtype
 from kdgeo.spec import RunSpec, SweepRun, resume_differences
 from kdgeo.evaluate_lm import split_scores
 from kdgeo.generation import GenerationArgs
-from kdgeo.teacher_outputs import OutputPlan, TeacherOutputs
+from kdgeo.teacher_outputs import OutputPlan, TeacherOutputs, encoding_digest
 from kdgeo.teacher_outputs import ensure as ensure_teacher_outputs
 from kdgeo.teacher import FinetuneArgs, cache_key, cached_teacher, finetune, save_to_cache
 
@@ -223,6 +224,22 @@ def _load_lm_texts(spec: RunSpec, t_tok: Any, s_tok: Any, emit: Progress) -> tup
     return splits[0], splits[1]
 
 
+def _check_responses_agree(train: data_mod.TextSplit, evals: data_mod.TextSplit, spec: RunSpec) -> None:
+    for split, which in ((train, "training"), (evals, "evaluation")):
+        t_resp = lm_data.response_ids(split.encodings["teacher"])
+        s_resp = lm_data.response_ids(split.encodings["student"])
+        for k, (a, b) in enumerate(zip(t_resp, s_resp)):
+            if a != b:
+                short = split.responses[k] if split.responses else ""
+                short = short if len(short) <= 60 else short[:57] + "..."
+                uses = [n for n, on in (("features.rows = \"tokens\"", spec.features.rows == "tokens"), ("kd", any(l.kind == "kd" for l in spec.losses))) if on]
+                raise TokenizerMismatchError(
+                    f"{' and '.join(uses)} pair the teacher's and the student's response tokens one by one, but their tokenizers "
+                    f"split {which} response {k} ({short!r}) into {len(a)} and {len(b)} tokens (end-of-sequence included). "
+                    'Use features.rows = "mean" and geometry losses without kd, or a student with the teacher\'s tokenizer.'
+                )
+
+
 def _check_vocabularies(t_tok: Any, s_tok: Any, t_cfg: Any, s_cfg: Any, spec: RunSpec) -> int | None:
     """Token-level KD compares distributions over the same vocabulary: refuse a pair that has
     none in common. Returns the number of logits to compare (models may pad their output
@@ -316,13 +333,20 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
 
     # ---- 1. pre-flight ----------------------------------------------------------------------
     # Under torchrun every rank runs this function; rank 0 alone writes files and reports.
-    dist, device = distributed.setup(train_cfg.device, "train.device")
+    dist, device = distributed.setup(train_cfg.device, "train.device", timedelta(minutes=train_cfg.timeout_minutes))
     emit = (progress or (lambda event: None)) if dist.is_main else (lambda event: None)
     world = dist.world_size
     fsdp = dist.enabled and train_cfg.distributed == "fsdp"
     if train_cfg.precision == "fp16" and device.type != "cuda":
         raise KdgeoError('train.precision = "fp16" needs a CUDA device; use "bf16" or "fp32" on CPU (or "auto").')
     amp = autocast_dtype(train_cfg.precision, device)
+    if fsdp and amp == torch.float16 and any(loss.kind == "projection" for loss in spec.losses):
+        # The fp16 gradient scaler unscales all gradients in one foreach call, which cannot mix
+        # the student's sharded (DTensor) gradients with the projection maps' plain ones.
+        raise KdgeoError(
+            'train.distributed = "fsdp" with fp16 autocast and a projection loss is not supported: use train.precision = '
+            '"bf16" (no gradient scaler), train.distributed = "ddp", or a loss without learned maps (procrustes, gram, cka).'
+        )
     run_name = spec.output.name or spec.name
     parent = spec.output.dir
     if resume:
@@ -367,12 +391,15 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
         num_labels = label_info.num_labels
         _encode(train, {"student": s_tok, "teacher": t_tok}, spec.data.max_length)
         _encode(evals, {"student": s_tok, "teacher": t_tok}, spec.data.max_length)
-    if spec.features.rows == "tokens" and s_tok is not t_tok:
+    if is_lm and s_tok is not t_tok and (spec.features.rows == "tokens" or "kd" in kinds):
+        # Token rows and token-level KD pair the k-th response token of teacher and student: their
+        # responses must be the same tokens (prompts may differ, e.g. by a BOS token).
+        _check_responses_agree(train, evals, spec)
+    elif spec.features.rows == "tokens" and s_tok is not t_tok:
         # Token rows pair the k-th teacher token with the k-th student token (losses and monitor alike).
-        texts = train.texts[:64] if not is_lm else [p + r for p, r in zip(train.texts[:64], (train.responses or [])[:64])]
-        pooled = '"mean"' if is_lm else '"mean" (or "cls")'
         check_tokenizers_agree(
-            t_tok, s_tok, texts, hint=f"Set features.rows = {pooled} to compare pooled features, or use a student with the teacher's tokenizer."
+            t_tok, s_tok, train.texts[:64],
+            hint='Set features.rows = "mean" (or "cls") to compare pooled features, or use a student with the teacher\'s tokenizer.',
         )
 
     probe_pairs = spec.features.pairs == "probe"
@@ -417,6 +444,7 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
                 "response": d.response_column, "context": d.context_column, "template": d.template, "context_template": d.context_template,
                 "chat_template": d.chat_template, "max_prompt_length": d.max_prompt_length, "long_examples": d.long_examples,
                 "max_length": d.max_length, "max_train_samples": d.max_train_samples, "group_by_length": d.group_by_length,
+                "examples": encoding_digest(train),  # which examples survive truncation depends on both tokenizers
             }
         else:
             data_key = {
@@ -505,7 +533,8 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
             [select_rows(h, m_s_mask, spec.features.rows) for h in m_s_hidden],
         )
         table = acc.compute("procrustes").cpu()  # (L_t+1, L_s+1)
-        pairs = suggest_layer_map(table, geometry.METRIC_HIGHER_IS_BETTER["procrustes"])
+        # Rank 0's map for everyone: a near tie must not give processes different pairs.
+        pairs = distributed.broadcast_object(suggest_layer_map(table, geometry.METRIC_HIGHER_IS_BETTER["procrustes"]), dist)
         emit({"event": "stage", "message": "layer pairs from probing: " + ", ".join(f"{s}->{t}" for s, t in pairs)})
     s_idx = [s for s, _ in pairs]
     t_idx = [t for _, t in pairs]
@@ -542,6 +571,11 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
     optimizer = build_optimizer(groups, train_cfg.lr)
     global_batch = train_cfg.batch_size * world  # batch_size is per process
     micro_per_epoch = len(_epoch_batches(len(train), global_batch, world, spec.seed, 0, None))
+    if micro_per_epoch == 0:
+        raise DataError(
+            f"{len(train)} training examples cannot be shared by {world} processes (each needs at least one per batch); "
+            "use more data (data.max_train_samples) or fewer processes."
+        )
     steps_per_epoch = math.ceil(micro_per_epoch / train_cfg.grad_accum)
     total_steps = train_cfg.max_steps or max(1, int(round(train_cfg.epochs * steps_per_epoch)))
     scheduler = build_scheduler(optimizer, total_steps, train_cfg.warmup_ratio, train_cfg.schedule)
@@ -556,6 +590,7 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
             "teacher_files": fingerprint_model(ModelRef(teacher_source)), "finetune": (finetune_info or {}).get("key"),
             "data": {k: v for k, v in d.model_dump(mode="json").items() if k not in ("eval_split", "eval_dataset", "max_eval_samples")},
             "data_fingerprint": data_mod.fingerprint(d.dataset),
+            "teacher_examples": encoding_digest(train),
             "precision": str(amp).replace("torch.", "") if amp else "fp32",
         }
         cached_logits = None
@@ -601,8 +636,8 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
                     "load_student": lambda sd: distributed.load_full_state_dict(student, sd, dist),
                     "load_optimizer": lambda state: distributed.load_full_optimizer_state(trained, optimizer, state, dist),
                 }
-            ckpt_state = checkpoint.load_checkpoint(resumed_from, distributed.unwrap(student), objective, optimizer, device, **loaders)
-            saved = (ckpt_state.get("world_size", 1), ckpt_state.get("strategy", "ddp"))
+            head = checkpoint.read_state(resumed_from)  # checked before loading: the layouts differ per launch
+            saved = (head.get("world_size", 1), head.get("strategy", "ddp"))
             here = (world, train_cfg.distributed if dist.enabled else "ddp")
             if saved != here:
                 raise KdgeoError(
@@ -610,6 +645,7 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
                     "global batch is batch_size x processes and the optimizer state is laid out per strategy: resume with the same "
                     f"launch (torchrun --nproc-per-node {saved[0]} and train.distributed = \"{saved[1]}\"; no torchrun for 1 process)."
                 )
+            ckpt_state = checkpoint.load_checkpoint(resumed_from, distributed.unwrap(student), objective, optimizer, device, **loaders)
             scheduler.load_state_dict(ckpt_state["scheduler"])
             if ckpt_state.get("scaler"):
                 scaler.load_state_dict(ckpt_state["scaler"])
@@ -853,8 +889,9 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
                 st["window_samples"] += n_step
                 st["window_n"] += 1
                 st["window_time"] += dt
-                for k, v in step_parts.items():
-                    st["window"][k] = st["window"].get(k, 0.0) + v
+                if not (dist.enabled and nonfinite):  # reduced parts of a skipped step carry the NaN of every rank
+                    for k, v in step_parts.items():
+                        st["window"][k] = st["window"].get(k, 0.0) + v
                 step = st["step"]
                 epoch_pos = round(st["epoch"] + min(1.0, st["next_micro"] / len(micro)), 4)
                 if step % train_cfg.log_every == 0 or step == total_steps:
@@ -994,7 +1031,11 @@ def run_sweep(runs: list[SweepRun], progress: Progress | None = None) -> list[Sw
     that finished earlier (its summary.json exists) is skipped, so re-running continues a sweep."""
     import traceback
 
-    emit = (progress or (lambda event: None)) if distributed.from_environment().is_main else (lambda event: None)
+    env = distributed.from_environment()
+    emit = (progress or (lambda event: None)) if env.is_main else (lambda event: None)
+    # Under torchrun a failed run stops the sweep: the other processes may be inside one of its
+    # collectives, so going on would leave them waiting. Running the command again continues.
+    torchrun = env.enabled
     outcomes: list[SweepOutcome] = []
     for k, run in enumerate(runs, 1):
         spec = run.spec
@@ -1029,10 +1070,15 @@ def run_sweep(runs: list[SweepRun], progress: Progress | None = None) -> list[Sw
         except (KeyboardInterrupt, RunInterrupted):
             raise
         except KdgeoError as err:
+            if torchrun:
+                raise
             emit({"event": "run_failed", "variant": run.variant, "seed": run.seed, "error": err.render()})
             outcomes.append(SweepOutcome(run.variant, run.seed, run_dir, "failed", error=err.render()))
         except Exception as err:  # a bug in one run must not lose the others; keep its traceback
+            if torchrun:
+                raise
             text = traceback.format_exc()
             emit({"event": "run_failed", "variant": run.variant, "seed": run.seed, "error": text})
             outcomes.append(SweepOutcome(run.variant, run.seed, run_dir, "failed", error=f"{type(err).__name__}: {err}"))
     return outcomes
+

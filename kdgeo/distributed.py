@@ -310,13 +310,14 @@ def on_main(fn: Any, dist: Dist) -> Any:
     if not dist.enabled:
         return fn()
     outcome: tuple[str, Any] = ("ok", None)
-    error: KdgeoError | None = None
+    error: BaseException | None = None
     if dist.is_main:
         try:
             outcome = ("ok", fn())
-        except KdgeoError as err:
+        except BaseException as err:  # anything: the other ranks must not wait for a broadcast that never comes
             error = err
-            outcome = ("error", err.render())  # the text only: exception subclasses need not pickle
+            text = err.render() if isinstance(err, KdgeoError) else f"rank 0 failed: {type(err).__name__}: {err}"
+            outcome = ("error", text)  # the text only: exception subclasses need not pickle
     status, value = broadcast_object(outcome, dist)
     if status == "error":
         if error is not None:

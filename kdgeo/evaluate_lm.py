@@ -49,7 +49,7 @@ def split_scores(
         return scores, None
     assert split.responses is not None
     k = len(prompts) if gen_samples is None else min(gen_samples, len(prompts))
-    eos = tokenizer.eos_token_id
+    eos = stop_tokens(model, tokenizer)
     new_ids = generate(
         model, enc.pad_id, eos, prompts[:k], gen.max_new_tokens, gen.batch_size, device, amp,
         do_sample=gen.do_sample, temperature=gen.temperature, top_p=gen.top_p, seed=gen.seed,
@@ -59,6 +59,15 @@ def split_scores(
     scores["generated_tokens_mean"] = sum(len(ids) for ids in new_ids) / max(k, 1)
     scores["generated_samples"] = float(k)
     return scores, predictions
+
+
+def stop_tokens(model: nn.Module, tokenizer: Any) -> list[int]:
+    """Tokens that end a response: the tokenizer's end of sequence and the model's generation
+    config's (chat models end a turn with their own, e.g. <|eot_id|>)."""
+    stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    stops += [configured] if isinstance(configured, int) else list(configured or [])
+    return sorted(set(stops))
 
 
 def _load_run_spec(path: Path) -> dict[str, Any] | None:
@@ -80,12 +89,37 @@ def is_causal_lm(config: Any, run_spec: dict[str, Any] | None) -> bool:
     )
 
 
+def lm_data_prompt(tokenizer: Any, ids: list[int]) -> str:
+    """The prompt as the model saw it (after any truncation), for --predictions."""
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _run_teacher_tokenizer(run_spec: dict[str, Any] | None, run_dir: Path | None, trust: bool) -> Any:
+    """The tokenizer of a run's teacher when its student had another one (init = "pretrained"),
+    or None. Unavailable (offline, deleted): None, and the student's examples are used alone."""
+    from kdgeo.models import ModelRef, load_tokenizer
+
+    if not run_spec or (run_spec.get("student") or {}).get("init") != "pretrained":
+        return None
+    teacher = (run_spec.get("teacher") or {}).get("model")
+    if run_dir is not None and (run_dir / "summary.json").exists():
+        try:
+            teacher = json.loads((run_dir / "summary.json").read_text()).get("teacher_path") or teacher
+        except (OSError, json.JSONDecodeError):
+            pass
+    try:
+        return load_tokenizer(ModelRef(str(teacher), trust_remote_code=trust)) if teacher else None
+    except KdgeoError:
+        return None
+
+
 def run_lm_eval(
     location: str,
     label: str,
     run_spec: dict[str, Any] | None,
     options: dict[str, Any],
     progress: Progress | None = None,
+    run_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate the causal LM at ``location``; ``options`` are the CLI's (None = the run's, else defaults).
 
@@ -109,7 +143,8 @@ def run_lm_eval(
     response_col = options.get("response_column") or run_data.get("response_column") or "response"
     context_col = options.get("context_column") if options.get("context_column") is not None else run_data.get("context_column")
     max_length = options.get("max_length") or run_data.get("max_length") or 512
-    max_prompt = run_data.get("max_prompt_length") or max_length // 2
+    # Capped: --max-length may be shorter than the run's, and a prompt must leave room for a response.
+    max_prompt = min(run_data.get("max_prompt_length") or max_length // 2, max_length - 1)
     fmt = lm_data.PromptFormat(
         template=run_data.get("template", DEFAULT_TEMPLATE),
         context_template=run_data.get("context_template", DEFAULT_CONTEXT_TEMPLATE),
@@ -124,7 +159,12 @@ def run_lm_eval(
         seed=options.get("seed") if options.get("seed") is not None else (run_spec or {}).get("seed", 0),
     )
     device = resolve_device(options.get("device") or "auto")
-    amp = autocast_dtype(options.get("precision") or "fp32", device)
+    run_train = (run_spec or {}).get("train", {})
+    amp = autocast_dtype(options.get("precision") or run_train.get("precision") or "fp32", device)
+    # A run's own settings, so its scores come out as in its summary.json: the generation cap and
+    # the batch size its perplexity was computed with.
+    gen_samples = run_gen.get("max_samples") if own_data and options.get("max_samples") is None else None
+    nll_batch = options.get("batch_size") or run_train.get("batch_size") or gen.batch_size
     trust = bool(options.get("trust_remote_code"))
 
     where = f"--data {dataset}"
@@ -140,16 +180,26 @@ def run_lm_eval(
     models = [("model", location, label)]
     if options.get("teacher"):
         models.append(("teacher", options["teacher"], options["teacher"]))
-    results: dict[str, Any] = {}
-    texts: dict[str, Any] = {}
-    start = time.perf_counter()
+    loaded: dict[str, tuple[Any, Any, Any]] = {}
     for role, path, name in models:
         ref = ModelRef(path, trust_remote_code=trust)
         cfg = load_config(ref)
         check_decoder(cfg, name, "MODEL" if role == "model" else "--teacher")
         check_max_length(cfg, max_length, "--max-length", f"the model {name}")
-        tok = load_tokenizer(ref)
-        split, notes = lm_data.build_split(examples, fmt, {role: tok}, max_length, max_prompt, run_data.get("long_examples", "truncate"), where)
+        loaded[role] = (ref, cfg, load_tokenizer(ref))
+    tokenizers = {role: tok for role, (_, _, tok) in loaded.items()}
+    run_teacher = _run_teacher_tokenizer(run_spec, run_dir, trust) if own_data else None
+    if run_teacher is not None:
+        tokenizers["run teacher"] = run_teacher  # the run kept only examples both of its tokenizers kept
+    # One split for every model: the same prompts, the same references, line for line.
+    split, notes = lm_data.build_split(examples, fmt, tokenizers, max_length, max_prompt, run_data.get("long_examples", "truncate"), where)
+    for note in notes:
+        emit({"event": "stage", "message": note})
+    results: dict[str, Any] = {}
+    texts: dict[str, Any] = {}
+    start = time.perf_counter()
+    for role, path, name in models:
+        ref, cfg, tok = loaded[role]
         limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
         longest = max(len(p) for p in lm_data.prompt_ids(split.encodings[role]))
         if isinstance(limit, int) and longest + gen.max_new_tokens > limit:
@@ -157,13 +207,12 @@ def run_lm_eval(
                 f"a prompt of {longest} tokens plus --max-new-tokens {gen.max_new_tokens} exceeds the {limit} positions "
                 f"{name} accepts; lower --max-new-tokens or --max-length."
             )
-        for note in notes:
-            emit({"event": "stage", "message": note})
-        emit({"event": "stage", "message": f"generating responses with {name} for {len(split)} prompts"})
+        emit({"event": "stage", "message": f"generating responses with {name} for {min(len(split), gen_samples or len(split))} prompts"})
         model = load_causal_lm(ref).to(device)
-        scores, predictions = split_scores(model, tok, split, role, gen, gen.batch_size, device, amp)
+        scores, predictions = split_scores(model, tok, split, role, gen, nll_batch, device, amp, gen_samples)
         results[role] = {"model": name, "scores": scores, "samples": len(split)}
-        texts[role] = {"prompts": split.texts, "references": split.responses or [], "predictions": predictions or []}
+        texts[role] = {"prompts": [lm_data_prompt(tok, p) for p in lm_data.prompt_ids(split.encodings[role])],
+                       "references": split.responses or [], "predictions": predictions or []}
         del model
     return {
         "task": "causal-lm", "model": label, "dataset": dataset, "split": split_name, "results": results,
@@ -203,8 +252,9 @@ def wants_causal_lm(model: str, trust_remote_code: bool = False) -> bool:
 
 
 def run_lm_eval_cli(model: str, options: dict[str, Any], progress: Progress | None = None) -> dict[str, Any]:
-    location, spec = run_dir_model(Path(model).expanduser())
-    return run_lm_eval(location, model, spec, options, progress)
+    path = Path(model).expanduser()
+    location, spec = run_dir_model(path)
+    return run_lm_eval(location, model, spec, options, progress, run_dir=path if spec is not None else None)
 
 
 def write_predictions(path: Path, result: dict[str, Any]) -> None:

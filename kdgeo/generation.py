@@ -164,7 +164,7 @@ def _check_generation_args(max_new_tokens: int, batch_size: int, do_sample: bool
 def generate(
     model: nn.Module,
     tokenizer_pad_id: int,
-    eos_id: int | None,
+    eos_id: int | Sequence[int] | None,
     prompts: list[list[int]],
     max_new_tokens: int,
     batch_size: int,
@@ -183,7 +183,8 @@ def generate(
     Prompts are sorted by length into batches of ``batch_size`` and LEFT-padded with
     ``tokenizer_pad_id`` (attention mask 0 there, positions cumsum(mask) - 1 clipped at 0). The
     loop runs one prefill pass, then one cached pass per new token with the mask extended by a 1.
-    A row stops at ``eos_id`` or after ``max_new_tokens`` tokens; a batch stops when every row
+    A row stops at ``eos_id`` (or any of several: chat models end a turn with their own token)
+    or after ``max_new_tokens`` tokens; a batch stops when every row
     has. Runs under ``torch.no_grad`` (not inference mode: FSDP reuses its buffers in training) and autocast to ``amp`` when given, and restores
     ``model.training``. Raises ValueError on an empty prompt or invalid decoding arguments.
     """
@@ -212,7 +213,7 @@ def _generate_batch(
     model: nn.Module,
     rows: list[list[int]],
     pad_id: int,
-    eos_id: int | None,
+    eos_id: int | Sequence[int] | None,
     max_new_tokens: int,
     device: torch.device,
     cache_kw: str,
@@ -235,6 +236,8 @@ def _generate_batch(
 
     out_ids: list[list[int]] = [[] for _ in rows]
     done = torch.zeros(b, dtype=torch.bool, device=device)  # (B,)
+    stops = [eos_id] if isinstance(eos_id, int) else list(eos_id or [])
+    stop_ids = torch.tensor(stops, dtype=torch.long, device=device) if stops else None  # (S,)
     cache: Any = None
     step_ids, step_pos = input_ids, positions
     for step in range(max_new_tokens):
@@ -250,7 +253,7 @@ def _generate_batch(
             next_ids = logits.argmax(-1)  # (B,)
         else:
             next_ids = _sample(logits, temperature, top_p, generators)  # (B,)
-        is_eos = next_ids == eos_id if eos_id is not None else torch.zeros_like(done)  # (B,)
+        is_eos = torch.isin(next_ids, stop_ids) if stop_ids is not None else torch.zeros_like(done)  # (B,)
         keep = ~done & ~is_eos  # (B,) rows that emit this token
         for i, (tok, k) in enumerate(zip(next_ids.tolist(), keep.tolist())):
             if k:

@@ -133,6 +133,8 @@ def encode_lm(
 
     Returns the encoding of the kept examples and a report (``report.kept`` lists them).
     """
+    if not 0 < max_prompt_length < max_length:
+        raise ValueError(f"max_prompt_length {max_prompt_length} must be between 1 and max_length - 1 ({max_length - 1})")
     # A chat template writes its own special tokens into the text; a plain template relies on
     # the tokenizer adding BOS (OPT, Llama) where the model expects one.
     p_ids = tokenizer(list(prompts), add_special_tokens=not chat_template)["input_ids"]
@@ -214,17 +216,34 @@ def build_split(
     roles_of: dict[int, list[str]] = {}
     for role, tok in tokenizers.items():
         roles_of.setdefault(id(tok), []).append(role)
+    subs: dict[int, data_mod.Encoded] = {}
     for key, (_, enc, rep) in encoded.items():
         position = {row: k for k, row in enumerate(rep.kept)}
         picked = [position[i] for i in kept]
         assert enc.response_start is not None
-        sub = data_mod.Encoded(
-            input_ids=[enc.input_ids[k] for k in picked], token_type_ids=None, pad_id=enc.pad_id,
+        subs[key] = data_mod.Encoded(
+            input_ids=[list(enc.input_ids[k]) for k in picked], token_type_ids=None, pad_id=enc.pad_id,
             response_start=[enc.response_start[k] for k in picked],
         )
         for role in roles_of[key]:
-            split.encodings[role] = sub
+            split.encodings[role] = subs[key]
         line = rep.describe(f"{where} ({' and '.join(roles_of[key])} tokenizer)")
         if line:
             notes.append(line)
+    _align_cut_responses(list(subs.values()))
     return split, notes
+
+
+def _align_cut_responses(encodings: list[data_mod.Encoded]) -> None:
+    """Where tokenizers give the same response tokens but one encoding cut it shorter (its prompt
+    took more of max_length, e.g. one more BOS token), cut the others to match, so the response
+    tokens still pair one by one."""
+    if len(encodings) < 2:
+        return
+    for k in range(len(encodings[0].input_ids)):
+        starts = [e.response_start[k] for e in encodings]  # type: ignore[index]
+        responses = [e.input_ids[k][s:] for e, s in zip(encodings, starts)]
+        shortest = min(len(r) for r in responses)
+        if any(len(r) != shortest for r in responses) and all(r[:shortest] == responses[0][:shortest] for r in responses):
+            for e, s in zip(encodings, starts):
+                e.input_ids[k] = e.input_ids[k][: s + shortest]

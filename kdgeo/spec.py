@@ -226,14 +226,21 @@ class DataSpec(_Strict):
     @field_validator("template", "context_template")
     @classmethod
     def _template_fields(cls, value: str, info: Any) -> str:
-        need = ["{prompt}"] + (["{context}"] if info.field_name == "context_template" else [])
-        missing = [n for n in need if n not in value]
-        if missing:
-            raise ValueError(f"must contain {' and '.join(need)} (missing {', '.join(missing)}), e.g. {DEFAULT_CONTEXT_TEMPLATE!r}")
+        import string
+
+        with_context = info.field_name == "context_template"
+        want = {"prompt", "context"} if with_context else {"prompt"}
+        example = "Q: {prompt}\nC: {context}\nA:" if with_context else "Q: {prompt}\nA:"
         try:
-            value.format(prompt="", context="")
-        except (KeyError, IndexError, ValueError) as err:
-            raise ValueError(f"is not a valid template ({err!r}); only {{prompt}} and {{context}} may appear in braces, write {{{{ and }}}} for literal braces") from None
+            found = [name for _, name, spec, conv in string.Formatter().parse(value) if name is not None]
+        except ValueError as err:
+            raise ValueError(f"is not a valid template ({err}); write {{{{ and }}}} for literal braces, e.g. {example!r}") from None
+        if set(found) != want or any(not name for name in found):
+            shown = ", ".join("{" + n + "}" for n in found) or "no placeholder"
+            raise ValueError(
+                f"must use exactly {' and '.join('{' + n + '}' for n in sorted(want, reverse=True))} (found {shown}); "
+                f"write {{{{ and }}}} for literal braces, e.g. {example!r}"
+            )
         return value
 
 
@@ -398,6 +405,10 @@ class TrainSpec(_Strict):
     """Worker processes collating batches ahead of the step. `auto`: none on CPU (the model's
     threads use the cores; collation is well under 1% of a CPU step), else up to 4 per process,
     sized to the cores. Any value gives the same batches in the same order."""
+    timeout_minutes: int = Field(120, ge=1)
+    """Under torchrun: how long a process waits for the others at a collective, e.g. while rank 0
+    alone fine-tunes the teacher, builds the teacher-output cache or evaluates. For a teacher that
+    takes longer to fine-tune, fine-tune it in a one-process run first (it is cached)."""
     gather_features: bool = False
     """Under torchrun: compute the geometry losses (procrustes, gram, cka, ...) on the feature rows
     of every process's share of the micro-batch gathered together, so each Gram matrix spans the
@@ -640,7 +651,7 @@ def resolve_preset(raw: dict[str, Any], source: str, preset: str | None) -> dict
 
 RESUME_SAFE_FIELDS = (
     "description", "monitor.every", "monitor.metrics", "train.log_every", "train.eval_every", "train.checkpoint_every",
-    "train.keep_checkpoints", "train.on_nonfinite", "train.loader_workers", "output.overwrite", "output.save_student", "output.teacher_cache",
+    "train.keep_checkpoints", "train.on_nonfinite", "train.loader_workers", "train.timeout_minutes", "output.overwrite", "output.save_student", "output.teacher_cache",
     "output.teacher_outputs_dir",
     "output.dir", "output.name",  # where the run lives, not what it computes (a moved run resumes)
 )

@@ -67,8 +67,11 @@ def _split_rows(rows: Tensor, counts: Sequence[int]) -> list[Tensor]:
 
 
 BUILD_WINDOW = 16
-"""The build sorts each window of this many batches by length (far less padding in the teacher
-forward) and writes the window back in index order, so memory stays bounded by one window."""
+"""The build sorts each window of up to this many batches by length (far less padding in the
+teacher forward) and writes the window back in index order ..."""
+BUILD_WINDOW_BYTES = 512 * 2**20
+"""... and a window holds at most this much buffered output (float32): a causal LM's logits are
+a vocabulary-wide row per response token, so a window may be a single batch."""
 
 
 @torch.no_grad()
@@ -101,17 +104,24 @@ def _build(
 ) -> None:
     n = len(split)
     lengths = data_mod.lengths_of(split)
-    window = batch_size * BUILD_WINDOW
-    for start in range(0, n, window):
-        order = sorted(range(start, min(n, start + window)), key=lambda i: (lengths[i], i))
+    counts, widths = plan.row_counts(split), plan.fields()
+    per_example = [4 * sum(counts[f][i] * w for f, w in widths.items()) for i in range(n)]  # buffered float32 bytes
+    start = 0
+    while start < n:
+        end, held = start, 0
+        while end < n and end - start < batch_size * BUILD_WINDOW and (end - start < batch_size or held + per_example[end] <= BUILD_WINDOW_BYTES):
+            held += per_example[end]
+            end += 1
+        order = sorted(range(start, end), key=lambda i: (lengths[i], i))
         rows: dict[int, dict[str, Tensor]] = {}
         for b in range(0, len(order), batch_size):
             idx = order[b : b + batch_size]
             for name, per_example in _teacher_rows(teacher, split, idx, plan, device, amp).items():
                 for i, r in zip(idx, per_example):
                     rows.setdefault(i, {})[name] = r
-        for i in range(start, min(n, start + window)):
+        for i in range(start, end):
             writer.append(i, rows.pop(i))
+        start = end
 
 
 class TeacherOutputs:
@@ -133,6 +143,27 @@ class TeacherOutputs:
         return [torch.cat(self.reader.batch(layer_field(t), indices)).to(device) for t in self.plan.layers]
 
 
+def encoding_digest(split: data_mod.TextSplit) -> str:
+    """Identity of the teacher's tokenized training examples (ids and response boundaries): the
+    cache key must change whenever they do, e.g. when the student's tokenizer drops other examples."""
+    import hashlib
+
+    enc = split.encodings["teacher"]
+    digest = hashlib.sha256()
+    for k, ids in enumerate(enc.input_ids):
+        start = enc.response_start[k] if enc.response_start is not None else -1
+        digest.update(f"{start}:{','.join(map(str, ids))};".encode())
+    return digest.hexdigest()
+
+
+def _layout_problem(reader: output_cache.CacheReader, plan: OutputPlan, split: data_mod.TextSplit) -> str | None:
+    """Why an entry cannot serve this split (it would hand a batch another example's rows), or None."""
+    counts = plan.row_counts(split)
+    if reader.n_examples != len(split) or any(reader.row_counts(f).tolist() != counts[f] for f in plan.fields()):
+        return f"it holds {reader.n_examples} examples laid out differently from this run's {len(split)}"
+    return None
+
+
 def ensure(
     root: Path, payload: dict[str, Any], plan: OutputPlan, teacher: nn.Module, split: data_mod.TextSplit,
     dtype: str, batch_size: int, device: torch.device, amp: torch.dtype | None, emit: Progress, build: bool = True,
@@ -147,12 +178,19 @@ def ensure(
     key = output_cache.cache_key(payload)
     setting = "output.teacher_outputs_dir"
     status, reason = output_cache.check_entry(root, key)
-    if status == "ok" or not build:
+    if status == "ok":
         reader = output_cache.open_entry(root, key)
-        if reader is None:
-            raise output_cache.CacheEntryError(root / key, "missing", "rank 0 did not build it (is the directory shared by every rank?)")
-        emit({"event": "stage", "message": f"teacher outputs read from the cache {root / key}"})
-        return TeacherOutputs(reader, plan, root / key)
+        assert reader is not None
+        problem = _layout_problem(reader, plan, split)
+        if problem is None:
+            emit({"event": "stage", "message": f"teacher outputs read from the cache {root / key}"})
+            return TeacherOutputs(reader, plan, root / key)
+        reader.close()
+        status, reason = "stale", problem
+    if not build:
+        raise output_cache.CacheEntryError(
+            root / key, status, reason or "it must be built first: by rank 0 under ddp, or by a one-process run for an fsdp run"
+        )
     if status in ("corrupt", "stale"):
         emit({"event": "stage", "message": f"teacher-output cache entry {root / key} is {status} ({reason}): rebuilding it"})
         output_cache.remove_entry(root, key)

@@ -252,12 +252,28 @@ def test_vocabulary_mismatch_is_caught_and_pooled_geometry_still_works(tiny_lm, 
     # Token rows need identical tokenization even without kd ...
     spec["losses"] = [{"kind": "ce"}, {"kind": "procrustes"}]
     code, _, err = run_cli(capsys, "distill", str(write_spec(tmp_path / "v.toml", spec)), "-q")
-    assert code == 2 and "split text differently" in err and "features.rows" in err
+    assert code == 2 and "response tokens one by one" in err and 'features.rows = "mean"' in err
     # ... while pooled response features compare across vocabularies.
     spec["features"] = {"rows": "mean", "pairs": "last"}
     spec["output"]["overwrite"] = True
     spec["generate"] = {"max_new_tokens": 2}
     code, _, err = run_cli(capsys, "distill", str(write_spec(tmp_path / "v.toml", spec)), "-q")
+    assert code == 0, err
+
+
+def test_tokenizers_that_differ_only_in_the_prompt_pair_response_tokens(tiny_lm, tmp_path, capsys):
+    """Same vocabulary, but only the teacher's tokenizer adds BOS: prompts differ by a token, the
+    responses are the same tokens, so token rows and token-level KD still pair up."""
+    from conftest import make_causal_lm, make_lm_tokenizer
+
+    make_lm_tokenizer(tmp_path / "tok_nobos", bos=False)
+    student = make_causal_lm(tmp_path / "gpt2_nobos", tmp_path / "tok_nobos", "gpt2", layers=2, width=32, seed=4)
+    spec = tiny_lm_spec(
+        tiny_lm, tmp_path, student={"init": "pretrained", "model": str(student)},
+        data={**tiny_lm_spec(tiny_lm, tmp_path)["data"], **SHORT, "max_train_samples": 16, "max_eval_samples": 4},
+        losses=[{"kind": "kd"}, {"kind": "procrustes"}], generate={"max_new_tokens": 2},
+    )
+    code, _, err = run_cli(capsys, "distill", str(write_spec(tmp_path / "b.toml", spec)), "-q")
     assert code == 0, err
 
 
@@ -268,6 +284,7 @@ def test_vocabulary_mismatch_is_caught_and_pooled_geometry_still_works(tiny_lm, 
         ({"data": {"long_examples": "error", "max_length": 24, "template": "{prompt} " + "please answer this " * 10}}, "data.long_examples"),
         ({"data": {"chat_template": True, "template": None, "context_template": None}}, "has no chat template"),
         ({"data": {"label_column": "topic"}}, 'are for task = "classification"'),
+        ({"data": {"template": "Q: {prompt} {context}"}}, "data.template: must use exactly {prompt}"),
         ({"features": {"rows": "cls"}}, "a decoder has no classification token"),
         ({"generate": {"max_new_tokens": 250}}, "generate.max_new_tokens = 250"),
         ({"teacher": {"model": "BERT"}}, "bidirectional encoder"),

@@ -80,3 +80,20 @@ def test_causal_lm_teacher_outputs_per_response_token(tiny_lm, tmp_path, capsys)
     assert code == 0, err
     runs = tmp_path / "runs"
     _close(_steps(runs / "cached"), _steps(runs / "plain"), ("ce", "kd", "procrustes"), rel=2e-3)
+
+
+def test_the_cache_key_follows_the_teachers_examples():
+    """Which examples survive truncation can depend on the student's tokenizer: the digest in the
+    key changes with the teacher's ids and response boundaries, not with anything else."""
+    from kdgeo import data as data_mod
+    from kdgeo.teacher_outputs import encoding_digest
+
+    def split(ids, starts):
+        enc = data_mod.Encoded(input_ids=ids, token_type_ids=None, pad_id=0, response_start=starts)
+        return data_mod.TextSplit(texts=["x"] * len(ids), labels=None, encodings={"teacher": enc, "student": enc})
+
+    base = encoding_digest(split([[1, 2, 3], [1, 4, 5, 6]], [2, 2]))
+    assert encoding_digest(split([[1, 2, 3], [1, 4, 5, 6]], [2, 2])) == base
+    assert encoding_digest(split([[1, 4, 5, 6]], [2])) != base  # an example dropped
+    assert encoding_digest(split([[1, 2, 3], [1, 4, 5, 6]], [2, 3])) != base  # another boundary
+    assert encoding_digest(split([[1, 2, 3], [1, 4, 5, 7]], [2, 2])) != base  # another token
