@@ -118,3 +118,18 @@ def test_fsdp_with_projection_maps_gathered_rows_and_clipping(tiny, tmp_path, ca
     two, one = _pair(tiny, tmp_path, capsys, "fsdp-proj", [{"kind": "ce"}, {"kind": "procrustes"}, {"kind": "projection"}],
                      {"distributed": "fsdp", "gather_features": True, "max_grad_norm": 0.05})
     _assert_same(two, one, ("ce", "procrustes", "projection", "loss"))
+
+
+def test_a_rank_0_error_stops_every_process_with_exit_2(tiny, tmp_path):
+    """The run directory exists: rank 0 refuses it, and rank 1 stops with the same message
+    instead of waiting at a collective."""
+    spec = tiny_spec(tiny, tmp_path, train={"max_steps": 1, "batch_size": 8})
+    path = write_spec(tmp_path / "exists.toml", {**spec, "name": "exists"})
+    (tmp_path / "runs" / "exists").mkdir(parents=True)
+    (tmp_path / "runs" / "exists" / "keep.txt").write_text("mine")
+    done = _torchrun(path, timeout=120)
+    assert done.returncode != 0
+    # torchrun's agent prints its own traceback on a failed child; none comes from kdgeo's code.
+    assert "exitcode  : 2" in done.stderr and "/kdgeo/" not in done.stderr
+    assert "[rank 1] error:" in done.stderr and "already exists" in done.stderr
+    assert (tmp_path / "runs" / "exists" / "keep.txt").read_text() == "mine"
