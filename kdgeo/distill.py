@@ -456,34 +456,30 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
         model_key = f"{spec.teacher.model}|{fingerprint_model(teacher_ref)}"
         key = cache_key(model_key, spec.teacher.revision, data_key, label_info.names if label_info else [], ft_args)
         cache_dir = Path(spec.output.teacher_cache).expanduser()
-        fresh: dict[str, Any] | None = None
-        if dist.enabled:
-            # Rank 0 fine-tunes (and caches) alone; the others then load the cached result.
-            def finetune_once() -> dict[str, Any] | None:
-                if cached_teacher(cache_dir, key) is not None:
-                    return None
-                emit({"event": "stage", "message": f"fine-tuning the teacher on rank 0 ({ft.epochs:g} epochs on {len(train)} examples)"})
-                stats = finetune(teacher, train, ft_args, device, amp, emit, group_by_length=spec.data.group_by_length, causal_lm=is_lm)
-                save_to_cache(teacher, t_tok, cache_dir, key, {"teacher": spec.teacher.model, "key": key, **stats})
-                return stats
 
-            fresh = distributed.on_main(finetune_once, dist)
+        def finetune_once() -> dict[str, Any] | None:
+            """Fine-tune and cache the teacher unless the cache has it; under torchrun rank 0 does
+            this alone and the others load the cached result."""
+            if cached_teacher(cache_dir, key) is not None:
+                return None
+            where = " on rank 0" if dist.enabled else ""
+            emit({"event": "stage", "message": f"fine-tuning the teacher{where} ({ft.epochs:g} epochs on {len(train)} examples)"})
+            stats = finetune(teacher, train, ft_args, device, amp, emit, group_by_length=spec.data.group_by_length, causal_lm=is_lm)
+            entry = save_to_cache(teacher, t_tok, cache_dir, key, {"teacher": spec.teacher.model, "key": key, **stats})
+            return {"path": str(entry), **stats}
+
+        fresh = distributed.on_main(finetune_once, dist)
         hit = cached_teacher(cache_dir, key)
-        if hit is not None:
-            emit({"event": "stage", "message": f"using the cached fine-tuned teacher {hit}"})
+        if fresh is None or not dist.is_main:
+            assert hit is not None
+            if fresh is None:
+                emit({"event": "stage", "message": f"using the cached fine-tuned teacher {hit}"})
             if is_lm:
                 teacher = load_causal_lm(ModelRef(str(hit)))
             else:
                 assert label_info is not None
                 teacher = load_classifier(ModelRef(str(hit)), num_labels, label_info.names).model
-            finetune_info = {"cached": True, "path": str(hit), "key": key}
-            if dist.enabled and fresh is not None:
-                finetune_info = {"cached": False, "path": str(hit), "key": key, "on_rank": 0, **fresh}
-        else:
-            emit({"event": "stage", "message": f"fine-tuning the teacher ({ft.epochs:g} epochs on {len(train)} examples)"})
-            stats = finetune(teacher, train, ft_args, device, amp, emit, group_by_length=spec.data.group_by_length, causal_lm=is_lm)
-            entry = save_to_cache(teacher, t_tok, cache_dir, key, {"teacher": spec.teacher.model, "key": key, **stats})
-            finetune_info = {"cached": False, "path": str(entry), "key": key, **stats}
+        finetune_info = {"cached": fresh is None, "path": str(hit), "key": key, **(fresh or {})}
         teacher_source = finetune_info["path"]
     align_pad_token(teacher, t_tok)
     teacher.to(device).eval()
@@ -823,9 +819,10 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
                     # causal LM), however they are split into micro-batches and processes; DDP
                     # averages over processes, so per-row terms carry a factor N
                     # (distributed.loss_share) and terms on gathered rows do not.
-                    local_share = distributed.loss_share(micro_weight(idx), 1, dist) / total_weight
+                    local_weight = micro_weight(idx)
+                    log_share = local_weight / total_weight
+                    local_share = distributed.loss_share(local_weight, total_weight, dist)
                     feature_share = micro_weight(global_idx) / total_weight if gather else local_share
-                    log_share = micro_weight(idx) / total_weight
                     with distributed.maybe_no_sync(student, sync=k == len(group) - 1):
                         logit_loss, feature_loss, parts = micro_loss(batch)
                         loss = logit_loss + feature_loss

@@ -88,23 +88,29 @@ class EvalResult:
         }
 
 
-def _run_defaults(path: Path) -> tuple[str, dict[str, Any] | None]:
-    """A run directory evaluates its student/ and defaults to the run's data settings."""
+def read_run_spec(path: Path) -> dict[str, Any] | None:
+    """A kdgeo run directory's resolved spec, or None when ``path`` is not a run directory."""
     spec_file = path / "spec.json"
-    if path.is_dir() and spec_file.exists():
+    if not (path.is_dir() and spec_file.exists()):
+        return None
+    try:
+        return json.loads(spec_file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise KdgeoError(f"{spec_file} cannot be read ({err}); the run directory is damaged.") from None
+
+
+def run_defaults(path: Path) -> tuple[str, dict[str, Any] | None]:
+    """A run directory evaluates its student/ and defaults to the run's settings; anything else is a model."""
+    if path.is_dir() and (path / "spec.json").exists():
         if not (path / "student" / "config.json").exists():
             raise ModelLoadError(f"{path} is a kdgeo run directory without a saved student (student/ is missing); the run may not have finished.")
-        try:
-            spec = json.loads(spec_file.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise KdgeoError(f"{spec_file} cannot be read ({err}); the run directory is damaged.") from None
-        return str(path / "student"), spec
+        return str(path / "student"), read_run_spec(path)
     return str(path), None
 
 
 def run_eval(args: EvalArgs, progress: Progress | None = None) -> EvalResult:
     emit = progress or (lambda event: None)
-    location, run_spec = _run_defaults(Path(args.model).expanduser())
+    location, run_spec = run_defaults(Path(args.model).expanduser())
     run_data = (run_spec or {}).get("data", {})
     dataset = args.dataset or run_data.get("eval_dataset") or run_data.get("dataset")
     if dataset is None:

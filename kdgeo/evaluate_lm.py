@@ -18,7 +18,8 @@ from torch import nn
 
 from kdgeo import data as data_mod
 from kdgeo import lm_data
-from kdgeo.errors import DataError, KdgeoError, ModelLoadError
+from kdgeo.errors import DataError, KdgeoError
+from kdgeo.evaluate import read_run_spec, run_defaults
 from kdgeo.generation import GenerationArgs, generate, perplexity, response_nll, rouge_l
 from kdgeo.spec import DEFAULT_CONTEXT_TEMPLATE, DEFAULT_TEMPLATE
 
@@ -68,16 +69,6 @@ def stop_tokens(model: nn.Module, tokenizer: Any) -> list[int]:
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     stops += [configured] if isinstance(configured, int) else list(configured or [])
     return sorted(set(stops))
-
-
-def _load_run_spec(path: Path) -> dict[str, Any] | None:
-    spec_file = path / "spec.json"
-    if not (path.is_dir() and spec_file.exists()):
-        return None
-    try:
-        return json.loads(spec_file.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise KdgeoError(f"{spec_file} cannot be read ({err}); the run directory is damaged.") from None
 
 
 def is_causal_lm(config: Any, run_spec: dict[str, Any] | None) -> bool:
@@ -221,16 +212,6 @@ def run_lm_eval(
     }
 
 
-def run_dir_model(path: Path) -> tuple[str, dict[str, Any] | None]:
-    """A run directory evaluates its student/ with the run's settings; anything else is a model."""
-    spec = _load_run_spec(path)
-    if spec is None:
-        return str(path), None
-    if not (path / "student" / "config.json").exists():
-        raise ModelLoadError(f"{path} is a kdgeo run directory without a saved student (student/ is missing); the run may not have finished.")
-    return str(path / "student"), spec
-
-
 def wants_causal_lm(model: str, trust_remote_code: bool = False) -> bool:
     """Whether `kdgeo eval MODEL` is a causal-LM evaluation: a causal-lm run directory, or a model
     whose config names a *ForCausalLM / *LMHeadModel architecture. Unloadable references say
@@ -239,7 +220,7 @@ def wants_causal_lm(model: str, trust_remote_code: bool = False) -> bool:
 
     path = Path(model).expanduser()
     try:
-        spec = _load_run_spec(path)
+        spec = read_run_spec(path)
     except KdgeoError:
         return False
     if spec is not None:
@@ -253,7 +234,7 @@ def wants_causal_lm(model: str, trust_remote_code: bool = False) -> bool:
 
 def run_lm_eval_cli(model: str, options: dict[str, Any], progress: Progress | None = None) -> dict[str, Any]:
     path = Path(model).expanduser()
-    location, spec = run_dir_model(path)
+    location, spec = run_defaults(path)
     return run_lm_eval(location, model, spec, options, progress, run_dir=path if spec is not None else None)
 
 

@@ -51,6 +51,16 @@ def _assert_same(a: Path, b: Path, keys: tuple[str, ...]) -> None:
     assert [e["scores"]["accuracy"] for e in ea] == [e["scores"]["accuracy"] for e in eb]
 
 
+def _crash_after(run: Path, resume_from: str, drop: str) -> None:
+    """Make ``run`` look as if it crashed after ``resume_from`` was written, then resume it under torchrun."""
+    (run / "summary.json").unlink()
+    shutil.rmtree(run / "student")
+    shutil.rmtree(run / drop)
+    done = _torchrun(run, "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((run / "summary.json").read_text())["resumed_from"].endswith(resume_from)
+
+
 def _pair(tiny, tmp_path, capsys, name: str, losses: list[dict], train: dict, data: dict | None = None) -> tuple[Path, Path]:
     """(2 processes with batch 8 each, 1 process with batch 16), same spec otherwise."""
     spec = tiny_spec(tiny, tmp_path, losses=losses, train={"epochs": 2, "batch_size": 8, **train}, **({"data": data} if data else {}))
@@ -82,12 +92,7 @@ def test_ddp_resume_from_a_checkpoint_matches_the_uninterrupted_single_process_r
     two, one = _pair(tiny, tmp_path, capsys, "resume", [{"kind": "ce"}, {"kind": "kd"}], {"checkpoint_every": 2, "keep_checkpoints": 4})
     # Simulate a crash after step 4 was checkpointed: nothing after it happened.
     assert sorted(p.name for p in two.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
-    (two / "summary.json").unlink()
-    shutil.rmtree(two / "student")
-    shutil.rmtree(two / "checkpoint-6")
-    done = _torchrun(two, "--resume")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads((two / "summary.json").read_text())["resumed_from"].endswith("checkpoint-4")
+    _crash_after(two, "checkpoint-4", drop="checkpoint-6")
     _assert_same(two, one, ("ce", "kd", "loss"))
     # Resuming with another number of processes would change the global batch: refused.
     (two / "summary.json").unlink()
@@ -102,12 +107,7 @@ def test_fsdp_two_processes_match_one_process_and_resume(tiny, tmp_path, capsys)
     two, one = _pair(tiny, tmp_path, capsys, "fsdp", [{"kind": "ce"}, {"kind": "kd"}],
                      {"distributed": "fsdp", "checkpoint_every": 3, "keep_checkpoints": 4})
     _assert_same(two, one, ("ce", "kd", "loss"))
-    (two / "summary.json").unlink()
-    shutil.rmtree(two / "student")
-    shutil.rmtree(two / "checkpoint-6")
-    done = _torchrun(two, "--resume")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads((two / "summary.json").read_text())["resumed_from"].endswith("checkpoint-3")
+    _crash_after(two, "checkpoint-3", drop="checkpoint-6")
     _assert_same(two, one, ("ce", "kd", "loss"))
 
 
