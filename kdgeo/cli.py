@@ -61,17 +61,36 @@ def _root(
     """Geometry-aware knowledge distillation for transformers."""
 
 
+def _check_device(device: str) -> None:
+    """Refuse an unsupported --device before any model is read (torch parses meta, mps, xpu, ...)."""
+    from kdgeo.spec import device_problem
+
+    problem = device_problem(device)
+    if problem:
+        raise KdgeoError(f"--device: {problem}.")
+
+
+def _finite(value: Optional[float]) -> Optional[float]:
+    """A float option with only a lower bound lets inf through (e.g. --temperature inf): refuse it."""
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number.")
+    return value
+
+
 def _check_writable(path: Optional[Path], option: str) -> None:
     """Fail before any heavy work when an output file cannot be written."""
     if path is None:
         return
-    parent = path.expanduser().resolve().parent
-    if not parent.exists():
-        raise OutputError(f"{option} {path}: the directory {parent} does not exist; create it or choose another path.")
-    if path.exists() and path.is_dir():
-        raise OutputError(f"{option} {path} is a directory; give a file path.")
-    import os
+    from kdgeo import files
 
+    label = f"{option} {path}"
+    parent = path.expanduser().resolve().parent
+    if not files.is_dir(parent, label, OutputError):
+        raise OutputError(f"{option} {path}: the directory {parent} does not exist; create it or choose another path.")
+    if files.is_dir(path.expanduser(), label, OutputError):  # a name over 255 bytes fails here, before any work
+        raise OutputError(f"{option} {path} is a directory; give a file path.")
     if not os.access(parent, os.W_OK):
         raise OutputError(f"{option} {path}: the directory {parent} is not writable; choose another path.")
 
@@ -111,6 +130,7 @@ def probe(
 ) -> None:
     from kdgeo import report
 
+    _check_device(device)
     if json_path is not None and str(json_path) != "-":
         _check_writable(json_path, "--json")
     _check_writable(plot, "--plot")
@@ -196,7 +216,7 @@ def distill(
     from kdgeo.spec import expand_sweep, load_spec
 
     overrides = []
-    if spec_path.is_dir() and (spec_path / "spec.toml").exists():
+    if os.path.isdir(spec_path) and os.path.exists(spec_path / "spec.toml"):  # never raise: load_spec reports bad paths
         # A run directory: its own resolved spec, and the run lives where the directory is now.
         run_path = spec_path.resolve()
         overrides += [f"output.dir={json.dumps(str(run_path.parent))}", f"output.name={json.dumps(run_path.name)}"]
@@ -266,7 +286,9 @@ def eval_(
     context_column: Annotated[Optional[str], typer.Option(help="Causal LMs: optional context column (default: the run's).")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(min=1, help="Causal LMs: most tokens generated per response (default: the run's, else 128).")] = None,
     sample: Annotated[Optional[bool], typer.Option("--sample/--greedy", help="Causal LMs: sample (with --temperature, --top-p) or decode greedily (default: the run's, else greedy).")] = None,
-    temperature: Annotated[Optional[float], typer.Option(min=1e-6, help="Causal LMs: sampling temperature.")] = None,
+    temperature: Annotated[
+        Optional[float], typer.Option(min=1e-6, callback=_finite, help="Causal LMs: sampling temperature.")
+    ] = None,
     top_p: Annotated[Optional[float], typer.Option(min=1e-6, max=1.0, help="Causal LMs: nucleus sampling mass.")] = None,
     seed: Annotated[Optional[int], typer.Option(min=0, help="Causal LMs: sampling seed (default: the run's, else 0).")] = None,
     predictions: Annotated[Optional[Path], typer.Option(help="Causal LMs: write prompt, reference and generated response per line to this JSONL file.")] = None,
@@ -275,6 +297,7 @@ def eval_(
 ) -> None:
     from kdgeo import report
 
+    _check_device(device)
     for path, option in ((json_path, "--json"), (predictions, "--predictions")):
         if path is not None and str(path) != "-":
             _check_writable(path, option)

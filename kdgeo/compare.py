@@ -43,7 +43,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from kdgeo import rundir, stats
+from kdgeo import files, rundir, stats
 from kdgeo.errors import KdgeoError, OutputError
 from kdgeo.rundir import json_safe
 
@@ -293,10 +293,10 @@ def _find_run_dirs(paths: Sequence[str], warnings: list[str]) -> list[Path]:
     found: list[Path] = []
     for raw in paths:
         path = Path(os.path.expanduser(str(raw)))
-        if not path.exists():
+        if not files.exists(path, f"RUN '{raw}'"):  # a name over 255 bytes or a link loop fails here, named
             missing.append(str(raw))
             continue
-        if path.is_file():
+        if files.is_file(path, f"RUN '{raw}'"):
             if path.name == rundir.SUMMARY:
                 found.append(path.parent)
             else:
@@ -339,9 +339,14 @@ def _find_run_dirs(paths: Sequence[str], warnings: list[str]) -> list[Path]:
 def _read_object(path: Path) -> dict[str, Any]:
     """A JSON object from ``path``; ValueError with the reason otherwise."""
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as err:
-        raise ValueError(f"cannot be read ({err.strerror or err})") from None
+        raise ValueError(f"cannot be read ({files.describe_os_error(err, path)})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line, column = files.utf8_position(raw, err)
+        raise ValueError(f"is not UTF-8 text at line {line}, column {column}") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
@@ -886,6 +891,9 @@ def write_markdown(result: CompareResult, path: str | Path) -> None:
 def plot(result: CompareResult, path: str | Path) -> None:
     """PNG: per metric, learning curves (mean over runs, min-max band) and final values per variant
     (one point per run, mean, 95% CI bar). Uses the Agg canvas directly (no global backend)."""
+    from kdgeo.files import prepare_matplotlib
+
+    prepare_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

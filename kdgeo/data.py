@@ -62,31 +62,139 @@ def load_split(ref: str, config: str | None, split: str, where: str = "data.data
         )
         return datasets.Dataset.from_list(rows, features=features)
     if is_local_file(ref):
-        path = Path(os.path.expanduser(ref))
-        if not path.exists():
-            raise DataError(f"{where} = '{ref}': file not found. Give an existing .csv, .json, .jsonl or .parquet file, or a hub dataset id.")
-        if path.is_dir():
-            raise DataError(f"{where} = '{ref}' is a directory; give one .csv, .json, .jsonl or .parquet file.")
-        fmt = LOCAL_FORMATS.get(path.suffix.lower())
-        if fmt is None:
-            raise DataError(f"{where} = '{ref}': unsupported file type '{path.suffix}'; use .csv, .json, .jsonl or .parquet.")
-        if _local_file_is_empty(path, fmt):
-            raise DataError(f"{where} = '{ref}': the file has no rows; give a file with data.")
-        try:
-            ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
-        except Exception as err:  # datasets raises many types for unreadable files
-            raise DataError(f"{where} = '{ref}': cannot read it as {fmt}: {_first_line(err)}. Check the file's format.") from None
-        return ds
+        return _load_local(ref, where)
     try:
         return datasets.load_dataset(ref, config, split=split)
     except ValueError as err:
         msg = _first_line(err)
         raise DataError(f"{where} = '{ref}' (config {config!r}, split '{split}'): {msg}. Check the config and split names.") from None
     except Exception as err:  # network, missing dataset, auth: all user-fixable
+        cache = _unwritable_cache()
+        if cache is not None:
+            raise DataError(
+                f"{where} = '{ref}': the datasets cache {cache} cannot be written ({_first_line(err)}); set HF_HOME "
+                "(or HF_DATASETS_CACHE) to a writable directory, or give a local .csv/.json/.jsonl/.parquet file."
+            ) from None
         raise DataError(
             f"{where} = '{ref}': cannot load it from the Hugging Face hub ({_first_line(err)}). Check the dataset id "
             "and that you are online, or give a local .csv/.json/.jsonl/.parquet file."
         ) from None
+
+
+_LOCAL_CACHE: str | None = None
+
+
+def _local_cache_dir() -> str:
+    """A temporary directory for the Arrow files ``datasets`` makes of local files, removed at exit.
+
+    Not ~/.cache/huggingface: a local file needs no download cache, a read-only or full HOME
+    must not stop a run (it used to fail as "check the data file's format"), and copies of
+    every local file tried would pile up there. The Arrow files are memory-mapped; removing them
+    at exit (or earlier, by a tmp cleaner) is safe on POSIX while they are mapped.
+    """
+    global _LOCAL_CACHE
+    if _LOCAL_CACHE is None or not os.path.isdir(_LOCAL_CACHE):
+        import atexit
+        import shutil
+        import tempfile
+
+        _LOCAL_CACHE = tempfile.mkdtemp(prefix="kdgeo-datasets-")
+        atexit.register(shutil.rmtree, _LOCAL_CACHE, True)
+    return _LOCAL_CACHE
+
+
+def _unwritable_cache() -> str | None:
+    """The datasets cache directory when it (or the nearest existing directory above it) cannot be written."""
+    try:
+        import datasets.config
+
+        cache = Path(str(datasets.config.HF_DATASETS_CACHE))
+    except Exception:  # pragma: no cover - datasets without the attribute
+        return None
+    probe = cache
+    while not os.path.exists(probe) and probe.parent != probe:
+        probe = probe.parent
+    return None if os.path.isdir(probe) and os.access(probe, os.W_OK) else str(cache)
+
+
+def _load_local(ref: str, where: str) -> Any:
+    """A local .csv / .json / .jsonl / .parquet file as a Dataset; every problem a DataError naming the
+    file (and, for text that is not UTF-8 or a line that is not JSON, the line)."""
+    import datasets
+
+    from kdgeo import files
+
+    label = f"{where} = '{ref}'"
+    path = Path(os.path.expanduser(ref))
+    found = files.stat_path(path, label, DataError)
+    if found is None:
+        raise DataError(f"{label}: file not found. Give an existing .csv, .json, .jsonl or .parquet file, or a hub dataset id.")
+    if files.is_dir(path, label, DataError):
+        raise DataError(f"{label} is a directory; give one .csv, .json, .jsonl or .parquet file.")
+    fmt = LOCAL_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise DataError(f"{label}: unsupported file type '{path.suffix}'; use .csv, .json, .jsonl or .parquet.")
+    if fmt != "parquet":
+        # pyarrow's JSON reader accepts bytes that are not UTF-8 and fails only when a row is read
+        # (UnicodeDecodeError deep in training); the CSV reader fails without saying where.
+        files.check_utf8(path, label, DataError)
+    if _local_file_is_empty(path, fmt):
+        raise DataError(f"{label}: the file has no rows; give a file with data.")
+    from datasets.utils import logging as ds_logging
+
+    level = ds_logging.get_verbosity()
+    ds_logging.set_verbosity(ds_logging.CRITICAL)  # its "Failed to read file" line: the DataError says it all
+    try:
+        return datasets.load_dataset(fmt, data_files=str(path), split="train", cache_dir=_local_cache_dir())
+    except Exception as err:  # datasets raises many types for unreadable files
+        detail = (_json_problem(path) if fmt == "json" else None) or _root_cause(err)
+        raise DataError(f"{label}: cannot read it as {fmt}: {detail}. Check the file's format.") from None
+    finally:
+        ds_logging.set_verbosity(level)
+
+
+def _root_cause(err: BaseException) -> str:
+    """The first line of the innermost cause: datasets wraps the parser's message (which names the
+    line of a CSV file) in "An error occurred while generating the dataset"."""
+    seen = []
+    cur: BaseException | None = err
+    while cur is not None and cur not in seen:
+        seen.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    for candidate in seen[1:]:
+        text = _first_line(candidate)
+        # pyarrow's fallback parser adds a useless "Trailing data at position N" at the very end.
+        if text and not text.startswith("Trailing data"):
+            return text
+    return _first_line(err)
+
+
+def _json_problem(path: Path) -> str | None:
+    """Where a .json / .jsonl file stops being JSON: "line N: <reason>", or None when it parses.
+
+    Only called after datasets failed (so only the failure path pays for parsing in Python). A
+    .json file is either one JSON document (an array of objects, or columns) or JSON Lines.
+    """
+    import json
+
+    text = path.read_text(encoding="utf-8")
+    try:
+        json.loads(text)
+        return None
+    except json.JSONDecodeError as whole:
+        first = next((line for line in text.splitlines() if line.strip()), "")
+        if not (first.lstrip().startswith("{") and whole.msg == "Extra data") and path.suffix.lower() != ".jsonl":
+            return f"line {whole.lineno}, column {whole.colno}: {whole.msg}"
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            return f"line {number}, column {err.colno}: {err.msg} (each line of a JSON Lines file must be one JSON object)"
+        if not isinstance(value, dict):
+            return f"line {number} holds a JSON {type(value).__name__}, not an object (each line must be one JSON object)"
+    return None
 
 
 def _local_file_is_empty(path: Path, fmt: str) -> bool:
@@ -242,6 +350,9 @@ class TextSplit:
     pair_texts: list[str] | None = None
     responses: list[str] | None = None
     """Causal LMs: the reference response of each example (``texts`` holds the formatted prompts)."""
+    truncation: dict[str, dict[str, int]] | None = None
+    """Causal LMs: what building the split cut or dropped, per tokenizer ("student and teacher" when
+    they share one): counts of ``lm_data.TruncationReport``. Not carried by ``subset``."""
 
     def __len__(self) -> int:
         return len(self.texts)

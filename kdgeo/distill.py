@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -39,28 +39,32 @@ from kdgeo import data as data_mod
 from kdgeo.errors import DataError, KdgeoError, LayerMapError, ModelLoadError, OutputError, RunInterrupted, TokenizerMismatchError
 from kdgeo.evaluate import score
 from kdgeo.features import check_tokenizers_agree, resolve_layer_pairs, select_rows, suggest_layer_map
-from kdgeo.losses import EQUAL_WIDTH_KINDS, FEATURE_KINDS, LossTerm, Objective, response_predictions
+from kdgeo.losses import EQUAL_WIDTH_KINDS, FEATURE_KINDS, LossTerm, Objective, at_least_float32, response_predictions
 from kdgeo.models import (
     SAVE_ERRORS,
     ModelRef,
     default_layer_choice,
     hidden_width,
+    hidden_widths,
     load_classifier,
     load_config,
     load_tokenizer,
     align_pad_token,
     fingerprint_model,
+    check_cls_rows,
     check_decoder,
+    check_hidden_widths,
     check_max_length,
     load_causal_lm,
     num_layers,
     save_model_dir,
+    student_config,
     student_from_config,
     student_from_teacher_layers,
 )
 from kdgeo.optim import build_optimizer, build_scheduler, param_groups
-from kdgeo.probe import autocast_dtype
-from kdgeo.spec import RunSpec, SweepRun, resume_differences
+from kdgeo.probe import autocast_dtype, weight_dtype
+from kdgeo.spec import GEOMETRY_LOSSES, MIN_GEOMETRY_ROWS, RunSpec, SweepRun, resume_differences
 from kdgeo.evaluate_lm import split_scores
 from kdgeo.generation import GenerationArgs
 from kdgeo.teacher_outputs import OutputPlan, TeacherOutputs, encoding_digest
@@ -130,16 +134,16 @@ def _forward(model: nn.Module, inputs: dict[str, torch.Tensor], hidden: bool, am
         return model(**inputs, output_hidden_states=hidden)
 
 
-def _student_plan(spec: RunSpec, t_cfg: Any) -> tuple[int, int, Any, list[int] | None, ModelRef | None]:
+def _student_plan(spec: RunSpec, t_cfg: Any) -> tuple[int, list[int], Any, list[int] | None, ModelRef | None]:
     """What the student will be, known before any weights load:
-    (layers, width, its config, the teacher layers it copies or None, its own reference for
-    init = "pretrained" or None, in which case it shares the teacher's tokenizer)."""
+    (layers, the width of each hidden-state index, its config, the teacher layers it copies or None,
+    its own reference for init = "pretrained" or None, in which case it shares the teacher's tokenizer)."""
     t_layers = num_layers(t_cfg)
     s = spec.student
     if s.init == "pretrained":
         s_ref = ModelRef(s.model or "", s.revision, s.trust_remote_code)
         s_cfg = load_config(s_ref)
-        return num_layers(s_cfg), hidden_width(s_cfg), s_cfg, None, s_ref
+        return num_layers(s_cfg), hidden_widths(s_cfg), s_cfg, None, s_ref
     if s.init == "teacher-layers":
         if s.layers is not None:
             bad = [i for i in s.layers if i >= t_layers]
@@ -151,7 +155,7 @@ def _student_plan(spec: RunSpec, t_cfg: Any) -> tuple[int, int, Any, list[int] |
             chosen = list(s.layers)
         else:
             chosen = default_layer_choice(t_layers, s.num_layers or 2)
-        return len(chosen), hidden_width(t_cfg), t_cfg, chosen, None
+        return len(chosen), hidden_widths(t_cfg, layers=len(chosen)), t_cfg, chosen, None
     overrides = {k: v for k, v in (s.arch.model_dump() if s.arch else {}).items() if v is not None}
     width = overrides.get("hidden_size", hidden_width(t_cfg))
     heads = overrides.get("num_attention_heads", getattr(t_cfg, "num_attention_heads", 1))
@@ -160,7 +164,40 @@ def _student_plan(spec: RunSpec, t_cfg: Any) -> tuple[int, int, Any, list[int] |
             f"student.arch: hidden_size {width} is not divisible by num_attention_heads {heads} (taken from "
             f"{'the teacher' if 'num_attention_heads' not in overrides else 'student.arch'}); set student.arch.num_attention_heads to a divisor."
         )
-    return overrides.get("num_hidden_layers", t_layers), width, t_cfg, None, None
+    # An OPT student keeps the teacher's projected last entry unless student.arch sets hidden_size.
+    widths = hidden_widths(student_config(t_cfg, overrides))
+    return len(widths) - 1, widths, t_cfg, None, None
+
+
+def _check_equal_widths(
+    kinds: set[str], pairs: Sequence[tuple[int, int]], s_widths: Sequence[int], t_widths: Sequence[int], probe: bool,
+) -> None:
+    """mse and cosine compare features element by element: each paired student and teacher
+    hidden-state index must be equally wide. Widths are per index (an OPT model with
+    word_embed_proj_dim != hidden_size has a narrower last entry). With ``probe`` the pairs are the
+    candidates: refuse only a student index that no teacher index matches in width."""
+    names = ", ".join(sorted(kinds & EQUAL_WIDTH_KINDS))
+    fix = "Use procrustes, gram, cka or projection, which work across widths"
+    if probe:
+        lonely = sorted({s for s, _ in pairs} - {s for s, t in pairs if s_widths[s] == t_widths[t]})
+        if lonely:
+            raise LayerMapError(
+                f"losses: {names} compare features element by element and need equal widths, but student layer(s) "
+                f"{', '.join(f'{s} ({s_widths[s]} wide)' for s in lonely)} match no teacher layer's width "
+                f"(teacher widths by hidden-state index: {list(t_widths)}). {fix}."
+            )
+        return
+    bad = [(s, t) for s, t in pairs if s_widths[s] != t_widths[t]]
+    if bad:
+        if len(set(s_widths)) == 1 and len(set(t_widths)) == 1:
+            found = f"the student is {s_widths[0]} wide and the teacher {t_widths[0]}"
+        else:
+            listed = ", ".join(f"{s}->{t} ({s_widths[s]} vs {t_widths[t]} wide)" for s, t in bad)
+            found = f"layer pair(s) {listed} differ"
+        raise LayerMapError(
+            f"losses: {names} compare features element by element and need equal widths, but {found}. {fix}, "
+            "or pair layers of equal width in features.pairs."
+        )
 
 
 def _load_datasets(spec: RunSpec, columns: dict[str, str | None]) -> tuple[Any, Any, str, str]:
@@ -293,13 +330,21 @@ def _write_run_files(run_dir: Path, spec: RunSpec) -> None:
     rundir.write_text_atomic(run_dir / rundir.SPEC_TOML, tomli_w.dumps(resolved))
 
 
-def _epoch_batches(n: int, global_batch: int, world: int, seed: int, epoch: int, lengths: list[int] | None) -> list[list[int]]:
+def _epoch_batches(
+    n: int, global_batch: int, world: int, seed: int, epoch: int, lengths: list[int] | None,
+    min_rows: int = 1, gathered: bool = False,
+) -> list[list[int]]:
     """One epoch's global micro-batches (the same on every rank). Under torchrun a last batch
-    with fewer examples than processes is left out, since every process needs at least one."""
+    with fewer examples than processes is left out, since every process needs at least one.
+
+    ``min_rows``: the fewest rows a geometry statistic may see (3 with pooled rows and a
+    procrustes/gram/cka loss, see ``RunSpec._rows_per_step``). A batch that would give one
+    fewer -- each process's share (``distributed.shard``: at least ``len // world``), or the
+    whole batch when features are ``gathered`` -- is left out too. Only the one short batch of
+    an epoch (n % global_batch examples) can be; the reshuffled epochs still train on them.
+    """
     micro = data_mod.batch_indices(n, global_batch, shuffle=True, seed=seed, epoch=epoch, lengths=lengths)
-    if world > 1:
-        micro = [b for b in micro if len(b) >= world]
-    return micro
+    return [b for b in micro if len(b) >= world and (len(b) if gathered else len(b) // world) >= min_rows]
 
 
 def _clip_sharded(groups: list[list[torch.Tensor]], max_norm: float) -> torch.Tensor:
@@ -326,6 +371,52 @@ def _feature_rows(hidden: tuple[torch.Tensor, ...], mask: torch.Tensor, indices:
     return [select_rows(hidden[i], mask, rows) for i in indices]  # each (n, d)
 
 
+GEOMETRY_KINDS = frozenset({"procrustes", "gram", "cka"})
+
+
+def chance_procrustes(n: int, d_t: int, d_s: int) -> float:
+    """Procrustes D^2 of independent Gaussian features of shape (n, d_t) and (n, d_s), one draw.
+
+    Unrelated features sit at D^2 ~ 2 only when n is far above both widths; with few rows they
+    look aligned by chance (n = 32, widths 768 and 384: D^2 ~ 0.03). A private generator keeps
+    the run's own random stream untouched.
+    """
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d_t, generator=gen, dtype=torch.float64)  # (n, d_t)
+    y = torch.randn(n, d_s, generator=gen, dtype=torch.float64)  # (n, d_s)
+    return float(geometry.procrustes_distance(x, y))
+
+
+def _few_rows_warning(
+    spec: RunSpec, train: data_mod.TextSplit, pairs: list[tuple[int, int]], t_widths: list[int], s_widths: list[int], world: int
+) -> str | None:
+    """A warning when a geometry loss sees fewer rows per micro-batch than its widest pair is wide.
+
+    Rows per term: the per-process micro-batch for pooled rows (all processes' with
+    train.gather_features), or its expected number of real (response) tokens for token rows.
+    """
+    batch = spec.train.batch_size * (world if spec.train.gather_features else 1)
+    if spec.features.rows == "tokens":
+        enc = train.encodings["student"]
+        starts = enc.response_start or [0] * len(enc.input_ids)
+        per_example = sum(len(ids) - b for ids, b in zip(enc.input_ids, starts)) / max(len(enc.input_ids), 1)
+        n, how = int(batch * per_example), f"about {int(batch * per_example)} token rows ({batch} examples x {per_example:.1f} tokens)"
+    else:
+        n, how = batch, f"{batch} pooled rows (one per example)"
+    widest = max(pairs, key=lambda p: max(t_widths[p[1]], s_widths[p[0]]))
+    d_t, d_s = t_widths[widest[1]], s_widths[widest[0]]
+    if n >= max(d_t, d_s) or n < 3:
+        return None
+    chance = chance_procrustes(n, d_t, d_s)
+    return (
+        f"each geometry loss term sees {how} per micro-batch, fewer than the widths it compares ({d_t} and {d_s} for pair "
+        f"{widest[0]}-{widest[1]}). With so few rows Procrustes, Gram and CKA values are biased toward alignment: independent "
+        f"random features of these shapes already give D^2 = {chance:.3f} (unrelated = 2). Raise train.batch_size"
+        + ('; use features.rows = "tokens"' if spec.features.rows != "tokens" else "")
+        + ("; or set train.gather_features = true" if world > 1 and not spec.train.gather_features else "") + "."
+    )
+
+
 def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = False) -> DistillResult:
     """Train the student per ``spec``; with ``resume``, continue the run directory's newest checkpoint."""
     wall_start = time.perf_counter()
@@ -340,6 +431,9 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
     if train_cfg.precision == "fp16" and device.type != "cuda":
         raise KdgeoError('train.precision = "fp16" needs a CUDA device; use "bf16" or "fp32" on CPU (or "auto").')
     amp = autocast_dtype(train_cfg.precision, device)
+    # fp64: teacher (and its fine-tune), student and projection maps hold float64 weights, no autocast.
+    param_dtype = weight_dtype(train_cfg.precision)
+    precision_name = "fp64" if param_dtype is not None else (str(amp).replace("torch.", "") if amp else "fp32")
     if fsdp and amp == torch.float16 and any(loss.kind == "projection" for loss in spec.losses):
         # The fp16 gradient scaler unscales all gradients in one foreach call, which cannot mix
         # the student's sharded (DTensor) gradients with the projection maps' plain ones.
@@ -354,18 +448,31 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
     else:
         run_dir = distributed.on_main(lambda: rundir.prepare_run_dir(parent, run_name, spec.output.overwrite), dist)
 
+    # Found now, not after a teacher fine-tune or a cache build that took an hour.
+    if spec.teacher.finetune is not None:
+        rundir.check_writable_dir(spec.output.teacher_cache, "output.teacher_cache", "the fine-tuned teacher is cached there")
+    if spec.output.teacher_outputs:
+        rundir.check_writable_dir(
+            spec.output.teacher_outputs_dir, "output.teacher_outputs_dir", "output.teacher_outputs = true writes the teacher's outputs there"
+        )
     teacher_ref = ModelRef(spec.teacher.model, spec.teacher.revision, spec.teacher.trust_remote_code)
     is_lm = spec.task == "causal-lm"
     emit({"event": "stage", "message": f"pre-flight: teacher {spec.teacher.model}, data {spec.data.dataset}"})
     t_cfg = load_config(teacher_ref)
     if is_lm:
         check_decoder(t_cfg, spec.teacher.model, "teacher.model")
-    t_layers, t_width = num_layers(t_cfg), hidden_width(t_cfg)
-    t_tok = load_tokenizer(teacher_ref)
-    s_layers, s_width, s_cfg, copied_layers, s_ref = _student_plan(spec, t_cfg)
+    t_layers, t_widths = num_layers(t_cfg), hidden_widths(t_cfg)  # t_widths[i]: width of hidden_states[i]
+    shared = None if spec.student.init == "pretrained" else f'The student (student.init = "{spec.student.init}") is built from the teacher and'
+    t_tok = load_tokenizer(teacher_ref, shared_with=shared)
+    s_layers, s_widths, s_cfg, copied_layers, s_ref = _student_plan(spec, t_cfg)
     s_tok = load_tokenizer(s_ref) if s_ref is not None else t_tok
     if is_lm and s_ref is not None:
         check_decoder(s_cfg, spec.student.model or "", "student.model")
+    if spec.features.rows == "cls":  # a causal-lm spec already refuses it; a decoder classifier reaches here
+        hint = 'Use features.rows = "mean" (the mean over tokens) or "tokens".'
+        check_cls_rows(t_cfg, spec.teacher.model, "teacher.model", 'features.rows = "cls"', hint)
+        if s_ref is not None:
+            check_cls_rows(s_cfg, spec.student.model or "", "student.model", 'features.rows = "cls"', hint)
 
     check_max_length(t_cfg, spec.data.max_length, "data.max_length", f"the teacher {spec.teacher.model}")
     if s_ref is not None:
@@ -402,14 +509,20 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
             hint='Set features.rows = "mean" (or "cls") to compare pooled features, or use a student with the teacher\'s tokenizer.',
         )
 
+    if spec.features.rows != "tokens" and len(evals) < MIN_GEOMETRY_ROWS:
+        # The spec checks monitor.samples; a smaller evaluation split caps the monitor batch below it.
+        raise DataError(
+            f"the evaluation split has {len(evals)} example(s): with features.rows = "
+            f'"{spec.features.rows}" the monitor batch gets one row per example and its geometry needs at least '
+            f"{MIN_GEOMETRY_ROWS}; use a larger evaluation split (data.eval_split, data.eval_dataset, "
+            "data.max_eval_samples)."
+        )
     probe_pairs = spec.features.pairs == "probe"
     pairs = [] if probe_pairs else resolve_layer_pairs(spec.features.pairs, s_layers, t_layers)
-    if kinds & EQUAL_WIDTH_KINDS and s_width != t_width:
-        bad = sorted(kinds & EQUAL_WIDTH_KINDS)
-        raise LayerMapError(
-            f"losses: {', '.join(bad)} compare features element by element and need equal widths, but the student is "
-            f"{s_width} wide and the teacher {t_width}. Use procrustes, gram, cka or projection, which work across widths."
-        )
+    if kinds & EQUAL_WIDTH_KINDS:
+        # With probe pairs every (student, teacher) index pair is a candidate until the probe picks.
+        candidates = [(s, t) for s in range(1, s_layers + 1) for t in range(1, t_layers + 1)] if probe_pairs else pairs
+        _check_equal_widths(kinds, candidates, s_widths, t_widths, probe_pairs)
 
     # ---- 2. teacher -------------------------------------------------------------------------
     emit({"event": "stage", "message": "loading the teacher"})
@@ -432,6 +545,9 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
                 f"(freshly initialised: {', '.join(loaded.new_keys[:3])}{', ...' if len(loaded.new_keys) > 3 else ''}). "
                 "Add a [teacher.finetune] table to fine-tune it on the task first, or give a teacher fine-tuned for this task."
             )
+    # fp64: cast before any fine-tune, which then trains in float64. Weights are drawn (a fresh
+    # head, a student from a config) in float32 as in an fp32 run, so both runs start alike.
+    teacher.to(dtype=param_dtype)
     teacher_source = spec.teacher.model
     finetune_info: dict[str, Any] | None = None
     if needs_finetune:
@@ -454,7 +570,8 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
             }
         data_key["fingerprint"] = data_mod.fingerprint(d.dataset)
         model_key = f"{spec.teacher.model}|{fingerprint_model(teacher_ref)}"
-        key = cache_key(model_key, spec.teacher.revision, data_key, label_info.names if label_info else [], ft_args)
+        names = label_info.names if label_info else []
+        key = cache_key(model_key, spec.teacher.revision, data_key, names, ft_args, float64=param_dtype is not None)
         cache_dir = Path(spec.output.teacher_cache).expanduser()
 
         def finetune_once() -> dict[str, Any] | None:
@@ -482,7 +599,7 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
         finetune_info = {"cached": fresh is None, "path": str(hit), "key": key, **(fresh or {})}
         teacher_source = finetune_info["path"]
     align_pad_token(teacher, t_tok)
-    teacher.to(device).eval()
+    teacher.to(device=device, dtype=param_dtype).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
 
@@ -507,7 +624,7 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
             student.config.id2label = dict(teacher.config.id2label)
             student.config.label2id = dict(teacher.config.label2id)
     align_pad_token(student, s_tok)
-    student.to(device).train()
+    student.to(device=device, dtype=param_dtype).train()
 
     # ---- fixed monitor batch and the teacher's side of it (computed once: the teacher is frozen)
     monitor_idx = list(range(min(spec.monitor.samples, len(evals))))
@@ -518,23 +635,44 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
     m_t_mask = monitor_batch["response_mask"]["teacher"].to(device) if is_lm else m_t_in["attention_mask"]
     m_s_mask = monitor_batch["response_mask"]["student"].to(device) if is_lm else m_s_in["attention_mask"]
     with torch.no_grad():
-        m_t_hidden = _forward(teacher, m_t_in, True, amp, device).hidden_states  # L_t+1 x (B, T, d_t)
+        m_t_hidden = _forward(teacher, m_t_in, True, amp, device).hidden_states  # L_t+1 x (B, T, d_t[i])
+    check_hidden_widths(m_t_hidden, t_widths, f"the teacher {spec.teacher.model}")
 
     if probe_pairs:
         with torch.no_grad():
-            m_s_hidden = _forward(student, m_s_in, True, amp, device).hidden_states
-        acc = geometry.CrossLayerAccumulator([t_width] * (t_layers + 1), [s_width] * (s_layers + 1), device=device)
-        acc.update(
-            [select_rows(h, m_t_mask, spec.features.rows) for h in m_t_hidden],
-            [select_rows(h, m_s_mask, spec.features.rows) for h in m_s_hidden],
-        )
+            m_s_hidden = _forward(student, m_s_in, True, amp, device).hidden_states  # L_s+1 x (B, T, d_s[j])
+        check_hidden_widths(m_s_hidden, s_widths, "the student")
+        acc = geometry.CrossLayerAccumulator(t_widths, s_widths, device=device)
+        probe_rows = {
+            "teacher": [select_rows(h, m_t_mask, spec.features.rows) for h in m_t_hidden],
+            "student": [select_rows(h, m_s_mask, spec.features.rows) for h in m_s_hidden],
+        }
+        for who, rows in probe_rows.items():
+            bad = geometry.nonfinite_layers(rows)
+            if bad:
+                raise KdgeoError(
+                    f'features.pairs = "probe": the {who} produced NaN or inf hidden states (index '
+                    f"{', '.join(map(str, bad))}; 0 = embeddings) on the monitor batch, so no layer map can be chosen. Check "
+                    'its weights; with train.precision "bf16"/"fp16" try "fp32", or give features.pairs explicitly.'
+                )
+        acc.update(probe_rows["teacher"], probe_rows["student"])
         table = acc.compute("procrustes").cpu()  # (L_t+1, L_s+1)
+        if kinds & EQUAL_WIDTH_KINDS:
+            # mse/cosine can only pair equally wide indices: the map must not pick the others.
+            unequal = torch.tensor([[tw != sw for sw in s_widths] for tw in t_widths])  # (L_t+1, L_s+1)
+            table = table.masked_fill(unequal, float("nan"))
         # Rank 0's map for everyone: a near tie must not give processes different pairs.
         pairs = distributed.broadcast_object(suggest_layer_map(table, geometry.METRIC_HIGHER_IS_BETTER["procrustes"]), dist)
         emit({"event": "stage", "message": "layer pairs from probing: " + ", ".join(f"{s}->{t}" for s, t in pairs)})
+        if kinds & EQUAL_WIDTH_KINDS:
+            _check_equal_widths(kinds, pairs, s_widths, t_widths, probe=False)  # no monotone map of equal widths exists
     s_idx = [s for s, _ in pairs]
     t_idx = [t for _, t in pairs]
-    m_t_rows = [r.float() for r in _feature_rows(m_t_hidden, m_t_mask, t_idx, spec.features.rows)]
+    if feature_kinds & GEOMETRY_KINDS and pairs:
+        few = _few_rows_warning(spec, train, pairs, t_widths, s_widths, world)
+        if few:
+            emit({"event": "warning", "message": few})
+    m_t_rows = [at_least_float32(r) for r in _feature_rows(m_t_hidden, m_t_mask, t_idx, spec.features.rows)]
     del m_t_hidden
 
     # ---- 4. objective and optimiser ---------------------------------------------------------
@@ -545,7 +683,8 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
         )
         for l in spec.losses
     ]
-    objective = Objective(terms, pairs if feature_kinds else [], [(s_width, t_width)] * (len(pairs) if feature_kinds else 0)).to(device)
+    pair_widths = [(s_widths[s], t_widths[t]) for s, t in pairs] if feature_kinds else []  # (d_s, d_t) per pair
+    objective = Objective(terms, pairs if feature_kinds else [], pair_widths).to(device=device, dtype=param_dtype)
     need_hidden = objective.needs_features
     need_teacher = objective.needs_teacher_logits or need_hidden
     model = student  # the user's module; under torchrun `student` becomes its DDP/FSDP wrapper
@@ -566,12 +705,33 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
         groups += param_groups(objective.named_parameters(), train_cfg.projection_lr or train_cfg.lr, train_cfg.weight_decay)
     optimizer = build_optimizer(groups, train_cfg.lr)
     global_batch = train_cfg.batch_size * world  # batch_size is per process
-    micro_per_epoch = len(_epoch_batches(len(train), global_batch, world, spec.seed, 0, None))
+    # Pooled rows are one per example: a geometry loss on a short last batch (1 or 2 rows) would be
+    # a constant (n = 1) or zero (n = 2), so such a batch is left out of the epoch.
+    pooled_geometry = spec.features.rows != "tokens" and bool(kinds & GEOMETRY_LOSSES)
+    batching = {
+        "min_rows": MIN_GEOMETRY_ROWS if pooled_geometry else 1, "gathered": dist.enabled and train_cfg.gather_features,
+    }
+    epoch_batches = _epoch_batches(len(train), global_batch, world, spec.seed, 0, None, **batching)
+    micro_per_epoch = len(epoch_batches)
     if micro_per_epoch == 0:
+        if pooled_geometry:
+            # not `geometry`: that name is the module, which the monitor closure below reads
+            geometry_kinds = ", ".join(sorted(kinds & GEOMETRY_LOSSES))
+            raise DataError(
+                f"{len(train)} training examples give fewer than {MIN_GEOMETRY_ROWS} pooled feature rows per batch "
+                f'and process (features.rows = "{spec.features.rows}" with {geometry_kinds}); use more data '
+                '(data.max_train_samples), fewer processes, or features.rows = "tokens".'
+            )
         raise DataError(
             f"{len(train)} training examples cannot be shared by {world} processes (each needs at least one per batch); "
             "use more data (data.max_train_samples) or fewer processes."
         )
+    left_out = len(train) - sum(len(b) for b in epoch_batches)
+    if pooled_geometry and left_out:
+        emit({"event": "stage", "message": (
+            f"{left_out} training example(s) per epoch left out: the last batch would give a geometry loss fewer than "
+            f"{MIN_GEOMETRY_ROWS} pooled rows (the reshuffled epochs still use them)"
+        )})
     steps_per_epoch = math.ceil(micro_per_epoch / train_cfg.grad_accum)
     total_steps = train_cfg.max_steps or max(1, int(round(train_cfg.epochs * steps_per_epoch)))
     scheduler = build_scheduler(optimizer, total_steps, train_cfg.warmup_ratio, train_cfg.schedule)
@@ -587,13 +747,14 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
             "data": {k: v for k, v in d.model_dump(mode="json").items() if k not in ("eval_split", "eval_dataset", "max_eval_samples")},
             "data_fingerprint": data_mod.fingerprint(d.dataset),
             "teacher_examples": encoding_digest(train),
-            "precision": str(amp).replace("torch.", "") if amp else "fp32",
+            "precision": precision_name,
         }
         cached_logits = None
         if objective.needs_teacher_logits:
             cached_logits = (logit_width or int(teacher.config.vocab_size)) if is_lm else num_labels
         plan = OutputPlan(
-            causal_lm=is_lm, rows=spec.features.rows, layers=tuple(t_idx) if need_hidden else (), width=t_width, logit_width=cached_logits,
+            causal_lm=is_lm, rows=spec.features.rows, layers=tuple(t_idx) if need_hidden else (),
+            widths=tuple(t_widths[t] for t in t_idx) if need_hidden else (), logit_width=cached_logits,
         )
         touts_root = Path(spec.output.teacher_outputs_dir).expanduser()
         if fsdp:
@@ -675,10 +836,17 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
         model.train(was)
         s_rows = _feature_rows(hidden, m_s_mask, s_idx, spec.features.rows)
         values = []
+        nonfinite = []
         for (s, t), x, y in zip(pairs, m_t_rows, s_rows):
-            m = geometry.pair_metrics(x, y.float())
+            m = geometry.pair_metrics(x, at_least_float32(y))
             values.append({"student": s, "teacher": t, **{k: m[k] for k in spec.monitor.metrics}})
+            if not all(math.isfinite(v) for v in m.values()):
+                side = "student" if geometry.nonfinite_layers([y]) else "teacher"
+                nonfinite.append(f"{side} hidden state of pair {s}-{t}")
         record({"event": "monitor", "step": step, "pairs": values})
+        if nonfinite:
+            # NaN/inf features are not "no variance": say so instead of logging a distance of 2.
+            record({"event": "nonfinite", "step": step, "terms": nonfinite, "action": "monitor"})
         return values
 
     def evaluate(step: int, epoch: float, final: bool = False) -> dict[str, float]:
@@ -746,9 +914,9 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
         t_logits, t_rows, s_rows = None, [], []
         if touts is not None:
             idx = batch["index"].tolist()
-            t_logits = touts.logits(idx, device)
+            t_logits = touts.logits(idx, device, param_dtype)
             if need_hidden:
-                t_rows = touts.features(idx, device)
+                t_rows = touts.features(idx, device, param_dtype)
                 s_rows = _feature_rows(s_out.hidden_states, s_mask, s_idx, spec.features.rows)
         elif need_teacher:
             t_in = data_mod.to_device(batch["teacher"], device)
@@ -764,8 +932,8 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
             s_logits = s_logits[..., :logit_width]
             t_logits = t_logits[..., :logit_width] if t_logits is not None else None
         if gather and s_rows:
-            t_rows = [distributed.gather_rows(r.float(), dist) for r in t_rows]
-            s_rows = [distributed.gather_rows(r.float(), dist) for r in s_rows]
+            t_rows = [distributed.gather_rows(at_least_float32(r), dist) for r in t_rows]
+            s_rows = [distributed.gather_rows(at_least_float32(r), dist) for r in s_rows]
         return objective.grouped(s_logits, labels, t_logits, t_rows, s_rows)
 
     # ---- 5. the training loop ----------------------------------------------------------------
@@ -778,7 +946,7 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
         record({
             "event": "start", "run_dir": str(run_dir), "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
             "train_samples": len(train), "eval_samples": len(evals), "pairs": [list(p) for p in pairs],
-            "device": str(device), "precision": str(amp).replace("torch.", "") if amp else "fp32",
+            "device": str(device), "precision": precision_name,
             "teacher_scores": teacher_scores, "losses": [t.kind for t in terms],
         })
         st["last_monitor"] = monitor(0) if pairs else []
@@ -797,7 +965,7 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
         handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while st["step"] < total_steps:
-            micro = _epoch_batches(len(train), global_batch, world, spec.seed, st["epoch"], lengths)
+            micro = _epoch_batches(len(train), global_batch, world, spec.seed, st["epoch"], lengths, **batching)
             # This process's shards of the rest of the epoch, collated ahead by `workers` processes.
             batches = data_mod.prefetch_batches(
                 train, [distributed.shard(b, dist) for b in micro[st["next_micro"] :]], workers, pin_memory=device.type == "cuda"
@@ -959,7 +1127,10 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
         "data": {
             "dataset": d.dataset, "config": d.config, "train_split": d.train_split, "eval_split": d.eval_split,
             "eval_dataset": d.eval_dataset, "max_train_samples": d.max_train_samples, "max_eval_samples": d.max_eval_samples,
-            **({"prompt_column": d.prompt_column, "response_column": d.response_column, "context_column": d.context_column}
+            **({"prompt_column": d.prompt_column, "response_column": d.response_column, "context_column": d.context_column,
+                "max_prompt_length": d.max_prompt_length or d.max_length // 2, "long_examples": d.long_examples,
+                # what fitting prompts into max_prompt_length and examples into max_length cut or dropped
+                "truncation": {"train": train.truncation, "eval": evals.truncation}}
                if is_lm else {"text_column": d.text_column, "label_column": d.label_column}),
         },
         "run_dir": str(run_dir),
@@ -970,7 +1141,8 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
         "teacher_finetune": finetune_info,
         "student_init": spec.student.init,
         "student_layers": s_layers,
-        "student_width": s_width,
+        "student_width": s_widths[0],
+        "student_widths": s_widths,
         "student_parameters": sum(p.numel() for p in student.parameters()),
         "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
         "copied_teacher_layers": copied_layers,
@@ -994,7 +1166,7 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
         "train_seconds": train_seconds,
         "samples_per_s": samples_seen / max(train_seconds, 1e-9),
         "device": str(device),
-        "precision": str(amp).replace("torch.", "") if amp else "fp32",
+        "precision": precision_name,
         "versions": _versions(),
     }
     if dist.enabled:

@@ -7,6 +7,7 @@ is given, the teacher's own scores and the fraction of examples where student an
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,21 +91,26 @@ class EvalResult:
 
 def read_run_spec(path: Path) -> dict[str, Any] | None:
     """A kdgeo run directory's resolved spec, or None when ``path`` is not a run directory."""
+    from kdgeo import files
+
     spec_file = path / "spec.json"
-    if not (path.is_dir() and spec_file.exists()):
+    label = f"Model or run '{path}'"
+    if not (files.is_dir(path, label, ModelLoadError) and files.exists(spec_file, label, ModelLoadError)):
         return None
+    text = files.read_text(spec_file, f"{spec_file} (the run directory is damaged)")
     try:
-        return json.loads(spec_file.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
         raise KdgeoError(f"{spec_file} cannot be read ({err}); the run directory is damaged.") from None
 
 
 def run_defaults(path: Path) -> tuple[str, dict[str, Any] | None]:
     """A run directory evaluates its student/ and defaults to the run's settings; anything else is a model."""
-    if path.is_dir() and (path / "spec.json").exists():
-        if not (path / "student" / "config.json").exists():
+    spec = read_run_spec(path)
+    if spec is not None:
+        if not os.path.exists(path / "student" / "config.json"):
             raise ModelLoadError(f"{path} is a kdgeo run directory without a saved student (student/ is missing); the run may not have finished.")
-        return str(path / "student"), read_run_spec(path)
+        return str(path / "student"), spec
     return str(path), None
 
 

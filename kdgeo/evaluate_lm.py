@@ -4,6 +4,15 @@ The paper's decoder setting (after MiniLLM, Gu et al. 2024): generate a response
 held-out instruction (greedy by default, batched with left padding) and score it against the
 reference with ROUGE-L (x 100); also report the perplexity of the reference responses under the
 model (teacher forcing, response tokens only).
+
+The prompt is fitted into ``max_prompt_length`` from the instruction and its context alone
+(``lm_data.fit_prompt``), so what a model generates from never depends on the reference. The
+perplexity scores the reference after that same prompt, cut at its end to fit ``max_length``
+(counted); ROUGE-L compares with the whole reference text. Perplexity is one corpus-level
+figure: exp(total NLL / total response tokens) over every scored token of the split, not a
+mean of per-example perplexities. Generation is greedy with one sample by default; MiniLLM
+reports ROUGE-L of sampled responses (temperature 1, top-p 1) averaged over 5 seeds, which
+`--sample --seed S` run five times reproduces.
 """
 
 from __future__ import annotations
@@ -207,6 +216,8 @@ def run_lm_eval(
         del model
     return {
         "task": "causal-lm", "model": label, "dataset": dataset, "split": split_name, "results": results,
+        # prompts fitted into max_prompt_length without looking at the reference; counts per tokenizer
+        "prompts": {"max_prompt_length": max_prompt, "max_length": max_length, "truncation": split.truncation},
         "generation": {"max_new_tokens": gen.max_new_tokens, "do_sample": gen.do_sample, "temperature": gen.temperature, "top_p": gen.top_p, "seed": gen.seed},
         "device": str(device), "seconds": time.perf_counter() - start, "texts": texts,
     }

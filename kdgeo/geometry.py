@@ -38,6 +38,10 @@ Conventions (each is tested in tests/test_geometry.py):
   CKA = 0, debiased CKA = 0, FG = ||Y^T Y||_F^2 of the other side, projection residual 0 when the
   target is constant and 1 when the source is. Divisions use the double-``torch.where`` pattern,
   so neither values nor gradients are NaN. No epsilon is ever added to a denominator.
+* Non-finite input. NaN or inf anywhere in a feature matrix is not zero variance: every metric
+  and loss of that matrix is NaN (so a training run's non-finite policy names the term and its
+  layer pair), and the streaming accumulator refuses such a batch with a ValueError naming the
+  layer.
 * Precision. Inputs in fp16/bf16 (or anything else below float32) are upcast; the computation
   runs with autocast disabled and float32 matmuls forced to IEEE (no TF32, no bf16 on oneDNN).
   Results are float32, or float64 when an input is float64. The backward matmuls run later
@@ -245,7 +249,16 @@ def _center_normalize(x: Tensor) -> Tensor:
         # Relative floor: variance at or below the rounding of centring is no variance.
         ok = torch.linalg.vector_norm(xc) > eps * torch.linalg.vector_norm(x)
     safe = torch.where(ok, sq, torch.ones_like(sq))
+    # NaN/inf input fails `ok` too, so the linear algebra below stays finite; the public
+    # functions then report NaN for it (_nan_unless_finite), never "zero variance".
     return torch.where(ok, xc * torch.rsqrt(safe), torch.zeros_like(xc))  # (n, d)
+
+
+def _nan_unless_finite(value: Tensor, *xs: Tensor) -> Tensor:
+    """``value`` where every input is finite, else NaN (NaN/inf features are not zero variance)."""
+    with torch.no_grad():
+        finite = torch.stack([torch.isfinite(x).all() for x in xs]).all()
+    return torch.where(finite, value, torch.full_like(value, float("nan")))
 
 
 def center_and_normalize(x: Tensor) -> Tensor:
@@ -360,7 +373,7 @@ def procrustes_rho(x: Tensor, y: Tensor, *, route: Route = "auto") -> Tensor:
     _check_pair(x, y, "procrustes_rho")
     with _full_precision(x.device.type):
         xn, yn = _prepare(x, y)
-        return _rho(xn, yn, route)
+        return _nan_unless_finite(_rho(xn, yn, route), x, y)
 
 
 def _angular(rho: Tensor) -> Tensor:
@@ -394,9 +407,8 @@ def procrustes_distance(x: Tensor, y: Tensor, angular: bool = False, *, route: R
     with _full_precision(x.device.type):
         xn, yn = _prepare(x, y)
         rho = _rho(xn, yn, route)
-        if angular:
-            return _angular(rho)
-        return _clamp_keep_grad(2.0 - 2.0 * rho, lo=0.0, hi=2.0)
+        value = _angular(rho) if angular else _clamp_keep_grad(2.0 - 2.0 * rho, lo=0.0, hi=2.0)
+        return _nan_unless_finite(value, x, y)
 
 
 # --------------------------------------------------------------------------------------------
@@ -433,7 +445,7 @@ def gram_distance(x: Tensor, y: Tensor, *, route: Route = "auto") -> Tensor:
     _check_pair(x, y, "gram_distance")
     with _full_precision(x.device.type):
         xn, yn = _prepare(x, y)
-        return _gram_distance(xn, yn, route)
+        return _nan_unless_finite(_gram_distance(xn, yn, route), x, y)
 
 
 def _hsic1_centered(cross_sq: Tensor, a: Tensor, q_x: Tensor, q_y: Tensor, n: int) -> Tensor:
@@ -491,7 +503,7 @@ def cka(x: Tensor, y: Tensor, debiased: bool = False, *, route: Route = "auto") 
         raise ValueError(f"cka(debiased=True) needs n >= 4 rows, got {x.shape[0]}")
     with _full_precision(x.device.type):
         xn, yn = _prepare(x, y)
-        return _cka(xn, yn, route, debiased)
+        return _nan_unless_finite(_cka(xn, yn, route, debiased), x, y)
 
 
 # --------------------------------------------------------------------------------------------
@@ -523,7 +535,7 @@ def projection_residual(x: Tensor, y: Tensor) -> Tensor:
         tol = s.max() * max(yn.shape) * torch.finfo(s.dtype).eps
         u_r = u[:, s > tol]  # (n, r)
         explained = (u_r.mT @ xn).square().sum()  # from (r, d_t)
-        return (xn.square().sum() - explained).clamp(0.0, 1.0)
+        return _nan_unless_finite((xn.square().sum() - explained).clamp(0.0, 1.0), x, y)
 
 
 def mse(x: Tensor, y: Tensor) -> Tensor:
@@ -551,7 +563,7 @@ def cosine_similarity(x: Tensor, y: Tensor) -> Tensor:
         x, y = x.to(dtype), y.to(dtype)
         dot = (x * y).sum(dim=1)  # (n,)
         norms = _safe_sqrt(x.square().sum(dim=1)) * _safe_sqrt(y.square().sum(dim=1))  # (n,)
-        return _safe_div(dot, norms).mean()
+        return _nan_unless_finite(_safe_div(dot, norms).mean(), x, y)
 
 
 def cosine_distance(x: Tensor, y: Tensor) -> Tensor:
@@ -574,16 +586,22 @@ def pair_metrics(x: Tensor, y: Tensor) -> dict[str, float]:
         rho = _rho(xn, yn, "auto")
         xx, yy, xy = _fro_terms(xn, yn, "auto")
         cka_value = _safe_div(xy, _safe_sqrt(xx * yy)).clamp(0.0, 1.0)
-        return {
-            "procrustes": float((2.0 - 2.0 * rho).clamp(0.0, 2.0)),
-            "cka": float(cka_value),
-            "gram": float((xx + yy - 2.0 * xy).clamp_min(0.0)),
-        }
+        values = torch.stack([(2.0 - 2.0 * rho).clamp(0.0, 2.0), cka_value, (xx + yy - 2.0 * xy).clamp_min(0.0)])  # (3,)
+        procrustes, cka_v, gram = _nan_unless_finite(values, x, y).tolist()
+        return {"procrustes": procrustes, "cka": cka_v, "gram": gram}
 
 
 # --------------------------------------------------------------------------------------------
 # streaming accumulator
 # --------------------------------------------------------------------------------------------
+
+
+def nonfinite_layers(feats: Sequence[Tensor]) -> list[int]:
+    """Indices of the feature matrices that hold a NaN or an inf (one host sync for all of them)."""
+    if not feats:
+        return []
+    flags = torch.stack([torch.isfinite(f).all() for f in feats]).tolist()  # (L,)
+    return [i for i, ok in enumerate(flags) if not ok]
 
 
 def _offsets(widths: Sequence[int]) -> list[int]:
@@ -719,6 +737,11 @@ class CrossLayerAccumulator:
         """
         self._check_layers(teacher, self.teacher_widths, "teacher")
         self._check_layers(student, self.student_widths, "student")
+        for side, feats in (("teacher", teacher), ("student", student)):
+            bad = nonfinite_layers(feats)
+            if bad:
+                # Accumulated sums cannot recover from one NaN: refuse the batch, naming the layers.
+                raise ValueError(f"update: {side} layer(s) {bad} hold NaN or inf values")
         rows = {f.shape[0] for f in list(teacher) + list(student)}
         if len(rows) != 1:
             raise ValueError(f"update: all layers must have the same number of rows, got {sorted(rows)}")

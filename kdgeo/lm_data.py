@@ -7,23 +7,32 @@ end-of-sequence token. Prompt and response are tokenized separately (as MiniLLM 
 boundary between them is exact: ``response_start`` is the index of the first response token,
 and every loss counts positions from there on only.
 
-Examples longer than ``max_length`` follow ``long_examples``:
+Lengths are settled in two steps, and the first never looks at the response:
 
-- ``truncate`` (default): the prompt is cut from the left (its end, next to the response, is
-  what conditions the answer; a leading BOS token is kept) down to ``max(max_prompt_length,
-  max_length - response length)``; then the response is cut at the end to fit. Counts are
-  reported, never silent.
-- ``drop``: the example is left out (counted).
-- ``error``: a DataError naming the first such row and the settings to change.
+1. The prompt. A prompt of more than ``max_prompt_length`` tokens follows ``long_examples``:
+   ``truncate`` (default) cuts the context (the template's ``{context}``) at its end until the
+   prompt fits, then, only if it still does not fit, the instruction at its end; the template
+   itself (its lead-in, its "### Response:" cue, a BOS token) is always kept whole. ``drop``
+   leaves the example out, as MiniLLM (Gu et al. 2024, ``tools/process_data_dolly.py``) drops
+   prompts over its ``max_prompt_length``. ``error`` stops with the row. The prompt therefore
+   depends only on the instruction and its context, so the prompt a model generates from at
+   evaluation is the same whatever reference it is scored against, and a long context cannot
+   push the instruction out.
+2. The response. When prompt + response is longer than ``max_length``: ``truncate`` cuts the
+   response at its end (training and the perplexity of references see at most ``max_length``
+   tokens; ROUGE-L still compares with the whole reference text), ``drop`` leaves the example
+   out, ``error`` stops.
 
-A response that ends up with no tokens at all (an empty answer and a tokenizer without an
-end-of-sequence token) is always dropped and counted: it would contribute nothing.
+Every cut and drop is counted (``TruncationReport``), reported as a stage message and kept on
+the split (``TextSplit.truncation``) for summary.json and `kdgeo eval`. A response that ends up
+with no tokens at all (an empty answer and a tokenizer without an end-of-sequence token) is
+always dropped and counted: it would contribute nothing.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 from kdgeo import data as data_mod
 from kdgeo.errors import DataError
@@ -53,23 +62,47 @@ class LMExamples:
 
 @dataclass
 class TruncationReport:
-    """What happened to examples that did not fit."""
+    """What happened to examples that did not fit (see the module docstring for the rules)."""
 
-    prompts_cut: int = 0
+    max_prompt_length: int = 0
+    max_length: int = 0
+    contexts_cut: int = 0
+    """Prompts that fit once their context was cut at the end (the instruction is whole)."""
+    instructions_cut: int = 0
+    """Prompts whose instruction was cut at the end too: it alone did not fit."""
+    dropped_long_prompt: int = 0
+    """Examples left out because their prompt was longer than max_prompt_length (``drop``)."""
     responses_cut: int = 0
     dropped_long: int = 0
+    """Examples left out because prompt + response was longer than max_length (``drop``)."""
     dropped_empty: int = 0
     kept: list[int] = field(default_factory=list)
     """Indices (into the split before encoding) of the examples kept, in order."""
 
+    COUNTS: ClassVar[tuple[str, ...]] = (
+        "contexts_cut", "instructions_cut", "dropped_long_prompt", "responses_cut", "dropped_long", "dropped_empty",
+    )
+
+    def counts(self) -> dict[str, int]:
+        """The counts by name, zeros included (for summary.json and `kdgeo eval --json`)."""
+        return {name: getattr(self, name) for name in self.COUNTS}
+
     def describe(self, where: str) -> str | None:
+        over_prompt = f"longer than data.max_prompt_length = {self.max_prompt_length}"
         parts = []
-        if self.prompts_cut:
-            parts.append(f"{self.prompts_cut} prompts cut from the left")
+        if self.contexts_cut:
+            parts.append(f"{self.contexts_cut} prompts {over_prompt} had their context cut at the end")
+        if self.instructions_cut:
+            parts.append(
+                f"{self.instructions_cut} prompts {over_prompt} even without context had their instruction cut "
+                "at the end"
+            )
+        if self.dropped_long_prompt:
+            parts.append(f"{self.dropped_long_prompt} examples with a prompt {over_prompt} dropped")
         if self.responses_cut:
-            parts.append(f"{self.responses_cut} responses cut at the end")
+            parts.append(f"{self.responses_cut} responses cut at the end to fit data.max_length = {self.max_length}")
         if self.dropped_long:
-            parts.append(f"{self.dropped_long} long examples dropped")
+            parts.append(f"{self.dropped_long} examples longer than data.max_length = {self.max_length} dropped")
         if self.dropped_empty:
             parts.append(f"{self.dropped_empty} examples with an empty response dropped")
         return f"{where}: " + ", ".join(parts) if parts else None
@@ -104,74 +137,147 @@ def read_examples(ds: Any, prompt_column: str, response_column: str, context_col
     return LMExamples(prompts=[], responses=responses, instructions=instructions, contexts=contexts)
 
 
-def apply_format(examples: LMExamples, tokenizer: Any, fmt: PromptFormat, where: str) -> LMExamples:
+def _check_chat_template(tokenizer: Any, fmt: PromptFormat, where: str) -> None:
     if fmt.chat_template and not getattr(tokenizer, "chat_template", None):
         raise DataError(
             f"{where}: data.chat_template = true, but the tokenizer has no chat template. Set data.chat_template = false "
             "to use data.template, or use a chat model's tokenizer."
         )
-    contexts = examples.contexts or [None] * len(examples.instructions)
-    prompts = [format_prompt(tokenizer, fmt, ins, ctx) for ins, ctx in zip(examples.instructions, contexts)]
-    return LMExamples(prompts=prompts, responses=examples.responses, instructions=examples.instructions, contexts=examples.contexts)
 
 
-def _bos_kept(ids: list[int], bos_id: int | None) -> int:
-    return 1 if bos_id is not None and ids and ids[0] == bos_id else 0
+Fitted = tuple[str, list[int]]
+"""A prompt's text and token ids."""
+
+
+def _longest_fitting(n: int, attempt: Callable[[int], Fitted | None], low: int = 0) -> Fitted | None:
+    """The result of ``attempt(k)`` for the largest k in [low, n] that fits (binary search; None if none does).
+
+    Token counts grow with the kept prefix, up to the odd merge at the cut, so the search can settle
+    one token short of the longest fitting prefix; whatever it returns was checked to fit.
+    """
+    best = None
+    while low <= n:
+        mid = (low + n) // 2
+        got = attempt(mid)
+        if got is not None:
+            best, low = got, mid + 1
+        else:
+            n = mid - 1
+    return best
+
+
+def fit_prompt(
+    tokenizer: Any,
+    fmt: PromptFormat,
+    instruction: str,
+    context: str | None,
+    max_prompt_length: int,
+    where: str,
+    row: int,
+) -> tuple[str, list[int], str]:
+    """The prompt of one example in at most ``max_prompt_length`` tokens: (text, ids, what was cut).
+
+    What was cut is "" (nothing), "context" or "instruction" (the context is then gone too). Fields
+    are cut at token boundaries of their own encoding, from the end, and the prompt is formatted and
+    tokenized again, so the template (lead-in, response cue, special tokens) is always whole. The
+    response plays no part: the same instruction and context give the same prompt.
+    """
+    special = not fmt.chat_template  # a chat template writes its own special tokens into the text
+
+    def attempt(ins: str, ctx: str | None) -> Fitted | None:
+        text = format_prompt(tokenizer, fmt, ins, ctx)
+        ids = list(tokenizer(text, add_special_tokens=special)["input_ids"])
+        return (text, ids) if len(ids) <= max_prompt_length else None
+
+    whole = attempt(instruction, context)
+    if whole is not None:
+        return whole[0], whole[1], ""
+    if context:
+        ctx_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+        # k = 0 gives an empty context, which formats with the plain template: the instruction alone
+        got = _longest_fitting(len(ctx_ids), lambda k: attempt(instruction, tokenizer.decode(ctx_ids[:k])))
+        if got is not None:
+            return got[0], got[1], "context"
+    ins_ids = tokenizer(instruction, add_special_tokens=False)["input_ids"]
+    got = _longest_fitting(len(ins_ids), lambda k: attempt(tokenizer.decode(ins_ids[:k]), None), low=1)
+    if got is None:
+        bare = format_prompt(tokenizer, fmt, tokenizer.decode(ins_ids[:1]), None)
+        bare_length = len(tokenizer(bare, add_special_tokens=special)["input_ids"])
+        raise DataError(
+            f"{where}: data.max_prompt_length = {max_prompt_length} is shorter than the prompt template itself: "
+            f"row {row} with one instruction token is {bare_length} tokens. Raise data.max_prompt_length (default: "
+            "half of data.max_length), or shorten data.template / data.context_template."
+        )
+    return got[0], got[1], "instruction"
 
 
 def encode_lm(
     tokenizer: Any,
-    prompts: Sequence[str],
-    responses: Sequence[str],
+    fmt: PromptFormat,
+    examples: LMExamples,
     max_length: int,
     max_prompt_length: int,
     long_examples: str,
     where: str,
-    chat_template: bool = False,
-) -> tuple[data_mod.Encoded, TruncationReport]:
+) -> tuple[data_mod.Encoded, list[str], TruncationReport]:
     """Token ids ``prompt + response + [eos]`` per example, with the response boundary.
 
-    Returns the encoding of the kept examples and a report (``report.kept`` lists them).
+    The prompt is formatted from ``examples.instructions`` / ``examples.contexts`` and fitted into
+    ``max_prompt_length`` without looking at the response (``fit_prompt``); then the response is
+    fitted into what is left of ``max_length`` (module docstring). Returns the encoding of the kept
+    examples, their prompt texts, and a report (``report.kept`` lists them).
     """
     if not 0 < max_prompt_length < max_length:
         raise ValueError(f"max_prompt_length {max_prompt_length} must be between 1 and max_length - 1 ({max_length - 1})")
-    # A chat template writes its own special tokens into the text; a plain template relies on
-    # the tokenizer adding BOS (OPT, Llama) where the model expects one.
-    p_ids = tokenizer(list(prompts), add_special_tokens=not chat_template)["input_ids"]
-    r_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    _check_chat_template(tokenizer, fmt, where)
+    r_ids = tokenizer(list(examples.responses), add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
-    bos = getattr(tokenizer, "bos_token_id", None)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
-    report = TruncationReport()
+    contexts = examples.contexts or [None] * len(examples.instructions)
+    report = TruncationReport(max_prompt_length=max_prompt_length, max_length=max_length)
     input_ids: list[list[int]] = []
     starts: list[int] = []
-    for row, (p, r) in enumerate(zip(p_ids, r_ids)):
+    texts: list[str] = []
+    for row, (instruction, context, r) in enumerate(zip(examples.instructions, contexts, r_ids)):
         r = list(r) + ([eos] if eos is not None else [])
         if not r:
             report.dropped_empty += 1
             continue
+        if long_examples == "truncate":
+            text, p, cut = fit_prompt(tokenizer, fmt, instruction, context, max_prompt_length, where, row)
+            report.contexts_cut += cut == "context"
+            report.instructions_cut += cut == "instruction"
+        else:
+            text = format_prompt(tokenizer, fmt, instruction, context)
+            p = list(tokenizer(text, add_special_tokens=not fmt.chat_template)["input_ids"])
+            if len(p) > max_prompt_length:
+                if long_examples == "drop":
+                    report.dropped_long_prompt += 1
+                    continue
+                raise DataError(
+                    f"{where}: row {row}'s prompt is {len(p)} tokens, longer than data.max_prompt_length = "
+                    f"{max_prompt_length}. Raise data.max_prompt_length, or set data.long_examples = "
+                    '"truncate" (cut the context, then the instruction, at its end; the template is kept whole) or '
+                    '"drop" (leave such rows out).'
+                )
         if len(p) + len(r) > max_length:
             if long_examples == "error":
                 raise DataError(
                     f"{where}: row {row} is {len(p)} prompt + {len(r)} response tokens, longer than data.max_length = "
-                    f"{max_length}. Raise data.max_length, or set data.long_examples = \"truncate\" (cut the prompt's start "
-                    "and the response's end) or \"drop\"."
+                    f"{max_length}. Raise data.max_length, or set data.long_examples = \"truncate\" (cut the "
+                    'response\'s end) or "drop".'
                 )
             if long_examples == "drop":
                 report.dropped_long += 1
                 continue
-            keep_prompt = min(len(p), max(max_prompt_length, max_length - len(r)))
-            if keep_prompt < len(p):
-                head = _bos_kept(p, bos)
-                p = p[:head] + p[len(p) - (keep_prompt - head):] if keep_prompt > head else p[:keep_prompt]
-                report.prompts_cut += 1
-            if len(p) + len(r) > max_length:
-                r = r[: max_length - len(p)]
-                report.responses_cut += 1
-        input_ids.append(list(p) + r)
+            r = r[: max_length - len(p)]  # >= 1 token: len(p) <= max_prompt_length < max_length
+            report.responses_cut += 1
+        input_ids.append(p + r)
         starts.append(len(p))
+        texts.append(text)
         report.kept.append(row)
-    return data_mod.Encoded(input_ids=input_ids, token_type_ids=None, pad_id=pad_id, response_start=starts), report
+    encoded = data_mod.Encoded(input_ids=input_ids, token_type_ids=None, pad_id=pad_id, response_start=starts)
+    return encoded, texts, report
 
 
 def prompt_ids(encoded: data_mod.Encoded) -> list[list[int]]:
@@ -197,21 +303,24 @@ def build_split(
     """Format and encode ``examples`` once per distinct tokenizer (each model sees prompts in its
     own format: a chat template belongs to its tokenizer) and keep the examples every tokenizer
     kept, so teacher and student see the same examples. The split's ``texts`` are the first
-    role's prompts. Returns the split and report lines."""
-    encoded: dict[int, tuple[LMExamples, data_mod.Encoded, TruncationReport]] = {}
+    role's prompts as that model sees them (after any cut). Returns the split and report lines;
+    the counts are on ``split.truncation``, keyed by the roles that share each tokenizer."""
+    encoded: dict[int, tuple[list[str], data_mod.Encoded, TruncationReport]] = {}
     for tok in tokenizers.values():
         if id(tok) not in encoded:
-            formatted = apply_format(examples, tok, fmt, where)
-            enc, rep = encode_lm(tok, formatted.prompts, formatted.responses, max_length, max_prompt_length, long_examples, where, fmt.chat_template)
-            encoded[id(tok)] = (formatted, enc, rep)
+            enc, texts, rep = encode_lm(tok, fmt, examples, max_length, max_prompt_length, long_examples, where)
+            encoded[id(tok)] = (texts, enc, rep)
     kept = sorted(set.intersection(*(set(rep.kept) for _, _, rep in encoded.values())))
     if not kept:
         raise DataError(
-            f"{where}: no example is left after tokenization (all were too long or had empty responses); raise "
-            'data.max_length or set data.long_examples = "truncate".'
+            f"{where}: no example is left after tokenization (all had a prompt longer than data.max_prompt_length = "
+            f"{max_prompt_length}, were longer than data.max_length = {max_length}, or had an empty response); raise "
+            'those limits or set data.long_examples = "truncate".'
         )
-    first = encoded[id(next(iter(tokenizers.values())))][0]
-    split = data_mod.TextSplit(texts=[first.prompts[i] for i in kept], labels=None, responses=[examples.responses[i] for i in kept])
+    first_texts, _, first_rep = encoded[id(next(iter(tokenizers.values())))]
+    first_position = {row: k for k, row in enumerate(first_rep.kept)}
+    split = data_mod.TextSplit(texts=[first_texts[first_position[i]] for i in kept], labels=None,
+                               responses=[examples.responses[i] for i in kept], truncation={})
     notes = []
     roles_of: dict[int, list[str]] = {}
     for role, tok in tokenizers.items():
@@ -227,6 +336,8 @@ def build_split(
         )
         for role in roles_of[key]:
             split.encodings[role] = subs[key]
+        assert split.truncation is not None
+        split.truncation[" and ".join(roles_of[key])] = rep.counts()
         line = rep.describe(f"{where} ({' and '.join(roles_of[key])} tokenizer)")
         if line:
             notes.append(line)

@@ -44,6 +44,13 @@ FEATURE_KINDS = frozenset({"procrustes", "gram", "cka", "projection", "mse", "co
 EQUAL_WIDTH_KINDS = frozenset({"mse", "cosine"})
 
 
+def at_least_float32(x: Tensor) -> Tensor:
+    """``x`` in float32, or float64 when it already is: losses of half-precision (autocast)
+    outputs are computed in float32, and a ``train.precision = "fp64"`` run stays in float64
+    end to end (a ``.float()`` there would bring back the float32 rounding it exists to avoid)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 @dataclass(frozen=True)
 class LossTerm:
     """One weighted term of the objective (flat values taken from the validated spec)."""
@@ -64,11 +71,12 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float, 
     - reverse: KL(p_s || p_t) = sum_c p_s,c (log p_s,c - log p_t,c)
     - mixed:   mix * forward + (1 - mix) * reverse
 
-    student_logits, teacher_logits: (N, C). Computed in float32.
+    student_logits, teacher_logits: (N, C). Computed in float32 (float64 if either is).
     """
     t = temperature
-    log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)  # (N, C)
-    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)  # (N, C)
+    dtype = torch.promote_types(at_least_float32(student_logits).dtype, at_least_float32(teacher_logits).dtype)
+    log_p_s = F.log_softmax(student_logits.to(dtype) / t, dim=-1)  # (N, C)
+    log_p_t = F.log_softmax(teacher_logits.to(dtype) / t, dim=-1)  # (N, C)
     n = max(log_p_s.shape[0], 1)
     forward = reverse = None
     if direction in ("forward", "mixed"):
@@ -145,7 +153,8 @@ class Objective(nn.Module):
                 case "projection":
                     proj = self.projections[k]
                     mapped = proj(y.to(proj.weight.dtype))  # (n, d_t)
-                    values.append(F.mse_loss(mapped.float(), x.float()))
+                    dtype = torch.promote_types(at_least_float32(mapped).dtype, at_least_float32(x).dtype)
+                    values.append(F.mse_loss(mapped.to(dtype), x.to(dtype)))
                 case "mse":
                     values.append(geometry.mse(x, y))
                 case "cosine":
@@ -183,13 +192,13 @@ class Objective(nn.Module):
         The two groups are apart because data-parallel training weights them differently: a
         logit term is a mean over rows, a geometry term a statistic of the whole row matrix.
         """
-        logit_total = student_logits.new_zeros((), dtype=torch.float32)
-        feature_total = student_logits.new_zeros((), dtype=torch.float32)
+        logit_total = student_logits.new_zeros((), dtype=at_least_float32(student_logits).dtype)
+        feature_total = student_logits.new_zeros((), dtype=at_least_float32(student_logits).dtype)
         parts: dict[str, Tensor] = {}
         for term in self.terms:
             match term.kind:
                 case "ce":
-                    value = F.cross_entropy(student_logits.float(), labels)
+                    value = F.cross_entropy(at_least_float32(student_logits), labels)
                 case "kd":
                     if teacher_logits is None:
                         raise ValueError("kd needs teacher logits")

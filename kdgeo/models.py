@@ -73,11 +73,14 @@ def resolve_model_ref(ref: str) -> str:
 
 
 def _check_model_dir(path: Path, ref: str) -> None:
-    if not path.exists():
+    from kdgeo import files
+
+    label = f"Model '{ref}'"
+    if not files.exists(path, label, ModelLoadError):  # a name over 255 bytes or a link loop fails here, named
         raise ModelLoadError(f"Model '{ref}': no such directory ({path}). Check the path, or give a Hugging Face hub id.")
-    if not path.is_dir():
+    if not files.is_dir(path, label, ModelLoadError):
         raise ModelLoadError(f"Model '{ref}': {path} is a file; give the directory that holds config.json and the weights.")
-    if not (path / "config.json").exists():
+    if not files.exists(path / "config.json", label, ModelLoadError):
         held = ", ".join(sorted(p.name for p in path.iterdir())[:12]) or "nothing"
         hint = ""
         if (path / "student" / "config.json").exists():
@@ -127,18 +130,79 @@ def _hub_kwargs(ref: ModelRef) -> dict[str, Any]:
     return kwargs
 
 
+CONFIG_SIZES = (
+    "num_hidden_layers", "n_layer", "num_layers", "hidden_size", "n_embd", "d_model", "word_embed_proj_dim",
+    "num_attention_heads", "n_head", "intermediate_size", "ffn_dim", "n_inner", "max_position_embeddings", "n_positions", "vocab_size",
+)
+"""config.json fields kdgeo or the model's constructor reads as sizes: each must be a positive integer when present."""
+
+
+def _check_config_file(path: Path, ref: str) -> None:
+    """A local config.json is a JSON object whose size fields are positive integers.
+
+    transformers reports a broken file as a traceback (a field of the wrong type raises
+    huggingface_hub's StrictDataclassFieldValidationError) or, for a negative size, deep inside
+    model construction; this names the file, the field and the fix instead.
+    """
+    import json
+
+    from kdgeo import files
+
+    text = files.read_text(path, f"Model '{ref}': {path}", ModelLoadError)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ModelLoadError(
+            f"Model '{ref}': {path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); restore it, "
+            "or re-save the model with save_pretrained."
+        ) from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"Model '{ref}': {path} holds a JSON {type(data).__name__}, not an object; restore it, or re-save the model with save_pretrained.")
+    for field in CONFIG_SIZES:
+        value = data.get(field)
+        if field in data and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            # null is allowed where transformers allows it (n_inner: None means 4 * n_embd)
+            if value is None and field in ("n_inner", "intermediate_size"):
+                continue
+            raise ModelLoadError(
+                f"Model '{ref}': {path} sets \"{field}\": {json.dumps(value)}; it must be a positive integer "
+                f"(e.g. \"{field}\": {4 if 'layer' in field else 64}). Fix the file, or re-save the model with save_pretrained."
+            )
+
+
 def load_config(ref: ModelRef) -> Any:
     from transformers import AutoConfig
 
     location = ref.location
+    config_file = Path(location) / "config.json"
+    if os.path.isfile(config_file):
+        _check_config_file(config_file, ref.ref)
     try:
         with quiet_transformers():
             return AutoConfig.from_pretrained(location, **_hub_kwargs(ref))
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, TypeError) as err:
         raise _load_error(ref, "config", err) from None
+    except Exception as err:
+        # huggingface_hub's StrictDataclassError (a field of the wrong type in a hub config) is no
+        # ValueError; its message names the field.
+        if type(err).__module__.startswith("huggingface_hub"):
+            detail = " ".join(str(err).split())
+            raise ModelLoadError(
+                f"Model '{ref.ref}': its config is invalid: {detail[:300]}. Fix config.json, or give another model."
+            ) from None
+        raise
 
 
-def load_tokenizer(ref: ModelRef) -> Any:
+def load_tokenizer(ref: ModelRef, shared_with: str | None = None) -> Any:
+    """The tokenizer saved with ``ref``; refuses one without a vocabulary.
+
+    transformers builds a tokenizer even from a directory without tokenizer files: a BERT one of
+    the 5 special tokens (every word becomes [UNK]), a GPT-2 one of 1 token (every word vanishes),
+    and training, evaluation and ``save_pretrained`` then carry on with it. Such a tokenizer has
+    no entry that is not a special or added token; a byte-level or character tokenizer has at
+    least its bytes or characters. ``shared_with`` names who else uses this tokenizer (a student
+    built from the teacher's layers or config), for the message.
+    """
     from transformers import AutoTokenizer
 
     location = ref.location
@@ -147,10 +211,39 @@ def load_tokenizer(ref: ModelRef) -> Any:
             tok = AutoTokenizer.from_pretrained(location, **_hub_kwargs(ref))
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise _load_error(ref, "tokenizer", err) from None
+    if not _has_vocabulary(tok):
+        expected = list(dict.fromkeys([*getattr(type(tok), "vocab_files_names", {}).values(), "tokenizer.json"]))
+        where = Path(location)
+        try:
+            held = ", ".join(sorted(p.name for p in where.iterdir())[:12]) if where.is_dir() else ""
+        except OSError:
+            held = ""
+        missing = (f"none of the tokenizer files {', '.join(expected)} is in {where} (it holds: {held or 'nothing'})"
+                   if where.is_dir() else "its tokenizer files hold no vocabulary")
+        shared = f" {shared_with} uses the teacher's tokenizer, so the teacher's directory must hold it." if shared_with else ""
+        raise ModelLoadError(
+            f"Model '{ref.ref}' has no tokenizer: {missing}. transformers would make a {type(tok).__name__} of only "
+            f"{len(tok)} special token(s) from it, which encodes no word.{shared} Copy the tokenizer of the model it came "
+            "from into the directory (AutoTokenizer.from_pretrained(source).save_pretrained(directory))."
+        )
     if tok.pad_token is None:
         # GPT-2 style tokenizers ship without a pad token; padding is masked out everywhere.
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     return tok
+
+
+def _has_vocabulary(tok: Any) -> bool:
+    """Whether the tokenizer knows any token besides its special and added ones."""
+    try:
+        vocab = tok.get_vocab()
+    except (NotImplementedError, AttributeError):  # a tokenizer that cannot list its vocabulary: trust it
+        return True
+    special = set(getattr(tok, "all_special_tokens", []) or [])
+    try:
+        special |= set(tok.get_added_vocab())
+    except (NotImplementedError, AttributeError):
+        pass
+    return any(token not in special for token in vocab)
 
 
 def load_encoder(ref: ModelRef, dtype: torch.dtype | None = None) -> nn.Module:
@@ -227,6 +320,42 @@ def check_decoder(config: Any, ref: str, setting: str) -> None:
         )
 
 
+def is_causal_decoder(config: Any) -> bool:
+    """Whether the model attends left to right only (OPT, GPT-2, Llama, ...; BERT with ``is_decoder``).
+
+    Decided from the config: a family transformers has a causal-LM class for but no masked-LM
+    class, or a config that names a causal-LM architecture. Encoder-decoders are not counted.
+    """
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    if getattr(config, "is_decoder", False):
+        return True
+    from transformers.models.auto import modeling_auto
+
+    model_type = getattr(config, "model_type", "")
+    if model_type in ENCODER_TYPES or model_type in modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return False
+    if model_type in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return True
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in getattr(config, "architectures", None) or [])
+
+
+def check_cls_rows(config: Any, ref: str, setting: str, rows_setting: str, hint: str) -> None:
+    """Refuse first-token ("cls") rows on a decoder.
+
+    In a causal model position 0 attends only to itself, so its state is a function of the first
+    token alone: the same BOS token (or a handful of first words) for every example. Its feature
+    matrix has rank <= 1 after centring and every similarity is a constant (D_P^2 = 2, CKA = 0).
+    """
+    if is_causal_decoder(config):
+        family = getattr(config, "model_type", "") or type(config).__name__
+        raise LayerMapError(
+            f"{rows_setting} on {setting} = '{ref}', a decoder ({family}): "
+            "its first position sees only the first token (the same BOS token for every example), so cls rows are "
+            f"identical across examples and every similarity is a constant. {hint}"
+        )
+
+
 def load_causal_lm(ref: ModelRef, dtype: torch.dtype | None = None) -> nn.Module:
     """``AutoModelForCausalLM``; refuses a checkpoint whose body weights did not load."""
     from transformers import AutoModelForCausalLM
@@ -261,7 +390,9 @@ def num_layers(model_or_config: Any) -> int:
     config = getattr(model_or_config, "config", model_or_config)
     for name in ("num_hidden_layers", "n_layer", "num_layers"):
         value = getattr(config, name, None)
-        if isinstance(value, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value < 1:
+                raise ModelLoadError(f"A {type(config).__name__} with {name} = {value}: a model needs at least one layer; fix its config.json.")
             return value
     raise ModelLoadError(f"Cannot tell how many layers a {type(config).__name__} has (no num_hidden_layers in its config).")
 
@@ -270,9 +401,42 @@ def hidden_width(model_or_config: Any) -> int:
     config = getattr(model_or_config, "config", model_or_config)
     for name in ("hidden_size", "n_embd", "d_model", "word_embed_proj_dim"):
         value = getattr(config, name, None)
-        if isinstance(value, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value < 1:
+                raise ModelLoadError(f"A {type(config).__name__} with {name} = {value}: the width must be positive; fix its config.json.")
             return value
     raise ModelLoadError(f"Cannot tell the hidden width of a {type(config).__name__} (no hidden_size in its config).")
+
+
+def hidden_widths(model_or_config: Any, layers: int | None = None) -> list[int]:
+    """Width of each ``hidden_states`` entry, index 0 (embeddings) to L (last layer).
+
+    The same for every index in most families, but not in OPT models whose ``word_embed_proj_dim``
+    differs from ``hidden_size`` (opt-350m: 512 vs 1024): the decoder maps the embeddings up with
+    ``project_in`` before index 0 and the last layer's output down with ``project_out`` (after the
+    final layer norm), and that projected tensor is the last entry. So OPT gives
+    ``[hidden_size] * L + [word_embed_proj_dim]``. ``layers`` overrides the config's layer count
+    (a student made of some of this model's blocks has the same widths pattern over fewer layers).
+    """
+    config = getattr(model_or_config, "config", model_or_config)
+    count = num_layers(config) if layers is None else layers
+    widths = [hidden_width(config)] * (count + 1)
+    projected = getattr(config, "word_embed_proj_dim", None)
+    if getattr(config, "model_type", None) == "opt" and isinstance(projected, int):
+        widths[-1] = projected
+    return widths
+
+
+def check_hidden_widths(hidden_states: Sequence[torch.Tensor], expected: Sequence[int], who: str) -> None:
+    """Refuse a model whose hidden states are not as wide as its config says (an architecture whose
+    per-layer widths :func:`hidden_widths` does not know): every consumer relies on those widths."""
+    found = [int(h.shape[-1]) for h in hidden_states]
+    if found != list(expected):
+        raise ModelLoadError(
+            f"{who}: its hidden states are {found} wide (index 0 = embeddings), but its config implies {list(expected)}; "
+            "kdgeo does not know this architecture's per-layer widths. Use a model whose hidden states keep one width "
+            "(BERT, GPT-2, Llama, ...) or an OPT model."
+        )
 
 
 def find_layer_list(model: nn.Module) -> nn.ModuleList:
@@ -344,20 +508,27 @@ _ARCH_ALIASES = {
 }
 
 
-def student_from_config(teacher_config: Any, overrides: dict[str, int], num_labels: int, seed: int, causal_lm: bool = False) -> nn.Module:
-    """A freshly initialised classifier (or causal LM) from the teacher's config with ``overrides`` applied."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
+def student_config(teacher_config: Any, overrides: dict[str, int], num_labels: int | None = None, causal_lm: bool = False) -> Any:
+    """The config of a student built fresh from the teacher's: a copy with ``overrides`` applied
+    (and, for a classifier, ``num_labels``; None leaves the teacher's, e.g. to read the widths)."""
     config = copy.deepcopy(teacher_config)
     aliases = _ARCH_ALIASES.get(getattr(config, "model_type", ""), {})
     for key, value in overrides.items():
         setattr(config, aliases.get(key, key), value)
     if getattr(config, "model_type", "") == "opt" and "hidden_size" in overrides:
         config.word_embed_proj_dim = overrides["hidden_size"]  # no extra in/out projections in the student
-    if not causal_lm:
+    if not causal_lm and num_labels is not None:
         config.num_labels = num_labels
     if isinstance(getattr(config, "layer_types", None), list):
         config.layer_types = (config.layer_types * config.num_hidden_layers)[: config.num_hidden_layers]
+    return config
+
+
+def student_from_config(teacher_config: Any, overrides: dict[str, int], num_labels: int, seed: int, causal_lm: bool = False) -> nn.Module:
+    """A freshly initialised classifier (or causal LM) from the teacher's config with ``overrides`` applied."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = student_config(teacher_config, overrides, num_labels, causal_lm)
     torch.manual_seed(seed)
     try:
         with quiet_transformers():

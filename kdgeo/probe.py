@@ -19,7 +19,11 @@ from kdgeo import data as data_mod
 from kdgeo import geometry
 from kdgeo.errors import DataError, KdgeoError
 from kdgeo.features import LayerPair, Rows, check_tokenizers_agree, select_rows, suggest_layer_map
-from kdgeo.models import ModelRef, check_max_length, hidden_width, load_config, load_encoder, load_tokenizer, num_layers
+from kdgeo.models import (
+    ModelRef, check_cls_rows, check_hidden_widths, check_max_length, hidden_widths, load_config, load_encoder,
+    load_tokenizer, num_layers,
+)
+from kdgeo.spec import device_problem
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -82,6 +86,10 @@ class ProbeResult:
 
 
 def resolve_device(name: str, setting: str = "--device") -> torch.device:
+    """The torch device for a device setting; only CPUs and CUDA GPUs (torch also parses meta, mps, xpu, ...)."""
+    problem = device_problem(name)
+    if problem:
+        raise KdgeoError(f"{setting}: {problem}.")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -96,14 +104,22 @@ def resolve_device(name: str, setting: str = "--device") -> torch.device:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device`` (None = plain fp32)."""
-    if precision == "fp32":
+    """The autocast dtype for ``precision`` on ``device`` (None = no autocast: the weights' own
+    dtype, float32, or float64 under ``fp64`` -- see :func:`weight_dtype`)."""
+    if precision in ("fp32", "fp64"):
         return None
     if precision == "auto":
         if device.type != "cuda":
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def weight_dtype(precision: str) -> torch.dtype | None:
+    """The dtype models are cast to for ``precision``: float64 for ``fp64`` (no autocast, so
+    every op runs in float64 and CPU kernel differences stay near 1e-12), else None (as loaded;
+    mixed precision comes from autocast, see :func:`autocast_dtype`)."""
+    return torch.float64 if precision == "fp64" else None
 
 
 def run_probe(args: ProbeArgs, progress: Progress | None = None) -> ProbeResult:
@@ -117,6 +133,9 @@ def run_probe(args: ProbeArgs, progress: Progress | None = None) -> ProbeResult:
 
     # Pre-flight: everything cheap that can fail, before any model weights are read.
     t_cfg, s_cfg = load_config(args.teacher), load_config(args.student)
+    if args.rows == "cls":
+        for cfg, ref, who in ((t_cfg, args.teacher.ref, "TEACHER"), (s_cfg, args.student.ref, "STUDENT")):
+            check_cls_rows(cfg, ref, who, "--rows cls", "Use --rows mean (the mean over tokens) or --rows tokens.")
     t_layers, s_layers = num_layers(t_cfg), num_layers(s_cfg)
     t_tok, s_tok = load_tokenizer(args.teacher), load_tokenizer(args.student)
     ds = data_mod.load_split(args.dataset, args.config, args.split, where="--data")
@@ -139,10 +158,8 @@ def run_probe(args: ProbeArgs, progress: Progress | None = None) -> ProbeResult:
     emit({"event": "loading", "teacher": args.teacher.ref, "student": args.student.ref})
     teacher = load_encoder(args.teacher).to(device)
     student = load_encoder(args.student).to(device)
-    acc = geometry.CrossLayerAccumulator(
-        [hidden_width(t_cfg)] * (t_layers + 1), [hidden_width(s_cfg)] * (s_layers + 1), device=device,
-        debiased="cka_debiased" in args.metrics,
-    )
+    t_widths, s_widths = hidden_widths(t_cfg), hidden_widths(s_cfg)  # per hidden-state index: OPT's last may differ
+    acc = geometry.CrossLayerAccumulator(t_widths, s_widths, device=device, debiased="cka_debiased" in args.metrics)
     start = time.perf_counter()
     done = 0
     total = len(split)
@@ -154,8 +171,19 @@ def run_probe(args: ProbeArgs, progress: Progress | None = None) -> ProbeResult:
             with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 t_hidden = teacher(**t_in, output_hidden_states=True).hidden_states  # L_t+1 x (B, T_t, d_t)
                 s_hidden = student(**s_in, output_hidden_states=True).hidden_states  # L_s+1 x (B, T_s, d_s)
+            if done == 0:
+                check_hidden_widths(t_hidden, t_widths, f"the teacher {args.teacher.ref}")
+                check_hidden_widths(s_hidden, s_widths, f"the student {args.student.ref}")
             t_rows = [select_rows(h, t_in["attention_mask"], args.rows) for h in t_hidden]  # (n, d_t) each
             s_rows = [select_rows(h, s_in["attention_mask"], args.rows) for h in s_hidden]  # (n, d_s) each
+            for who, ref, rows in (("teacher", args.teacher.ref, t_rows), ("student", args.student.ref, s_rows)):
+                bad = geometry.nonfinite_layers(rows)
+                if bad:
+                    raise KdgeoError(
+                        f"the {who} {ref} produced NaN or inf hidden states (index {', '.join(map(str, bad))}; 0 = embeddings) "
+                        f"on the probe data (examples {done}..{done + len(batch['index']) - 1}), so no similarity can be measured. "
+                        "Check the model's weights; with --precision bf16/fp16 try --precision fp32."
+                    )
             acc.update(t_rows, s_rows)
             done += len(batch["index"])
             emit({"event": "progress", "done": done, "total": total})
@@ -182,6 +210,9 @@ def run_probe(args: ProbeArgs, progress: Progress | None = None) -> ProbeResult:
 
 def plot_tables(result: ProbeResult, path: str) -> None:
     """One heatmap per metric (teacher layers down, student layers across), suggested map marked."""
+    from kdgeo.files import prepare_matplotlib
+
+    prepare_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")
@@ -208,5 +239,10 @@ def plot_tables(result: ProbeResult, path: str) -> None:
     fig.tight_layout()
     try:
         fig.savefig(path, dpi=110)
+    except OSError as err:
+        from kdgeo.errors import OutputError
+        from kdgeo.files import describe_os_error
+
+        raise OutputError(f"--plot {path}: cannot write the plot: {describe_os_error(err, path)}.") from None
     finally:
         plt.close(fig)

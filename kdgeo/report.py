@@ -215,9 +215,12 @@ class DistillView:
     def __call__(self, event: dict[str, Any]) -> None:
         if self.json_lines and event["event"] != "finetune_step":
             emit_json(event)
+        kind = event["event"]
+        if kind in ("warning", "nonfinite"):  # shown even with --quiet: they change what the numbers mean
+            self._warn(event)
+            return
         if self.mode == "quiet":
             return
-        kind = event["event"]
         if kind == "stage":
             if self._live is not None:
                 self._live.console.print(Text(event["message"]))
@@ -296,6 +299,17 @@ class DistillView:
                 self.mode,
             )
             info(f"run directory: {summary['run_dir']}", self.mode)
+
+    def _warn(self, event: dict[str, Any]) -> None:
+        if event["event"] == "warning":
+            message = event["message"]
+        else:
+            what = {"skipped": "update skipped", "monitor": "monitor values are NaN"}.get(event["action"], event["action"])
+            message = f"non-finite values at step {event['step']} in {', '.join(event['terms'])} ({what})"
+        if self._live is not None:
+            self._live.console.print(Text("warning: ", style="yellow") + Text(message))
+        else:
+            warn(message)
 
     def close(self) -> None:
         if self._live is not None:

@@ -87,35 +87,96 @@ def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
 
 
 def read_json(path: str | Path) -> dict[str, Any]:
+    from kdgeo.files import describe_os_error, utf8_position
+
     try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
+        raw = Path(path).read_bytes()
     except FileNotFoundError:
         raise KdgeoError(f"{path} does not exist.") from None
-    except (OSError, json.JSONDecodeError) as err:
+    except OSError as err:
+        raise KdgeoError(f"{path} cannot be read: {describe_os_error(err, path)}.") from None
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        line, column = utf8_position(raw, err)
+        raise KdgeoError(f"{path} cannot be read as JSON: line {line}, column {column} is not UTF-8 text; restore the file.") from None
+    except json.JSONDecodeError as err:
         raise KdgeoError(f"{path} cannot be read as JSON ({err}).") from None
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    records = []
+    """The records of a JSON-lines file; [] when it does not exist.
+
+    A crash can cut the last line short (it then has no newline): reading stops there, and
+    everything before it is good. Any other line that is not UTF-8 JSON means the file was
+    damaged or edited: a KdgeoError names the file and the line, rather than silently dropping
+    that line and every one after it.
+    """
+    from kdgeo.files import describe_os_error
+
     try:
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    # A crash can cut the last line short; everything before it is good.
-                    break
+        lines = Path(path).read_bytes().split(b"\n")
     except FileNotFoundError:
         return []
+    except OSError as err:
+        raise KdgeoError(f"{path} cannot be read: {describe_os_error(err, path)}.") from None
+    records = []
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            records.append(json.loads(raw.decode("utf-8")))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            if number == len(lines):  # no newline after it: a line cut short
+                break
+            reason = "is not UTF-8 text" if isinstance(err, UnicodeDecodeError) else f"is not JSON ({err.msg})"
+            raise KdgeoError(
+                f"{path}, line {number} {reason}: the file was damaged or edited by hand. Restore it, delete that "
+                "line, or leave this run out."
+            ) from None
     return records
 
 
+NAME_MAX_BYTES = 255
+"""NAME_MAX of Linux, macOS and Windows file systems: the longest directory name, UTF-8 encoded."""
+
+
+def path_component_problem(name: str) -> str | None:
+    """Why ``name`` cannot be one directory name inside output.dir (None when it can).
+
+    A run never writes outside output.dir: a separator, ``..``, an absolute path or a drive
+    would move it elsewhere; control characters (newlines, NUL, DEL) break file names and every
+    log line that shows them; more than 255 bytes fails with ENAMETOOLONG.
+    """
+    if not name:
+        return "is empty; give a directory name"
+    if name in (".", ".."):
+        return f"{name!r} is '.' or '..', which names no new directory; give a directory name"
+    if "/" in name or "\\" in name or os.sep in name or (os.altsep and os.altsep in name):
+        return f"{_short(name)} is a path, not a single directory name (no '/' or '\\'); the run goes under output.dir"
+    bad = next((c for c in name if ord(c) < 32 or 127 <= ord(c) < 160), None)
+    if bad is not None:
+        return f"{_short(name)} contains the control character {bad!r}; use printable characters"
+    size = len(name.encode("utf-8", errors="surrogatepass"))
+    if size > NAME_MAX_BYTES:
+        return f"is {size} bytes long (UTF-8); a directory name holds at most {NAME_MAX_BYTES} bytes"
+    return None
+
+
+def _short(text: str) -> str:
+    shown = repr(text)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
+
+
 def prepare_run_dir(parent: str | Path, name: str, overwrite: bool) -> Path:
-    """Create ``parent/name``; refuse to touch an existing run unless ``overwrite``."""
+    """Create ``parent/name``; refuse to touch an existing run unless ``overwrite``.
+
+    The spec already refuses names that are not one directory name; this checks again where the
+    path is made, since ``name`` may come from elsewhere (a run directory passed as SPEC).
+    """
+    problem = path_component_problem(name)
+    if problem:
+        raise OutputError(f"output.name: {problem}.")
     parent = Path(os.path.expanduser(str(parent)))
     run = parent / name
     try:
@@ -124,6 +185,16 @@ def prepare_run_dir(parent: str | Path, name: str, overwrite: bool) -> Path:
         raise OutputError(
             f"output.dir = '{parent}': cannot create it ({err.strerror or err}); set output.dir (or --out) to a writable directory."
         ) from None
+    # Resolved, so that a symbolic link named like the run cannot lead the writes elsewhere either.
+    try:
+        outside = run.resolve().parent != parent.resolve()
+    except (OSError, RuntimeError):  # a symbolic-link loop
+        outside = True
+    if outside:
+        raise OutputError(
+            f"output.name = {name!r}: {run} leads outside output.dir = '{parent}' (a symbolic link?); "
+            "choose another output.name."
+        )
     if not os.access(parent, os.W_OK):
         raise OutputError(f"output.dir = '{parent}' is not writable; set output.dir (or --out) to a writable directory.")
     if run.exists():
@@ -160,3 +231,23 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def check_writable_dir(path: str | Path, setting: str, why: str) -> Path:
+    """Create ``path`` if needed and prove a file can be made in it, before long work depends on it.
+
+    ``os.access`` is not enough (read-only mounts, ACLs, root on a read-only filesystem): a real
+    temporary file is created and removed.
+    """
+    where = Path(os.path.expanduser(str(path)))
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".kdgeo-write-check.", dir=where)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise OutputError(
+            f"{setting} = '{where}' is not writable ({err.strerror or err}), and {why}. Set {setting} to a writable "
+            "directory (or fix its permissions) before the run starts."
+        ) from None
+    return where

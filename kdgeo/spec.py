@@ -28,6 +28,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdgeo.errors import SpecError
+from kdgeo.rundir import path_component_problem
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -35,8 +36,49 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 
+INT64_MAX = 2**63 - 1
+MAX_EPOCHS = 1e6
+"""Epochs become a step count (``int(epochs * steps_per_epoch)``): a bound keeps it an int64."""
+MAX_TIMEOUT_MINUTES = 43200
+"""30 days: ``timedelta(minutes=...)`` overflows near 1.4e12 minutes, and no collective waits a month."""
+MAX_NAME_CHARS = 100
+"""`name` and sweep variant names: with ``-seed<k>`` appended they stay well inside 255 bytes."""
+
+DEVICE_RE = re.compile(r"auto|cpu|cuda(:(0|[1-9][0-9]{0,3}))?")
+
+
+def device_problem(name: str) -> str | None:
+    """Why ``name`` is not a device kdgeo runs on (None when it is one).
+
+    Only CPUs and CUDA GPUs are supported and tested; torch also parses `meta`, `mps`, `xpu`, ...,
+    which then fail deep inside training. The caller adds which setting it was.
+    """
+    if DEVICE_RE.fullmatch(name):
+        return None
+    return f"{name!r} is not a supported device; use auto, cpu, cuda or cuda:N (N = a GPU index, e.g. cuda:0)"
+
+
+def _oversized_int(value: Any) -> int | None:
+    """The first integer in ``value`` (a number, or lists/tuples of them) outside int64, else None."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if abs(value) > INT64_MAX else None
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            found = _oversized_int(item)
+            if found is not None:
+                return found
+    return None
+
+
 class _Strict(BaseModel):
-    """Unknown keys are errors; field docstrings become descriptions."""
+    """Unknown keys are errors; field docstrings become descriptions.
+
+    Numbers must be finite (``allow_inf_nan=False``): TOML and ``--set`` accept ``inf`` and
+    ``nan``, which no learning rate, weight or epoch count means, and which crash later
+    (``int(inf)``, ``timedelta(minutes=inf)``). Integers must fit in 64 bits, as the TOML
+    specification says (Python's tomllib reads any size): torch, JSON readers and the tokenizers
+    take int64 or smaller.
+    """
 
     model_config = ConfigDict(
         extra="forbid",
@@ -44,7 +86,19 @@ class _Strict(BaseModel):
         use_attribute_docstrings=True,
         validate_default=False,
         frozen=True,
+        allow_inf_nan=False,
     )
+
+    @field_validator("*")
+    @classmethod
+    def _int64(cls, value: Any) -> Any:
+        found = _oversized_int(value)
+        if found is not None:
+            raise ValueError(
+                f"{_show(found)} does not fit in a 64-bit integer (TOML integers are 64-bit: at most {INT64_MAX}); "
+                "use a smaller value"
+            )
+        return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -54,7 +108,7 @@ class _Strict(BaseModel):
 class FinetuneSpec(_Strict):
     """How to fine-tune the teacher on the task first, when it has no head for these labels."""
 
-    epochs: float = Field(3.0, gt=0)
+    epochs: float = Field(3.0, gt=0, le=MAX_EPOCHS)
     """Fine-tuning epochs (fractions allowed)."""
     lr: float = Field(5e-5, gt=0)
     """Peak learning rate of AdamW."""
@@ -216,12 +270,17 @@ class DataSpec(_Strict):
     """`task = "causal-lm"`: format each prompt with the tokenizer's own chat template (a user turn,
     plus the generation prompt) instead of `template`. Needs a tokenizer that has one."""
     max_prompt_length: int | None = Field(None, ge=1)
-    """`task = "causal-lm"`: tokens kept of a longer prompt (its end, nearest the response; default:
-    half of max_length). The response fills the rest of max_length."""
+    """`task = "causal-lm"`: the most tokens a prompt has, in training and evaluation alike (default:
+    half of max_length). It is settled from the instruction and its context alone, never from the
+    response, so what a model generates from does not depend on the reference it is scored against.
+    A longer prompt follows `long_examples`. The response gets the rest of max_length."""
     long_examples: Literal["truncate", "drop", "error"] = "truncate"
-    """`task = "causal-lm"`, examples longer than max_length: `truncate` (prompt cut from the left to
-    max_prompt_length, response cut at the end; the counts are reported), `drop` them (counted),
-    or stop with an `error` naming the first one."""
+    """`task = "causal-lm"`, a prompt longer than max_prompt_length or an example longer than
+    max_length: `truncate` cuts the context at its end until the prompt fits, then the instruction
+    at its end if it alone is too long (the template is always kept whole), and a response at its
+    end to fit max_length; `drop` leaves such examples out (as MiniLLM drops long prompts); `error`
+    stops, naming the first one. Cuts and drops are counted, printed, and kept in summary.json
+    (`data.truncation`)."""
 
     @field_validator("template", "context_template")
     @classmethod
@@ -354,19 +413,24 @@ LOSS_CLASSES: dict[str, type[_LossBase]] = {
     "cosine": CosineLoss,
 }
 FEATURE_LOSSES = frozenset({"procrustes", "gram", "cka", "projection", "mse", "cosine"})
+GEOMETRY_LOSSES = frozenset({"procrustes", "gram", "cka"})
+"""Feature losses that are statistics of a whole batch's feature matrix (centred, normalised)."""
+MIN_GEOMETRY_ROWS = 3
+"""Fewest feature rows a geometry loss or the monitor accepts (see RunSpec._rows_per_step)."""
 
-Precision = Literal["auto", "bf16", "fp16", "fp32"]
+Precision = Literal["auto", "bf16", "fp16", "fp32", "fp64"]
 
 
 class TrainSpec(_Strict):
     """The student's optimisation."""
 
-    epochs: float = Field(3.0, gt=0)
+    epochs: float = Field(3.0, gt=0, le=MAX_EPOCHS)
     """Passes over the training data (fractions allowed)."""
     max_steps: int | None = Field(None, ge=1)
     """Stop after this many optimizer steps (overrides `epochs`)."""
     batch_size: int = Field(32, ge=1)
-    """Examples per micro-batch."""
+    """Examples per micro-batch. With pooled feature rows (`cls`, `mean`) also the rows each
+    geometry loss sees per step: at least 3 (at most one smaller last batch per epoch is left out)."""
     grad_accum: int = Field(1, ge=1)
     """Micro-batches per optimizer step. For per-example losses (ce, kd) the update equals one batch of
     batch_size * grad_accum; geometry losses (procrustes, gram, cka) are statistics of each
@@ -385,9 +449,13 @@ class TrainSpec(_Strict):
     """Gradient clipping threshold (global L2 norm); 0 = no clipping."""
     precision: Precision = "auto"
     """`auto`: bf16 autocast on CUDA where supported, else fp16 with a gradient scaler; fp32 on
-    CPU. Geometry is always computed in fp32 or better."""
+    CPU. Geometry is always computed in fp32 or better. `fp64`: teacher, student, projection maps
+    and a teacher fine-tune hold float64 weights, no autocast: for CPU numerics checks and
+    reproducible goldens (kernel differences between CPUs stay near 1e-12 instead of the 1e-4 that
+    float32 training amplifies them to); allowed on CUDA, but slow there."""
     device: str = "auto"
     """`auto` (CUDA if available, else CPU), `cpu`, `cuda` or `cuda:N`."""
+
     log_every: int = Field(10, ge=1)
     """Optimizer steps between logged loss lines."""
     eval_every: int = Field(0, ge=0)
@@ -401,14 +469,15 @@ class TrainSpec(_Strict):
     keeps a full student on every process and averages gradients; `fsdp` (FSDP2) shards student
     and teacher across processes, for models too large for one device. `batch_size` is per
     process: N processes with batch_size B train like one process with batch_size N * B."""
-    loader_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
-    """Worker processes collating batches ahead of the step. `auto`: none on CPU (the model's
-    threads use the cores; collation is well under 1% of a CPU step), else up to 4 per process,
-    sized to the cores. Any value gives the same batches in the same order."""
-    timeout_minutes: int = Field(120, ge=1)
+    loader_workers: Annotated[int, Field(ge=0, le=64)] | Literal["auto"] = "auto"
+    """Worker processes collating batches ahead of the step (at most 64). `auto`: none on CPU (the
+    model's threads use the cores; collation is well under 1% of a CPU step), else up to 4 per
+    process, sized to the cores. Any value gives the same batches in the same order."""
+    timeout_minutes: int = Field(120, ge=1, le=MAX_TIMEOUT_MINUTES)
     """Under torchrun: how long a process waits for the others at a collective, e.g. while rank 0
-    alone fine-tunes the teacher, builds the teacher-output cache or evaluates. For a teacher that
-    takes longer to fine-tune, fine-tune it in a one-process run first (it is cached)."""
+    alone fine-tunes the teacher, builds the teacher-output cache or evaluates (at most 43200, 30
+    days). For a teacher that takes longer to fine-tune, fine-tune it in a one-process run first
+    (it is cached)."""
     gather_features: bool = False
     """Under torchrun: compute the geometry losses (procrustes, gram, cka, ...) on the feature rows
     of every process's share of the micro-batch gathered together, so each Gram matrix spans the
@@ -417,6 +486,14 @@ class TrainSpec(_Strict):
     on_nonfinite: Literal["abort", "skip"] = "abort"
     """A NaN/inf loss or gradient: `abort` (write a checkpoint, name the loss term and layer pair,
     exit 2) or `skip` the update and go on (the skipped steps are counted in summary.json)."""
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        problem = device_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 class MonitorSpec(_Strict):
@@ -455,7 +532,8 @@ class OutputSpec(_Strict):
     dir: str = "runs"
     """Parent directory of run directories."""
     name: str | None = None
-    """Run directory name (default: the spec's `name`)."""
+    """Run directory name (default: the spec's `name`): one directory name inside `dir` (no `/`,
+    `\\`, `.` or `..`, no control characters, at most 255 bytes)."""
     overwrite: bool = False
     """Replace an existing run directory of the same name instead of refusing."""
     teacher_cache: str = "~/.cache/kdgeo/teachers"
@@ -473,6 +551,14 @@ class OutputSpec(_Strict):
     teacher_outputs_dtype: Literal["fp16", "bf16"] = "fp16"
     """Storage precision of cached teacher outputs: fp16 (more mantissa) or bf16 (fp32's range,
     for teachers whose activations exceed 65504)."""
+
+    @field_validator("name")
+    @classmethod
+    def _one_directory(cls, value: str | None) -> str | None:
+        problem = path_component_problem(value) if value is not None else None
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 class SweepSpec(_Strict):
@@ -495,7 +581,14 @@ class SweepSpec(_Strict):
             raise ValueError(f"`seeds` lists a seed twice: {self.seeds}")
         for name, overrides in self.variants.items():
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-                raise ValueError(f"variant name '{name}' must use letters, digits, `.`, `_`, `-` (it names run directories)")
+                raise ValueError(
+                    f"variant name {name!r} must use letters, digits, `.`, `_`, `-` (it names run directories)"
+                )
+            if len(name) > MAX_NAME_CHARS:
+                raise ValueError(
+                    f"variant name {_show(name)} has {len(name)} characters; use at most {MAX_NAME_CHARS} "
+                    "(it names run directories)"
+                )
             if "sweep" in overrides:
                 raise ValueError(f"variant '{name}' cannot contain a [sweep] table")
         return self
@@ -504,8 +597,8 @@ class SweepSpec(_Strict):
 class RunSpec(_Strict):
     """One distillation run."""
 
-    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    """Run name: letters, digits, `.`, `_`, `-` (names the run directory)."""
+    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=MAX_NAME_CHARS)
+    """Run name: letters, digits, `.`, `_`, `-`, at most 100 characters (names the run directory)."""
     description: str = ""
     """Free text, saved with the run."""
     task: Literal["classification", "causal-lm"] = "classification"
@@ -585,6 +678,39 @@ class RunSpec(_Strict):
             raise ValueError("; ".join(problems))
         return self
 
+    @model_validator(mode="after")
+    def _rows_per_step(self) -> "RunSpec":
+        """Pooled rows are one per example: a batch statistic over fewer than 3 of them means nothing.
+
+        After centring, n rows span at most n - 1 dimensions. n = 1 leaves zero matrices, so the
+        Procrustes loss is the constant 2 - 2 * 0 = 2 with zero gradient (CKA and Gram likewise
+        constant); n = 2 leaves one direction per side, unit-normalised, so rho = ||x^T y||_* = 1
+        and D_P^2 = 0 for any features. Projection, mse and cosine compare rows one by one and
+        are fine with any n. Token rows give many rows per example, so only pooled rows are checked.
+        """
+        if self.features.rows == "tokens":
+            return self
+        problems = []
+        rows = f'features.rows = "{self.features.rows}"'
+        geometry = [loss.kind for loss in self.losses if loss.kind in GEOMETRY_LOSSES]
+        if geometry and self.train.batch_size < MIN_GEOMETRY_ROWS:
+            problems.append(
+                f"{rows} gives one feature row per example, so {', '.join(geometry)} see train.batch_size = "
+                f"{self.train.batch_size} rows per step (each micro-batch on each process); they need at least "
+                f"{MIN_GEOMETRY_ROWS} (at 1 row the Procrustes loss is the constant 2 with no gradient, at 2 it is 0 "
+                f"for any features). Set train.batch_size to {MIN_GEOMETRY_ROWS} or more (far more is better), "
+                'or features.rows = "tokens"'
+            )
+        if self.monitor.samples < MIN_GEOMETRY_ROWS:
+            problems.append(
+                f"{rows} gives one feature row per example, so monitor.samples = {self.monitor.samples} gives the "
+                f"monitor {self.monitor.samples} rows; its geometry needs at least {MIN_GEOMETRY_ROWS}: set "
+                f"monitor.samples to {MIN_GEOMETRY_ROWS} or more"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
     @property
     def feature_losses(self) -> list[_LossBase]:
         return [loss for loss in self.losses if loss.kind in FEATURE_LOSSES]
@@ -596,16 +722,23 @@ class RunSpec(_Strict):
 
 def load_spec(path: str | Path, overrides: list[str] | None = None, preset: str | None = None) -> RunSpec:
     """Read, merge and validate a run spec; raise SpecError listing every problem at once."""
+    from kdgeo.files import describe_os_error, utf8_position
+
     path = Path(path)
     source = str(path)
-    if not path.exists():
-        raise SpecError(source, [("", "file not found; pass the path of a TOML run spec (see examples.toml)")])
-    if path.is_dir():
-        raise SpecError(source, [("", "is a directory; pass the path of a TOML run spec file")])
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise SpecError(source, [("", f"cannot be read ({err}); check the file's permissions and encoding")]) from None
+        if path.is_dir():
+            raise SpecError(source, [("", "is a directory; pass the path of a TOML run spec file")])
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise SpecError(source, [("", "file not found; pass the path of a TOML run spec (see examples.toml)")]) from None
+    except OSError as err:  # a name over 255 bytes, a link loop, no permission
+        raise SpecError(source, [("", f"cannot be read: {describe_os_error(err, path)}")]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line, column = utf8_position(raw, err)
+        raise SpecError(source, [("", f"cannot be read: line {line}, column {column} is not UTF-8 text; save the spec as UTF-8")]) from None
     return parse_spec(text, source, overrides=overrides, preset=preset)
 
 
@@ -798,7 +931,7 @@ def _strip_union_tags(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     # users think in TOML paths, so keep only the keys and indices they wrote.
     out = []
     for i, part in enumerate(loc):
-        if isinstance(part, str) and (part.startswith("function-") or part.startswith("tuple[") or part.startswith("literal[") or part.startswith("list[")):
+        if isinstance(part, str) and part.startswith(("function-", "tuple[", "literal[", "list[", "constrained-")):
             continue
         if isinstance(part, str) and part in LOSS_CLASSES and i >= 2 and isinstance(loc[i - 1], int) and loc[i - 2] == "losses":
             continue
@@ -855,7 +988,7 @@ def _drop_union_alternatives(errors: list[Any]) -> list[Any]:
     for e in errors:
         same = by_path[_strip_union_tags(tuple(e["loc"]))]
         has_literal = any(x["type"] == "literal_error" for x in same)
-        if has_literal and isinstance(e.get("input"), str) and e["type"] in ("list_type", "tuple_type"):
+        if has_literal and isinstance(e.get("input"), str) and e["type"] in ("list_type", "tuple_type", "int_type"):
             continue
         if has_literal and not isinstance(e.get("input"), str) and e["type"] == "literal_error" and len(same) > 1:
             continue

@@ -43,8 +43,14 @@ class FinetuneArgs:
     seed: int
 
 
-def cache_key(model_ref: str, revision: str | None, data_key: dict[str, Any], label_names: list[str], args: FinetuneArgs) -> str:
-    payload = {
+def cache_key(
+    model_ref: str, revision: str | None, data_key: dict[str, Any], label_names: list[str], args: FinetuneArgs,
+    float64: bool = False,
+) -> str:
+    """The cache entry's name. A float64 fine-tune (``train.precision = "fp64"``) gives other
+    weights, saved as float64, so it gets its own entries; other keys are as before, so existing
+    caches stay valid."""
+    payload: dict[str, Any] = {
         "format": 1,
         "model": model_ref,
         "revision": revision,
@@ -52,6 +58,8 @@ def cache_key(model_ref: str, revision: str | None, data_key: dict[str, Any], la
         "labels": label_names,
         "finetune": asdict(args),
     }
+    if float64:
+        payload["dtype"] = "float64"
     text = json.dumps(payload, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -74,8 +82,9 @@ def finetune(
     causal_lm: bool = False,
 ) -> dict[str, Any]:
     """Cross-entropy fine-tuning of ``model`` on ``split`` (role 'teacher'), in place: on the
-    labels, or (``causal_lm``) on the next response token."""
-    from kdgeo.losses import response_predictions
+    labels, or (``causal_lm``) on the next response token. It trains in the model's dtype
+    (float64 under ``train.precision = "fp64"``, the caller casts it) with ``amp`` autocast if any."""
+    from kdgeo.losses import at_least_float32, response_predictions
 
     torch.manual_seed(args.seed)
     model.to(device).train()
@@ -96,7 +105,7 @@ def finetune(
                 logits, labels = response_predictions(logits, inputs["input_ids"], mask)  # (n, V), (n,)
             else:
                 labels = batch["labels"].to(device)
-            loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+            loss = torch.nn.functional.cross_entropy(at_least_float32(logits), labels)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)

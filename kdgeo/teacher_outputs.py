@@ -33,16 +33,22 @@ def layer_field(t: int) -> str:
 
 @dataclass(frozen=True)
 class OutputPlan:
-    """What is cached: logits (``logit_width`` wide, or none) and the rows of ``layers``."""
+    """What is cached: logits (``logit_width`` wide, or none) and the rows of ``layers`` (teacher
+    hidden-state indices), ``widths[k]`` wide for ``layers[k]``: widths differ by index in some
+    families (OPT's projected last entry, see :func:`kdgeo.models.hidden_widths`)."""
 
     causal_lm: bool
     rows: str
     layers: tuple[int, ...]
-    width: int
+    widths: tuple[int, ...]
     logit_width: int | None
 
+    def __post_init__(self) -> None:
+        if len(self.widths) != len(self.layers):
+            raise ValueError(f"OutputPlan: {len(self.layers)} layers but {len(self.widths)} widths")
+
     def fields(self) -> dict[str, int]:
-        out = {layer_field(t): self.width for t in self.layers}
+        out = {layer_field(t): w for t, w in zip(self.layers, self.widths)}
         if self.logit_width is not None:
             out[LOGITS] = self.logit_width
         return out
@@ -116,8 +122,9 @@ def _build(
         rows: dict[int, dict[str, Tensor]] = {}
         for b in range(0, len(order), batch_size):
             idx = order[b : b + batch_size]
-            for name, per_example in _teacher_rows(teacher, split, idx, plan, device, amp).items():
-                for i, r in zip(idx, per_example):
+            # Not `per_example`: that name holds the byte sizes the next window is cut by.
+            for name, example_rows in _teacher_rows(teacher, split, idx, plan, device, amp).items():
+                for i, r in zip(idx, example_rows):
                     rows.setdefault(i, {})[name] = r
         for i in range(start, end):
             writer.append(i, rows.pop(i))
@@ -132,15 +139,17 @@ class TeacherOutputs:
         self.plan = plan
         self.path = path
 
-    def logits(self, indices: Sequence[int], device: torch.device) -> Tensor | None:
-        """(B, C) for a classifier, (n_response_tokens, V) for a causal LM; None when not cached."""
+    def logits(self, indices: Sequence[int], device: torch.device, dtype: torch.dtype | None = None) -> Tensor | None:
+        """(B, C) for a classifier, (n_response_tokens, V) for a causal LM; None when not cached.
+        ``dtype``: the run's model dtype when it is not float32 (float64 under ``train.precision = "fp64"``)."""
         if self.plan.logit_width is None:
             return None
-        return torch.cat(self.reader.batch(LOGITS, indices)).to(device)
+        return torch.cat(self.reader.batch(LOGITS, indices)).to(device=device, dtype=dtype)
 
-    def features(self, indices: Sequence[int], device: torch.device) -> list[Tensor]:
-        """One (n, d_t) row matrix per cached teacher layer, in ``plan.layers`` order."""
-        return [torch.cat(self.reader.batch(layer_field(t), indices)).to(device) for t in self.plan.layers]
+    def features(self, indices: Sequence[int], device: torch.device, dtype: torch.dtype | None = None) -> list[Tensor]:
+        """One (n, d_t) row matrix per cached teacher layer, in ``plan.layers`` order (``dtype``: as in logits)."""
+        rows = [torch.cat(self.reader.batch(layer_field(t), indices)) for t in self.plan.layers]
+        return [r.to(device=device, dtype=dtype) for r in rows]
 
 
 def encoding_digest(split: data_mod.TextSplit) -> str:
@@ -174,7 +183,7 @@ def ensure(
     With ``build=False`` (ranks other than 0 under torchrun, after rank 0 built it) only open.
     """
     payload = {**payload, "plan": {"causal_lm": plan.causal_lm, "rows": plan.rows, "layers": list(plan.layers),
-                                   "width": plan.width, "logit_width": plan.logit_width}, "dtype": dtype}
+                                   "widths": list(plan.widths), "logit_width": plan.logit_width}, "dtype": dtype}
     key = output_cache.cache_key(payload)
     setting = "output.teacher_outputs_dir"
     status, reason = output_cache.check_entry(root, key)

@@ -47,8 +47,17 @@ def make_tokenizer(directory: Path, words: int = 400, chars_only: bool = False):
     return tok
 
 
-def make_bert(directory: Path, tokenizer_dir: Path, layers: int = 4, width: int = 64, heads: int = 4, seed: int = 0, num_labels: int | None = None) -> Path:
-    """A tiny BERT saved with save_pretrained (a base model, or a classifier when num_labels is set)."""
+def make_bert(
+    directory: Path, tokenizer_dir: Path, layers: int = 4, width: int = 64, heads: int = 4, seed: int = 0,
+    num_labels: int | None = None, portable: bool = False,
+) -> Path:
+    """A tiny BERT saved with save_pretrained (a base model, or a classifier when num_labels is set).
+
+    ``portable``: the same float32 weights on every x86-64 CPU. torch's float32 ``normal_`` takes a
+    vectorised AVX2 path whose draws differ in the last bit from the scalar path other CPUs (or
+    ATEN_CPU_CAPABILITY=default) take; float64 draws have one path, so they are made in float64 and
+    rounded to float32. Golden values are recorded on such models.
+    """
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
 
@@ -66,11 +75,18 @@ def make_bert(directory: Path, tokenizer_dir: Path, layers: int = 4, width: int 
         attention_probs_dropout_prob=0.0,
     )
     torch.manual_seed(seed)
-    if num_labels is None:
-        model = BertModel(config)
-    else:
-        config.num_labels = num_labels
-        model = BertForSequenceClassification(config)
+    default_dtype = torch.get_default_dtype()
+    if portable:
+        torch.set_default_dtype(torch.float64)
+    try:
+        if num_labels is None:
+            model = BertModel(config)
+        else:
+            config.num_labels = num_labels
+            model = BertForSequenceClassification(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    model = model.float()
     with quiet_transformers():
         model.save_pretrained(directory)
         tok.save_pretrained(directory)
@@ -99,6 +115,20 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
+@pytest.fixture(scope="session")
+def tiny_golden(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """``teacher_clf`` and ``student`` as in :func:`tiny`, but with portable initial weights
+    (``make_bert(portable=True)``): bit-identical on every machine, as golden values need."""
+    root = tmp_path_factory.mktemp("tiny_golden")
+    tok_dir = root / "tok"
+    make_tokenizer(tok_dir)
+    return {
+        "student": make_bert(root / "student", tok_dir, layers=2, width=32, heads=2, seed=1, portable=True),
+        "teacher_clf": make_bert(root / "teacher_clf", tok_dir, layers=4, seed=3, num_labels=8, portable=True),
+        "root": root,
+    }
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -123,8 +153,11 @@ def make_lm_tokenizer(directory: Path, vocab_size: int = 600, bos: bool = True):
     return tok
 
 
-def make_causal_lm(directory: Path, tokenizer_dir: Path, arch: str = "opt", layers: int = 2, width: int = 32, seed: int = 0) -> Path:
-    """A tiny OPT or GPT-2 causal LM saved with save_pretrained beside its tokenizer."""
+def make_causal_lm(
+    directory: Path, tokenizer_dir: Path, arch: str = "opt", layers: int = 2, width: int = 32, seed: int = 0, proj: int | None = None,
+) -> Path:
+    """A tiny OPT or GPT-2 causal LM saved with save_pretrained beside its tokenizer. ``proj`` (OPT
+    only) sets word_embed_proj_dim, as opt-350m (512 vs 1024): the last hidden state is ``proj`` wide."""
     import torch
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
 
@@ -135,7 +168,7 @@ def make_causal_lm(directory: Path, tokenizer_dir: Path, arch: str = "opt", laye
     if arch == "opt":
         model = OPTForCausalLM(OPTConfig(
             vocab_size=len(tok), hidden_size=width, num_hidden_layers=layers, ffn_dim=width * 2, num_attention_heads=2,
-            max_position_embeddings=256, word_embed_proj_dim=width, pad_token_id=tok.pad_token_id,
+            max_position_embeddings=256, word_embed_proj_dim=proj or width, pad_token_id=tok.pad_token_id,
             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, dropout=0.0, attention_dropout=0.0,
         ))
     else:

@@ -18,6 +18,7 @@ from kdgeo.losses import LossTerm, Objective, kd_loss, response_predictions
 from kdgeo.models import ModelRef, load_tokenizer
 
 SHORT = {"template": "Q: {prompt}\nA:", "context_template": "Q: {prompt}\nC: {context}\nA:"}
+FMT = lm_data.PromptFormat(SHORT["template"], SHORT["context_template"])
 
 
 # ---- token-level KD: textbook definitions ------------------------------------------------------
@@ -51,8 +52,11 @@ def test_kd_directions_match_textbook_kl(temperature):
 
 def test_encode_lm_marks_exactly_the_response_and_eos(tiny_lm):
     tok = load_tokenizer(ModelRef(str(tiny_lm["opt_teacher"])))
-    prompts, responses = ["Q: say hi\nA:", "Q: a longer question about dogs\nA:"], [" hello there", " a dog is an animal"]
-    enc, report = lm_data.encode_lm(tok, prompts, responses, max_length=64, max_prompt_length=32, long_examples="error", where="t")
+    instructions, responses = ["say hi", "a longer question about dogs"], [" hello there", " a dog is an animal"]
+    prompts = [SHORT["template"].format(prompt=i) for i in instructions]
+    examples = lm_data.LMExamples(prompts=[], responses=responses, instructions=instructions)
+    enc, texts, report = lm_data.encode_lm(tok, FMT, examples, max_length=64, max_prompt_length=32, long_examples="error", where="t")
+    assert texts == prompts
     assert report.kept == [0, 1]
     batch = data_mod.collate(data_mod.TextSplit(texts=prompts, labels=None, encodings={"student": enc}, responses=responses), [0, 1])
     ids, mask = batch["student"]["input_ids"], batch["response_mask"]["student"]
@@ -66,23 +70,28 @@ def test_encode_lm_marks_exactly_the_response_and_eos(tiny_lm):
 
 
 def test_long_examples_truncate_drop_or_error(tiny_lm):
+    """A prompt over max_prompt_length keeps BOS, the template and the instruction's start; a response over
+    what is left of max_length is cut at its end (tests/test_lm_data.py has the reference-independence checks)."""
     tok = load_tokenizer(ModelRef(str(tiny_lm["opt_teacher"])))
-    long_prompt = "Q: " + " ".join(["the animal that lives in the sea"] * 20) + "\nA:"
-    prompts, responses = [long_prompt, "Q: short\nA:"], [" a fish of the sea", " yes"]
-    enc, report = lm_data.encode_lm(tok, prompts, responses, max_length=24, max_prompt_length=12, long_examples="truncate", where="t")
-    assert report.prompts_cut == 1 and report.kept == [0, 1]
-    full_prompt = tok(long_prompt)["input_ids"]
+    long_instruction = " ".join(["the animal that lives in the sea"] * 20)
+    examples = lm_data.LMExamples(prompts=[], responses=[" a fish of the sea", " yes"], instructions=[long_instruction, "short"])
+    enc, texts, report = lm_data.encode_lm(tok, FMT, examples, max_length=24, max_prompt_length=12, long_examples="truncate", where="t")
+    assert report.instructions_cut == 1 and report.kept == [0, 1]
     ids, start = enc.input_ids[0], enc.response_start[0]
-    assert len(ids) <= 24 and ids[0] == tok.bos_token_id  # BOS kept, the prompt's start cut
-    assert ids[1:start] == full_prompt[len(full_prompt) - (start - 1):]  # the prompt's end survives
+    assert len(ids) <= 24 and start <= 12 and ids[0] == tok.bos_token_id
+    assert texts[0].startswith("Q: the animal") and texts[0].endswith("\nA:")
+    assert ids[:start] == tok(texts[0])["input_ids"]
     assert ids[start:] == tok(" a fish of the sea", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    enc, report = lm_data.encode_lm(tok, prompts, responses, max_length=24, max_prompt_length=12, long_examples="drop", where="t")
-    assert report.dropped_long == 1 and report.kept == [1] and len(enc.input_ids) == 1
-    with pytest.raises(Exception, match=r"row 0 is \d+ prompt \+ \d+ response tokens.*data.long_examples"):
-        lm_data.encode_lm(tok, prompts, responses, max_length=24, max_prompt_length=12, long_examples="error", where="t")
+    enc, _, report = lm_data.encode_lm(tok, FMT, examples, max_length=24, max_prompt_length=12, long_examples="drop", where="t")
+    assert report.dropped_long_prompt == 1 and report.kept == [1] and len(enc.input_ids) == 1
+    with pytest.raises(Exception, match=r"row 0's prompt is \d+ tokens.*data.long_examples"):
+        lm_data.encode_lm(tok, FMT, examples, max_length=24, max_prompt_length=12, long_examples="error", where="t")
     # A response longer than what is left is cut at its end, and the cut is counted.
-    enc, report = lm_data.encode_lm(tok, ["Q: x\nA:"], [" word" * 40], max_length=16, max_prompt_length=8, long_examples="truncate", where="t")
+    one = lm_data.LMExamples(prompts=[], responses=[" word" * 40], instructions=["x"])
+    enc, _, report = lm_data.encode_lm(tok, FMT, one, max_length=16, max_prompt_length=8, long_examples="truncate", where="t")
     assert report.responses_cut == 1 and len(enc.input_ids[0]) == 16
+    with pytest.raises(Exception, match=r"row 0 is \d+ prompt \+ \d+ response tokens.*data.long_examples"):
+        lm_data.encode_lm(tok, FMT, one, max_length=16, max_prompt_length=8, long_examples="error", where="t")
 
 
 def test_prompt_tokens_never_contribute_to_any_loss(tiny_lm):
@@ -93,7 +102,8 @@ def test_prompt_tokens_never_contribute_to_any_loss(tiny_lm):
     rows = [json.loads(line) for line in tiny_lm["train"].read_text().splitlines()[:6]]
     prompts = [SHORT["template"].format(prompt=r["instruction"]) for r in rows]
     responses = [" " + r["response"] for r in rows]
-    enc, _ = lm_data.encode_lm(tok, prompts, responses, 64, 32, "truncate", "t")
+    examples = lm_data.LMExamples(prompts=[], responses=responses, instructions=[r["instruction"] for r in rows])
+    enc, _, _ = lm_data.encode_lm(tok, FMT, examples, 64, 32, "truncate", "t")
     split = data_mod.TextSplit(texts=prompts, labels=None, encodings={"student": enc, "teacher": enc}, responses=responses)
     batch = data_mod.collate(split, list(range(6)))
     inputs, mask = batch["student"], batch["response_mask"]["student"]
@@ -139,7 +149,8 @@ def test_prompt_tokens_never_contribute_to_any_loss(tiny_lm):
 
 
 def test_distill_and_eval_causal_lm_end_to_end(tiny_lm, tmp_path, capsys):
-    spec = tiny_lm_spec(tiny_lm, tmp_path, data={**tiny_lm_spec(tiny_lm, tmp_path)["data"], **SHORT},
+    # max_prompt_length 40 < the 47-48 tokens of the rows with a context: their contexts are cut (counted)
+    spec = tiny_lm_spec(tiny_lm, tmp_path, data={**tiny_lm_spec(tiny_lm, tmp_path)["data"], **SHORT, "max_prompt_length": 40},
                         losses=[{"kind": "ce"}, {"kind": "kd", "direction": "reverse"}, {"kind": "procrustes"}])
     code, _, err = run_cli(capsys, "distill", str(write_spec(tmp_path / "lm.toml", spec)), "-q")
     assert code == 0, err
@@ -150,6 +161,8 @@ def test_distill_and_eval_causal_lm_end_to_end(tiny_lm, tmp_path, capsys):
     assert 0.0 <= scores["rougeL"] <= 100.0 and scores["perplexity"] > 1.0 and scores["generated_samples"] == 12
     assert set(summary["teacher_scores"]) >= {"rougeL", "perplexity"}
     assert [p["student"] for p in summary["geometry"]] == [1, 2]
+    cuts = summary["data"]["truncation"]
+    assert cuts["eval"]["student and teacher"]["contexts_cut"] == 4 and cuts["train"]["student and teacher"]["contexts_cut"] == 16
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [e for e in events if e["event"] == "step"]
     assert steps and all(math.isfinite(e["kd"]) and math.isfinite(e["procrustes"]) for e in steps)
@@ -159,10 +172,12 @@ def test_distill_and_eval_causal_lm_end_to_end(tiny_lm, tmp_path, capsys):
 
     AutoModelForCausalLM.from_pretrained(run / "student")
     out_json, preds = tmp_path / "eval.json", tmp_path / "preds.jsonl"
-    code, out, err = run_cli(capsys, "eval", str(run), "--json", str(out_json), "--predictions", str(preds), "-q")
+    code, out, err = run_cli(capsys, "eval", str(run), "--json", str(out_json), "--predictions", str(preds))
     assert code == 0, err
     assert "rougeL" in out and "perplexity" in out
+    assert "4 prompts longer than data.max_prompt_length = 40 had their context cut at the end" in err
     result = json.loads(out_json.read_text())
+    assert result["prompts"]["truncation"]["model"] == cuts["eval"]["student and teacher"]
     mine = result["results"]["model"]["scores"]
     assert mine["rougeL"] == pytest.approx(scores["rougeL"], abs=1e-6)
     assert mine["perplexity"] == pytest.approx(scores["perplexity"], rel=1e-5)

@@ -59,6 +59,19 @@ def _case(case: str, tiny: dict, tmp_path: Path) -> tuple[dict | str, list[str],
         return tiny_spec(tiny, tmp_path, **base), ["--preset", "nope"], "no such preset"
     if case == "cuda_missing":
         return tiny_spec(tiny, tmp_path, train={"max_steps": 1, "device": "cuda"}), [], "CUDA is not available"
+    if case in ("teacher_cache_not_writable", "teacher_outputs_dir_not_writable"):
+        # Found in pre-flight, before an expensive fine-tune or cache build (a path under a file
+        # fails for root too, unlike a chmod).
+        blocker = tmp_path / "file"
+        blocker.write_text("x")
+        if case == "teacher_cache_not_writable":
+            teacher = {"model": str(tiny["teacher"]), "finetune": {"epochs": 1}}
+            spec = tiny_spec(tiny, tmp_path, teacher=teacher, **base)
+            spec["output"]["teacher_cache"] = str(blocker / "cache")
+            return spec, [], "output.teacher_cache = '" + str(blocker / "cache") + "' is not writable"
+        spec = tiny_spec(tiny, tmp_path, losses=[{"kind": "kd"}], **base)
+        spec["output"].update(teacher_outputs=True, teacher_outputs_dir=str(blocker / "outputs"))
+        return spec, [], "output.teacher_outputs_dir = '" + str(blocker / "outputs") + "' is not writable"
     raise AssertionError(case)
 
 
@@ -66,6 +79,7 @@ CASES = [
     "label_column_missing", "label_out_of_range", "tokenizer_mismatch", "pair_out_of_range", "output_not_writable",
     "teacher_without_head", "mse_unequal_widths", "teacher_missing", "student_layers_out_of_range", "fp16_on_cpu",
     "single_file_without_eval", "malformed_toml", "unknown_key", "bad_override", "unknown_preset", "cuda_missing",
+    "teacher_cache_not_writable", "teacher_outputs_dir_not_writable",
 ]
 
 
@@ -135,3 +149,88 @@ def test_eval_scores_a_model_with_a_teacher(tiny, capsys, tmp_path):
     assert result["scores"]["teacher_agreement"] == 1.0  # a model agrees with itself
     assert result["scores"]["accuracy"] == result["teacher_scores"]["accuracy"]
     assert "accuracy" in out and "teacher" in out
+
+
+# ---- non-finite hidden states and few rows per geometry term ----------------------------------
+
+
+def _nan_teacher(tiny: dict, dest: Path) -> Path:
+    """The tiny classifier with block 1's output weights set to NaN: hidden states 2.. are NaN."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny["teacher_clf"])
+    with torch.no_grad():
+        model.bert.encoder.layer[1].output.dense.weight.fill_(float("nan"))
+    model.save_pretrained(dest)
+    AutoTokenizer.from_pretrained(tiny["teacher_clf"]).save_pretrained(dest)
+    return dest
+
+
+def test_nan_hidden_states_are_named_as_nonfinite_not_read_as_zero_variance(tiny, tmp_path, capsys):
+    """NaN features used to count as "zero variance": D^2 = 2, zero gradient, exit 0. Now the
+    monitor reports them and the loss term with its layer pair stops the run (exit 2)."""
+    from kdgeo.rundir import read_jsonl
+
+    teacher = _nan_teacher(tiny, tmp_path / "nan-teacher")
+    spec = tiny_spec(
+        tiny, tmp_path, teacher={"model": str(teacher)}, student={"init": "pretrained", "model": str(tiny["student"])},
+        losses=[{"kind": "ce"}, {"kind": "procrustes"}], features={"pairs": [[1, 2]]}, train={"max_steps": 2},
+    )
+    code, out, err = run_cli(capsys, "distill", str(write_spec(tmp_path / "run.toml", spec)), "--quiet")
+    flat = " ".join(err.split())
+    assert code == 2, (out, err)
+    assert "non-finite value at step 1" in flat and "procrustes/1-2" in flat, err
+    assert "teacher hidden state of pair 1-2" in flat, err  # the monitor's warning, shown even with --quiet
+    assert "Traceback" not in err
+    events = read_jsonl(tmp_path / "runs" / "t" / "metrics.jsonl")
+    flagged = [e for e in events if e["event"] == "nonfinite" and e["action"] == "monitor"]
+    assert flagged and flagged[0]["step"] == 0 and flagged[0]["terms"] == ["teacher hidden state of pair 1-2"]
+    monitor = next(e for e in events if e["event"] == "monitor")
+    assert monitor["pairs"][0]["procrustes"] is None  # NaN is written as null, never as 2.0
+
+
+def test_probe_refuses_nan_hidden_states(tiny, tmp_path, capsys):
+    teacher = _nan_teacher(tiny, tmp_path / "nan-teacher")
+    code, out, err = run_cli(
+        capsys, "probe", str(teacher), str(tiny["student"]), "--data", "kdgeo:wordnet-supersenses", "--max-samples", "16",
+    )
+    flat = " ".join(err.split())
+    assert code == 2, (out, err)
+    assert "produced NaN or inf hidden states (index 2, 3, 4; 0 = embeddings)" in flat, err
+    assert "Traceback" not in err
+
+
+def test_few_pooled_rows_per_geometry_term_warn_with_the_chance_level(tiny, tmp_path):
+    """8 pooled rows against 64-wide features: the warning states the chance-level D^2 of
+    independent features of those shapes, which is far below 2."""
+    from kdgeo.distill import chance_procrustes, run_distill
+    from kdgeo.spec import validate_spec
+
+    events: list[dict] = []
+    spec = tiny_spec(
+        tiny, tmp_path, losses=[{"kind": "ce"}, {"kind": "procrustes"}], features={"rows": "mean", "pairs": [[1, 2]]},
+        train={"max_steps": 1, "batch_size": 8}, monitor={"every": 0, "samples": 8},
+    )
+    run_distill(validate_spec(spec), progress=events.append)
+    warnings = [e["message"] for e in events if e["event"] == "warning"]
+    assert len(warnings) == 1, warnings
+    chance = chance_procrustes(8, 64, 64)
+    assert 0.0 < chance < 0.5  # the bias the warning is about
+    assert "8 pooled rows (one per example)" in warnings[0] and f"D^2 = {chance:.3f}" in warnings[0]
+    # enough rows: no warning
+    events.clear()
+    spec = tiny_spec(
+        tiny, tmp_path / "tokens", losses=[{"kind": "ce"}, {"kind": "procrustes"}], features={"rows": "tokens", "pairs": [[1, 2]]},
+        train={"max_steps": 1, "batch_size": 16},
+    )
+    run_distill(validate_spec(spec), progress=events.append)
+    assert not [e for e in events if e["event"] == "warning"]
+
+
+def test_chance_procrustes_matches_the_documented_bias():
+    """Independent 768- and 384-wide features at n = 32 look aligned (D^2 ~ 0.03, README)."""
+    from kdgeo.distill import chance_procrustes
+
+    assert chance_procrustes(32, 768, 384) == pytest.approx(0.03, abs=0.01)
+    assert chance_procrustes(4096, 64, 64) > 1.7

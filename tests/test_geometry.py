@@ -652,3 +652,44 @@ def test_float32_matmul_precision_is_forced_and_restored() -> None:
         assert mkl.fp32_precision == "bf16"  # restored
     finally:
         mkl.fp32_precision = old
+
+
+# ---- non-finite features are reported as NaN, never as "zero variance" ------------------------
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("side", ["x", "y"])
+def test_nonfinite_features_give_nan_not_the_zero_variance_value(bad: float, side: str) -> None:
+    """A NaN/inf entry used to pass as zero variance (D^2 = 2, CKA = 0, cosine 0): now NaN."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(24, 8, generator=gen, dtype=F64)
+    y = torch.randn(24, 8, generator=gen, dtype=F64)
+    (x if side == "x" else y)[5, 3] = bad
+    values = {
+        "procrustes": g.procrustes_distance(x, y),
+        "angular": g.procrustes_distance(x, y, angular=True),
+        "rho": g.procrustes_rho(x, y),
+        "gram": g.gram_distance(x, y),
+        "cka": g.cka(x, y),
+        "cka_debiased": g.cka(x, y, debiased=True),
+        "projection_residual": g.projection_residual(x, y),
+        "mse": g.mse(x, y),
+        "cosine": g.cosine_distance(x, y),
+        **{f"monitor_{k}": torch.tensor(v) for k, v in g.pair_metrics(x, y).items()},
+    }
+    for name, value in values.items():
+        if name == "mse":  # element-wise: inf - x stays inf
+            assert not torch.isfinite(value).item(), (name, value)
+        else:
+            assert torch.isnan(value).item(), (name, value)
+
+
+def test_streaming_accumulator_refuses_a_nonfinite_batch_naming_the_layer() -> None:
+    acc = g.CrossLayerAccumulator([4, 4], [3], device=torch.device("cpu"))
+    ok = torch.randn(6, 4, dtype=F64)
+    bad = ok.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"teacher layer\(s\) \[1\] hold NaN or inf"):
+        acc.update([ok, bad], [torch.randn(6, 3, dtype=F64)])
+    assert acc.n == 0  # nothing was merged
+    assert g.nonfinite_layers([ok, bad, torch.full((2, 2), float("inf"))]) == [1, 2]

@@ -177,7 +177,7 @@ dataset = "d.jsonl"
 max_length = 1
 
 [train]
-precision = "fp64"
+precision = "fp8"
 """
     problems = dict(problems_of(text))
     assert set(problems) == {"teacher.revison", "losses[0].temprature", "losses[1]", "data.max_length", "train.precision"}
@@ -190,8 +190,8 @@ precision = "fp64"
     assert "ce, kd, procrustes, gram, cka, projection, mse, cosine" in problems["losses[1]"]
     assert "greater than or equal to 2" in problems["data.max_length"] and "found 1" in problems["data.max_length"]
     assert "Tokens per example after truncation." in problems["data.max_length"]  # the field doc is quoted
-    assert "'auto', 'bf16', 'fp16' or 'fp32'" in problems["train.precision"]
-    assert "found 'fp64'" in problems["train.precision"]
+    assert "'auto', 'bf16', 'fp16', 'fp32' or 'fp64'" in problems["train.precision"]
+    assert "found 'fp8'" in problems["train.precision"]
 
 
 def test_misspelt_required_key_reports_typo_and_missing():
@@ -384,7 +384,7 @@ def test_load_spec_undecodable_file(tmp_path):
     with pytest.raises(SpecError) as info:
         load_spec(path)
     (problem,) = info.value.problems
-    assert problem[1].startswith("cannot be read (") and "encoding" in problem[1]
+    assert problem[1] == "cannot be read: line 1, column 9 is not UTF-8 text; save the spec as UTF-8"
 
 
 def test_load_spec_error_uses_path_as_source(tmp_path):
@@ -605,3 +605,207 @@ def test_preset_errors_are_validated_with_paths():
     path, msg = only_problem(text, preset="bad")
     assert path == "train.lrr" and "did you mean 'lr'?" in msg
     parse_spec(text)  # the broken preset does not matter when not asked for
+
+
+# --------------------------------------------------------------------------------------------
+# issue 11 (E, F): non-finite and huge numbers, devices, run names, rows per geometry step
+
+
+def _strict_models() -> list[type[BaseModel]]:
+    """Every table model of the spec (all subclasses of the strict base, recursively)."""
+    found, todo = [], [spec_mod._Strict]
+    while todo:
+        model = todo.pop()
+        found.append(model)
+        todo.extend(model.__subclasses__())
+    return found
+
+
+def test_every_spec_model_refuses_non_finite_floats():
+    """One rule at the base: no float field anywhere in the spec can hold inf or nan."""
+    assert [m.__name__ for m in _strict_models() if m.model_config.get("allow_inf_nan", True)] == []
+
+
+FLOAT_PATHS = [
+    ("[train]\nlr = {v}", "train.lr"),
+    ("[train]\nepochs = {v}", "train.epochs"),
+    ("[train]\nprojection_lr = {v}", "train.projection_lr"),
+    ("[train]\nweight_decay = {v}", "train.weight_decay"),
+    ("[train]\nmax_grad_norm = {v}", "train.max_grad_norm"),
+    ("[teacher.finetune]\nepochs = {v}", "teacher.finetune.epochs"),
+    ("[teacher.finetune]\nlr = {v}", "teacher.finetune.lr"),
+    ("[teacher.finetune]\nweight_decay = {v}", "teacher.finetune.weight_decay"),
+    ("[teacher.finetune]\nmax_grad_norm = {v}", "teacher.finetune.max_grad_norm"),
+]
+
+
+@pytest.mark.parametrize("value", ["inf", "+inf", "-inf", "nan", "-nan"])
+@pytest.mark.parametrize("snippet, path", FLOAT_PATHS, ids=[p for _, p in FLOAT_PATHS])
+def test_non_finite_floats_are_refused_with_their_path(snippet, path, value):
+    problems = dict(problems_of(MINIMAL + "\n" + snippet.format(v=value) + "\n"))
+    assert path in problems, problems
+    assert "finite number" in problems[path]
+
+
+@pytest.mark.parametrize("losses, path", [
+    ('[{ kind = "ce", weight = inf }]', "losses[0].weight"),
+    ('[{ kind = "kd", temperature = nan }]', "losses[0].temperature"),
+    ('[{ kind = "kd", direction = "mixed", mix = nan }]', "losses[0].mix"),
+    ('[{ kind = "ce" }, { kind = "procrustes", weight = nan }]', "losses[1].weight"),
+])
+def test_non_finite_loss_fields_are_refused(losses, path):
+    problems = dict(problems_of(MINIMAL.replace('[{ kind = "ce" }]', losses)))
+    assert path in problems and "finite number" in problems[path], problems
+
+
+def test_non_finite_generate_fields_are_refused():
+    text = 'task = "causal-lm"\n' + MINIMAL + "\n[generate]\ntemperature = inf\ntop_p = nan\n"
+    problems = dict(problems_of(text))
+    assert "finite number" in problems["generate.temperature"] and "finite number" in problems["generate.top_p"]
+
+
+@pytest.mark.parametrize("item, path", [
+    ("train.lr=inf", "train.lr"), ("train.epochs=nan", "train.epochs"), ("losses.0.weight=-inf", "losses[0].weight"),
+    ("teacher.finetune.lr=inf", "teacher.finetune.lr"),
+])
+def test_non_finite_overrides_are_refused(item, path):
+    problems = dict(problems_of(MINIMAL, overrides=[item]))
+    assert path in problems and "finite number" in problems[path], problems
+
+
+@pytest.mark.parametrize("snippet, path, needle", [
+    ("[train]\ntimeout_minutes = 100000000000000", "train.timeout_minutes", "less than or equal to 43200"),
+    ("[train]\nepochs = 1e300", "train.epochs", "less than or equal to 1000000"),
+    ("[teacher.finetune]\nepochs = 1e300", "teacher.finetune.epochs", "less than or equal to 1000000"),
+    ("[train]\nmax_steps = 99999999999999999999999", "train.max_steps", "64-bit"),
+    ("[data]\nmax_length = 99999999999999999999999", "data.max_length", "64-bit"),
+    ("[student]\nlayers = [1, 99999999999999999999999]", "student.layers", "64-bit"),
+])
+def test_values_that_overflow_later_are_refused(snippet, path, needle):
+    text = MINIMAL.replace("[data]\n", "[data]\n" + snippet.split("\n", 1)[1] + "\n") if snippet.startswith("[data]") else MINIMAL + "\n" + snippet + "\n"
+    problems = dict(problems_of(text))
+    hits = [p for p in problems if p == path or p.startswith(path + "[")]
+    assert hits, problems
+    assert needle in problems[hits[0]], problems
+
+
+def test_timeout_and_epochs_at_their_bounds_are_valid():
+    spec = parse_spec(MINIMAL + "\n[train]\ntimeout_minutes = 43200\nepochs = 1e6\n")
+    from datetime import timedelta
+
+    assert timedelta(minutes=spec.train.timeout_minutes).days == 30 and spec.train.epochs == 1e6
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12"])
+def test_supported_devices_validate(device):
+    assert parse_spec(MINIMAL + f'\n[train]\ndevice = "{device}"\n').train.device == device
+
+
+@pytest.mark.parametrize("device", ["meta", "mps", "xpu", "xla", "cuda:", "cuda:-1", "cuda:x", "CPU", " cpu", "cpu:0", "", "cuda:0,1"])
+def test_unsupported_devices_are_refused_naming_what_is_allowed(device):
+    path, msg = only_problem(MINIMAL + f'\n[train]\ndevice = "{device}"\n')
+    assert path == "train.device"
+    assert "auto, cpu, cuda or cuda:N" in msg and repr(device) in msg
+
+
+def test_device_name_check_is_shared():
+    assert spec_mod.device_problem("cuda:3") is None
+    assert "auto, cpu, cuda or cuda:N" in spec_mod.device_problem("mps")
+
+
+@pytest.mark.parametrize("name", ["x" * 101, "../x", "a/b", ".", "-x"])
+def test_bad_run_names_are_refused(name):
+    path, msg = only_problem(f'name = "{name}"\n' + MINIMAL)
+    assert path == "name"
+
+
+def test_run_name_of_100_characters_is_valid():
+    assert parse_spec(f'name = "{"n" * 100}"\n' + MINIMAL).name == "n" * 100
+
+
+@pytest.mark.parametrize("value, needle", [
+    ("../x", "a single directory name"),
+    ("..", "'.' or '..'"),
+    (".", "'.' or '..'"),
+    ("/", "a single directory name"),
+    ("/abs/path", "a single directory name"),
+    ("a\\\\b", "a single directory name"),
+    ("", "empty"),
+    ("a\\nb", "control character"),
+    ("a\\u0000b", "control character"),
+    ("a\\u007fb", "control character"),
+    ("x" * 256, "255 bytes"),
+    ("é" * 128, "255 bytes"),
+])
+def test_bad_output_names_are_refused(value, needle):
+    path, msg = only_problem(MINIMAL + f'\n[output]\nname = "{value}"\n')
+    assert path == "output.name"
+    assert needle in msg, msg
+
+
+@pytest.mark.parametrize("value", ["my run (copy)", "résultat", "x" * 255, ".hidden", "a..b", "run-1.2"])
+def test_ordinary_output_names_are_valid(value):
+    assert parse_spec(MINIMAL + f'\n[output]\nname = "{value}"\n').output.name == value
+
+
+def test_output_name_override_is_checked():
+    path, msg = only_problem(MINIMAL, overrides=['output.name="../../etc"'])
+    assert path == "output.name" and "a single directory name" in msg
+
+
+def test_long_sweep_variant_name_is_refused():
+    text = MINIMAL + f'\n[sweep]\nseeds = [0]\n[sweep.variants.{"v" * 101}]\n'
+    path, msg = only_problem(text)
+    assert path == "sweep" and "has 101 characters; use at most 100" in msg
+
+
+def test_sweep_run_names_are_checked_as_output_names():
+    """`<variant>-seed<k>` becomes output.name (checked like any output.name): the longest variant fits."""
+    spec = parse_spec('name = "n"\n' + MINIMAL + f'\n[sweep]\nseeds = [0, 1]\n[sweep.variants.{"v" * 100}]\n')
+    runs = spec_mod.expand_sweep(spec)
+    assert [r.spec.output.name for r in runs] == ["v" * 100 + "-seed0", "v" * 100 + "-seed1"]
+
+
+GEOMETRY_KINDS = ["procrustes", "gram", "cka"]
+
+
+@pytest.mark.parametrize("kind", GEOMETRY_KINDS)
+@pytest.mark.parametrize("rows", ["cls", "mean"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_pooled_geometry_needs_three_rows_per_step(kind, rows, batch):
+    text = MINIMAL.replace('[{ kind = "ce" }]', f'[{{ kind = "ce" }}, {{ kind = "{kind}" }}]')
+    text += f'\n[features]\nrows = "{rows}"\n[train]\nbatch_size = {batch}\n[monitor]\nsamples = 8\n'
+    path, msg = only_problem(text)
+    assert path == ""
+    assert f"train.batch_size = {batch}" in msg and f'features.rows = "{rows}"' in msg and kind in msg
+    assert "at least 3" in msg
+
+
+@pytest.mark.parametrize("rows, kind, batch", [
+    ("mean", "procrustes", 3), ("tokens", "procrustes", 1), ("mean", "projection", 1), ("mean", "mse", 1), ("cls", "ce", 1),
+])
+def test_few_rows_are_fine_where_no_batch_statistic_is_taken(rows, kind, batch):
+    text = MINIMAL.replace('[{ kind = "ce" }]', f'[{{ kind = "{kind}" }}]')
+    text += f'\n[features]\nrows = "{rows}"\n[train]\nbatch_size = {batch}\n[monitor]\nsamples = 8\n'
+    assert parse_spec(text).train.batch_size == batch
+
+
+@pytest.mark.parametrize("rows", ["cls", "mean"])
+def test_pooled_monitor_batch_needs_three_rows(rows):
+    path, msg = only_problem(MINIMAL + f'\n[features]\nrows = "{rows}"\n[monitor]\nsamples = 2\n')
+    assert path == "" and "monitor.samples = 2" in msg and "at least 3" in msg
+
+
+def test_token_rows_monitor_batch_of_two_is_fine():
+    assert parse_spec(MINIMAL + '\n[features]\nrows = "tokens"\n[monitor]\nsamples = 2\n').monitor.samples == 2
+
+
+@pytest.mark.parametrize("value, needle", [
+    ("100000", "less than or equal to 64, found 100000"),
+    ("-1", "greater than or equal to 0, found -1"),
+    ('"many"', "Input should be 'auto', found 'many'"),
+])
+def test_loader_workers_is_one_problem_with_a_bound(value, needle):
+    """An int-or-"auto" field reports one problem at its own path (no `.constrained-int` tag, no second arm)."""
+    path, msg = only_problem(MINIMAL + f"\n[train]\nloader_workers = {value}\n")
+    assert path == "train.loader_workers" and needle in msg
