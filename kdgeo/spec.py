@@ -451,8 +451,8 @@ class TrainSpec(_Strict):
     """`auto`: bf16 autocast on CUDA where supported, else fp16 with a gradient scaler; fp32 on
     CPU. Geometry is always computed in fp32 or better. `fp64`: teacher, student, projection maps
     and a teacher fine-tune hold float64 weights, no autocast: for CPU numerics checks and
-    reproducible goldens (kernel differences between CPUs stay near 1e-12 instead of the 1e-4 that
-    float32 training amplifies them to); allowed on CUDA, but slow there."""
+    reproducible goldens (a few steps move a loss by ~1e-10 between CPUs with other kernels, where
+    float32 training amplifies their differences to ~1e-4); allowed on CUDA, but slow there."""
     device: str = "auto"
     """`auto` (CUDA if available, else CPU), `cpu`, `cuda` or `cuda:N`."""
 

@@ -4,7 +4,6 @@ read-only HOME cannot stop (issue 11, sections D, E and H)."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
