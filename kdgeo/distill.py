@@ -371,9 +371,6 @@ def _feature_rows(hidden: tuple[torch.Tensor, ...], mask: torch.Tensor, indices:
     return [select_rows(hidden[i], mask, rows) for i in indices]  # each (n, d)
 
 
-GEOMETRY_KINDS = frozenset({"procrustes", "gram", "cka"})
-
-
 def chance_procrustes(n: int, d_t: int, d_s: int) -> float:
     """Procrustes D^2 of independent Gaussian features of shape (n, d_t) and (n, d_s), one draw.
 
@@ -668,7 +665,7 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
             _check_equal_widths(kinds, pairs, s_widths, t_widths, probe=False)  # no monotone map of equal widths exists
     s_idx = [s for s, _ in pairs]
     t_idx = [t for _, t in pairs]
-    if feature_kinds & GEOMETRY_KINDS and pairs:
+    if feature_kinds & GEOMETRY_LOSSES and pairs:
         few = _few_rows_warning(spec, train, pairs, t_widths, s_widths, world)
         if few:
             emit({"event": "warning", "message": few})

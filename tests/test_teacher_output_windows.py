@@ -101,20 +101,25 @@ def test_every_example_gets_its_own_rows_across_build_windows(task, tiny, tiny_l
     touts.reader.close()
 
 
+def _cached_run_matches_plain(capsys, tmp_path, base: dict, examples: int, keys: tuple[str, ...]) -> None:
+    """Run ``base`` without and with the teacher-output cache; the logged losses agree to fp16 rounding."""
+    code, _, err = run_cli(capsys, "distill", str(write_spec(tmp_path / "a.toml", {**base, "name": "plain"})), "-q")
+    assert code == 0, err
+    cached = _with_cache(base, tmp_path / "c")
+    code, _, err = run_cli(capsys, "distill", str(write_spec(tmp_path / "b.toml", cached)))
+    assert code == 0, err
+    assert f"caching teacher outputs of {examples} examples" in err
+    runs = tmp_path / "runs"
+    _same_losses(_steps(runs / "cached"), _steps(runs / "plain"), keys)
+
+
 def test_classification_cache_spanning_build_windows_matches_the_teacher(tiny, tmp_path, capsys, monkeypatch):
     """150 examples, build batch 64, window 1 batch: windows of 64, 64 and 22."""
     monkeypatch.setattr(teacher_outputs, "BUILD_WINDOW", 1)
     losses = [{"kind": "ce"}, {"kind": "kd", "temperature": 2.0}, {"kind": "procrustes"}]
     data, train = {"max_train_samples": 150}, {"max_steps": 4}
     base = tiny_spec(tiny, tmp_path, losses=losses, data=data, train=train, monitor={"every": 0})
-    code, _, err = run_cli(capsys, "distill", str(write_spec(tmp_path / "a.toml", {**base, "name": "plain"})), "-q")
-    assert code == 0, err
-    cached = _with_cache(base, tmp_path / "c")
-    code, _, err = run_cli(capsys, "distill", str(write_spec(tmp_path / "b.toml", cached)))
-    assert code == 0, err
-    assert "caching teacher outputs of 150 examples" in err
-    runs = tmp_path / "runs"
-    _same_losses(_steps(runs / "cached"), _steps(runs / "plain"), ("ce", "kd", "procrustes", "loss"))
+    _cached_run_matches_plain(capsys, tmp_path, base, 150, ("ce", "kd", "procrustes", "loss"))
 
 
 def test_causal_lm_cache_spanning_build_windows_matches_the_teacher(tiny_lm, tmp_path, capsys, monkeypatch):
@@ -127,14 +132,7 @@ def test_causal_lm_cache_spanning_build_windows_matches_the_teacher(tiny_lm, tmp
         tiny_lm, tmp_path, data=data, losses=losses, generate={"max_new_tokens": 2}, train={"max_steps": 4},
         monitor={"every": 0},
     )
-    code, _, err = run_cli(capsys, "distill", str(write_spec(tmp_path / "a.toml", {**base, "name": "plain"})), "-q")
-    assert code == 0, err
-    cached = _with_cache(base, tmp_path / "c")
-    code, _, err = run_cli(capsys, "distill", str(write_spec(tmp_path / "b.toml", cached)))
-    assert code == 0, err
-    assert "caching teacher outputs of 150 examples" in err
-    runs = tmp_path / "runs"
-    _same_losses(_steps(runs / "cached"), _steps(runs / "plain"), ("ce", "kd", "procrustes", "loss"))
+    _cached_run_matches_plain(capsys, tmp_path, base, 150, ("ce", "kd", "procrustes", "loss"))
 
 
 def test_the_default_window_on_more_than_1024_demo_examples(tiny, tmp_path, capsys):
@@ -144,11 +142,4 @@ def test_the_default_window_on_more_than_1024_demo_examples(tiny, tmp_path, caps
     losses = [{"kind": "kd", "temperature": 2.0}, {"kind": "procrustes"}]
     data, train = {"max_train_samples": 1100}, {"max_steps": 2}
     base = tiny_spec(tiny, tmp_path, losses=losses, data=data, train=train, monitor={"every": 0})
-    code, _, err = run_cli(capsys, "distill", str(write_spec(tmp_path / "a.toml", {**base, "name": "plain"})), "-q")
-    assert code == 0, err
-    cached = _with_cache(base, tmp_path / "c")
-    code, _, err = run_cli(capsys, "distill", str(write_spec(tmp_path / "b.toml", cached)))
-    assert code == 0, err
-    assert "caching teacher outputs of 1100 examples" in err
-    runs = tmp_path / "runs"
-    _same_losses(_steps(runs / "cached"), _steps(runs / "plain"), ("kd", "procrustes", "loss"))
+    _cached_run_matches_plain(capsys, tmp_path, base, 1100, ("kd", "procrustes", "loss"))
