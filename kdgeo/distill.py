@@ -640,19 +640,17 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
             m_s_hidden = _forward(student, m_s_in, True, amp, device).hidden_states  # L_s+1 x (B, T, d_s[j])
         check_hidden_widths(m_s_hidden, s_widths, "the student")
         acc = geometry.CrossLayerAccumulator(t_widths, s_widths, device=device)
-        probe_rows = {
-            "teacher": [select_rows(h, m_t_mask, spec.features.rows) for h in m_t_hidden],
-            "student": [select_rows(h, m_s_mask, spec.features.rows) for h in m_s_hidden],
-        }
-        for who, rows in probe_rows.items():
-            bad = geometry.nonfinite_layers(rows)
-            if bad:
-                raise KdgeoError(
-                    f'features.pairs = "probe": the {who} produced NaN or inf hidden states (index '
-                    f"{', '.join(map(str, bad))}; 0 = embeddings) on the monitor batch, so no layer map can be chosen. Check "
-                    'its weights; with train.precision "bf16"/"fp16" try "fp32", or give features.pairs explicitly.'
-                )
-        acc.update(probe_rows["teacher"], probe_rows["student"])
+        try:
+            acc.update(
+                [select_rows(h, m_t_mask, spec.features.rows) for h in m_t_hidden],
+                [select_rows(h, m_s_mask, spec.features.rows) for h in m_s_hidden],
+            )
+        except geometry.NonFiniteFeatures as err:
+            raise KdgeoError(
+                f'features.pairs = "probe": the {err.side} produced NaN or inf hidden states (index '
+                f"{', '.join(map(str, err.layers))}; 0 = embeddings) on the monitor batch, so no layer map can be chosen. "
+                'Check its weights; with train.precision "bf16"/"fp16" try "fp32", or give features.pairs explicitly.'
+            ) from None
         table = acc.compute("procrustes").cpu()  # (L_t+1, L_s+1)
         if kinds & EQUAL_WIDTH_KINDS:
             # mse/cosine can only pair equally wide indices: the map must not pick the others.

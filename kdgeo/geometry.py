@@ -167,7 +167,7 @@ def _full_precision(device_type: str) -> Iterator[None]:
         yield
 
 
-def _compute_dtype(*xs: Tensor) -> torch.dtype:
+def compute_dtype(*xs: Tensor) -> torch.dtype:
     """float64 if any input is float64, else float32 (fp16/bf16 are never computed in)."""
     return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
 
@@ -275,12 +275,12 @@ def center_and_normalize(x: Tensor) -> Tensor:
     """
     _check_matrix(x, "center_and_normalize: x")
     with _full_precision(x.device.type):
-        return _center_normalize(x.to(_compute_dtype(x)))
+        return _center_normalize(x.to(compute_dtype(x)))
 
 
 def _prepare(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """Upcast both sides to the compute dtype, then centre and normalise each."""
-    dtype = _compute_dtype(x, y)
+    dtype = compute_dtype(x, y)
     return _center_normalize(x.to(dtype)), _center_normalize(y.to(dtype))
 
 
@@ -548,7 +548,7 @@ def mse(x: Tensor, y: Tensor) -> Tensor:
     """
     _check_pair(x, y, "mse", same_width=True)
     with _full_precision(x.device.type):
-        dtype = _compute_dtype(x, y)
+        dtype = compute_dtype(x, y)
         return (x.to(dtype) - y.to(dtype)).square().mean()
 
 
@@ -559,7 +559,7 @@ def cosine_similarity(x: Tensor, y: Tensor) -> Tensor:
     """
     _check_pair(x, y, "cosine_similarity", same_width=True)
     with _full_precision(x.device.type):
-        dtype = _compute_dtype(x, y)
+        dtype = compute_dtype(x, y)
         x, y = x.to(dtype), y.to(dtype)
         dot = (x * y).sum(dim=1)  # (n,)
         norms = _safe_sqrt(x.square().sum(dim=1)) * _safe_sqrt(y.square().sum(dim=1))  # (n,)
@@ -594,6 +594,14 @@ def pair_metrics(x: Tensor, y: Tensor) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------
 # streaming accumulator
 # --------------------------------------------------------------------------------------------
+
+
+class NonFiniteFeatures(ValueError):
+    """A batch of features holds NaN or inf: ``side`` ("teacher" or "student") and its ``layers``."""
+
+    def __init__(self, side: str, layers: list[int]) -> None:
+        self.side, self.layers = side, layers
+        super().__init__(f"update: {side} layer(s) {layers} hold NaN or inf values")
 
 
 def nonfinite_layers(feats: Sequence[Tensor]) -> list[int]:
@@ -741,7 +749,7 @@ class CrossLayerAccumulator:
             bad = nonfinite_layers(feats)
             if bad:
                 # Accumulated sums cannot recover from one NaN: refuse the batch, naming the layers.
-                raise ValueError(f"update: {side} layer(s) {bad} hold NaN or inf values")
+                raise NonFiniteFeatures(side, bad)
         rows = {f.shape[0] for f in list(teacher) + list(student)}
         if len(rows) != 1:
             raise ValueError(f"update: all layers must have the same number of rows, got {sorted(rows)}")

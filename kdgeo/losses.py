@@ -74,7 +74,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float, 
     student_logits, teacher_logits: (N, C). Computed in float32 (float64 if either is).
     """
     t = temperature
-    dtype = torch.promote_types(at_least_float32(student_logits).dtype, at_least_float32(teacher_logits).dtype)
+    dtype = geometry.compute_dtype(student_logits, teacher_logits)
     log_p_s = F.log_softmax(student_logits.to(dtype) / t, dim=-1)  # (N, C)
     log_p_t = F.log_softmax(teacher_logits.to(dtype) / t, dim=-1)  # (N, C)
     n = max(log_p_s.shape[0], 1)
@@ -153,7 +153,7 @@ class Objective(nn.Module):
                 case "projection":
                     proj = self.projections[k]
                     mapped = proj(y.to(proj.weight.dtype))  # (n, d_t)
-                    dtype = torch.promote_types(at_least_float32(mapped).dtype, at_least_float32(x).dtype)
+                    dtype = geometry.compute_dtype(mapped, x)
                     values.append(F.mse_loss(mapped.to(dtype), x.to(dtype)))
                 case "mse":
                     values.append(geometry.mse(x, y))
@@ -192,8 +192,8 @@ class Objective(nn.Module):
         The two groups are apart because data-parallel training weights them differently: a
         logit term is a mean over rows, a geometry term a statistic of the whole row matrix.
         """
-        logit_total = student_logits.new_zeros((), dtype=at_least_float32(student_logits).dtype)
-        feature_total = student_logits.new_zeros((), dtype=at_least_float32(student_logits).dtype)
+        logit_total = student_logits.new_zeros((), dtype=geometry.compute_dtype(student_logits))
+        feature_total = student_logits.new_zeros((), dtype=geometry.compute_dtype(student_logits))
         parts: dict[str, Tensor] = {}
         for term in self.terms:
             match term.kind:

@@ -176,15 +176,15 @@ def run_probe(args: ProbeArgs, progress: Progress | None = None) -> ProbeResult:
                 check_hidden_widths(s_hidden, s_widths, f"the student {args.student.ref}")
             t_rows = [select_rows(h, t_in["attention_mask"], args.rows) for h in t_hidden]  # (n, d_t) each
             s_rows = [select_rows(h, s_in["attention_mask"], args.rows) for h in s_hidden]  # (n, d_s) each
-            for who, ref, rows in (("teacher", args.teacher.ref, t_rows), ("student", args.student.ref, s_rows)):
-                bad = geometry.nonfinite_layers(rows)
-                if bad:
-                    raise KdgeoError(
-                        f"the {who} {ref} produced NaN or inf hidden states (index {', '.join(map(str, bad))}; 0 = embeddings) "
-                        f"on the probe data (examples {done}..{done + len(batch['index']) - 1}), so no similarity can be measured. "
-                        "Check the model's weights; with --precision bf16/fp16 try --precision fp32."
-                    )
-            acc.update(t_rows, s_rows)
+            try:
+                acc.update(t_rows, s_rows)
+            except geometry.NonFiniteFeatures as err:
+                ref = args.teacher.ref if err.side == "teacher" else args.student.ref
+                raise KdgeoError(
+                    f"the {err.side} {ref} produced NaN or inf hidden states (index {', '.join(map(str, err.layers))}; "
+                    f"0 = embeddings) on the probe data (examples {done}..{done + len(batch['index']) - 1}), so no "
+                    "similarity can be measured. Check the model's weights; with --precision bf16/fp16 try --precision fp32."
+                ) from None
             done += len(batch["index"])
             emit({"event": "progress", "done": done, "total": total})
     if acc.n < 3:

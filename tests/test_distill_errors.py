@@ -190,6 +190,19 @@ def test_nan_hidden_states_are_named_as_nonfinite_not_read_as_zero_variance(tiny
     assert monitor["pairs"][0]["procrustes"] is None  # NaN is written as null, never as 2.0
 
 
+def test_probe_pairs_refuse_nan_hidden_states(tiny, tmp_path, capsys):
+    teacher = _nan_teacher(tiny, tmp_path / "nan-teacher")
+    spec = tiny_spec(
+        tiny, tmp_path, teacher={"model": str(teacher)}, student={"init": "pretrained", "model": str(tiny["student"])},
+        losses=[{"kind": "ce"}, {"kind": "procrustes"}], features={"pairs": "probe"}, train={"max_steps": 1},
+    )
+    code, out, err = run_cli(capsys, "distill", str(write_spec(tmp_path / "run.toml", spec)), "--quiet")
+    flat = " ".join(err.split())
+    assert code == 2, (out, err)
+    assert 'features.pairs = "probe": the teacher produced NaN or inf hidden states (index 2, 3, 4;' in flat, err
+    assert "Traceback" not in err
+
+
 def test_probe_refuses_nan_hidden_states(tiny, tmp_path, capsys):
     teacher = _nan_teacher(tiny, tmp_path / "nan-teacher")
     code, out, err = run_cli(
