@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from kdgeo.errors import KdgeoError, OutputError
+from kdgeo.files import NAME_MAX_BYTES, describe_os_error, utf8_position
 
 SPEC_TOML = "spec.toml"
 SPEC_JSON = "spec.json"
@@ -87,8 +88,6 @@ def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
 
 
 def read_json(path: str | Path) -> dict[str, Any]:
-    from kdgeo.files import describe_os_error, utf8_position
-
     try:
         raw = Path(path).read_bytes()
     except FileNotFoundError:
@@ -112,8 +111,6 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     damaged or edited: a KdgeoError names the file and the line, rather than silently dropping
     that line and every one after it.
     """
-    from kdgeo.files import describe_os_error
-
     try:
         lines = Path(path).read_bytes().split(b"\n")
     except FileNotFoundError:
@@ -135,10 +132,6 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
                 "line, or leave this run out."
             ) from None
     return records
-
-
-NAME_MAX_BYTES = 255
-"""NAME_MAX of Linux, macOS and Windows file systems: the longest directory name, UTF-8 encoded."""
 
 
 def path_component_problem(name: str) -> str | None:
