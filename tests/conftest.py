@@ -129,6 +129,22 @@ def tiny_golden(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
+def token_rows(model_dir: Path, texts: list[str]) -> list:
+    """A plain reference for probe: every hidden state's token rows (padding dropped), float64,
+    from the model and tokenizer loaded by kdgeo's own loaders."""
+    import torch
+
+    from kdgeo.features import select_rows
+    from kdgeo.models import ModelRef, load_encoder, load_tokenizer
+
+    ref = ModelRef(str(model_dir))
+    tok, model = load_tokenizer(ref), load_encoder(ref)
+    enc = tok(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**enc, output_hidden_states=True).hidden_states
+    return [select_rows(h, enc["attention_mask"], "tokens").double() for h in hidden]  # (n, d_i) each
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -18,12 +18,9 @@ import pytest
 import torch
 
 from cli_helpers import run_cli, tiny_lm_spec, write_spec
-from conftest import lm_rows, make_causal_lm, make_lm_tokenizer, write_jsonl
+from conftest import lm_rows, make_causal_lm, make_lm_tokenizer, token_rows, write_jsonl
 from kdgeo import geometry
-from kdgeo.features import select_rows
-from kdgeo.models import (
-    ModelRef, hidden_widths, load_encoder, load_tokenizer, student_config, student_from_teacher_layers,
-)
+from kdgeo.models import hidden_widths, student_config, student_from_teacher_layers
 
 SHORT = {"template": "Q: {prompt}\nA:", "context_template": "Q: {prompt}\nC: {context}\nA:"}
 
@@ -122,12 +119,7 @@ def test_probe_with_a_projected_last_layer_on_both_sides(opt_proj, tmp_path, cap
     texts = [r["response"] for r in lm_rows("train", 24)]
     rows = {}
     for role in ("opt_teacher", "student"):
-        ref = ModelRef(str(opt_proj[role]))
-        tok, model = load_tokenizer(ref), load_encoder(ref)
-        enc = tok(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
-        with torch.no_grad():
-            hidden = model(**enc, output_hidden_states=True).hidden_states
-        rows[role] = [select_rows(h, enc["attention_mask"], "tokens").double() for h in hidden]
+        rows[role] = token_rows(opt_proj[role], texts)
     assert [r.shape[1] for r in rows["opt_teacher"]] == [64, 64, 64, 64, 32]
     assert [r.shape[1] for r in rows["student"]] == [32, 32, 16]
     for t in range(5):

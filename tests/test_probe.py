@@ -5,13 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from cli_helpers import run_cli
-from conftest import write_jsonl
+from conftest import token_rows, write_jsonl
 from kdgeo import geometry
-from kdgeo.features import select_rows
-from kdgeo.models import ModelRef, load_encoder, load_tokenizer
 
 
 def test_probe_prints_tables_writes_json_and_heatmap(tiny, tmp_path, capsys):
@@ -47,12 +44,7 @@ def test_probe_streamed_values_equal_a_direct_batch_computation(tiny, tmp_path, 
     texts = [r["text"] for r in demo.load_split("validation")[:40]]
     rows = {}
     for role in ("teacher", "student"):
-        ref = ModelRef(str(tiny[role]))
-        tok, model = load_tokenizer(ref), load_encoder(ref)
-        enc = tok(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
-        with torch.no_grad():
-            hidden = model(**enc, output_hidden_states=True).hidden_states
-        rows[role] = [select_rows(h, enc["attention_mask"], "tokens").double() for h in hidden]
+        rows[role] = token_rows(tiny[role], texts)
     for t in range(5):
         for s in range(3):
             x, y = rows["teacher"][t], rows["student"][s]
