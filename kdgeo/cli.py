@@ -18,6 +18,7 @@ import typer
 
 from kdgeo import __version__
 from kdgeo.errors import KdgeoError, OutputError
+from kdgeo.kinds import AUTOCAST_PRECISIONS, ROWS
 
 app = typer.Typer(
     name="kdgeo",
@@ -35,17 +36,11 @@ app = typer.Typer(
 )
 
 
-class RowsChoice(str, Enum):
-    tokens = "tokens"
-    cls = "cls"
-    mean = "mean"
-
-
-class PrecisionChoice(str, Enum):
-    auto = "auto"
-    bf16 = "bf16"
-    fp16 = "fp16"
-    fp32 = "fp32"
+# The choices come from kdgeo.kinds (torch-free), so a new value is added there, once.
+RowsChoice = Enum("RowsChoice", {v: v for v in ROWS}, type=str)  # type: ignore[misc]
+"""--rows of `kdgeo probe`: kinds.ROWS."""
+PrecisionChoice = Enum("PrecisionChoice", {v: v for v in AUTOCAST_PRECISIONS}, type=str)  # type: ignore[misc]
+"""--precision of `kdgeo probe` and `kdgeo eval`: kinds.AUTOCAST_PRECISIONS (no fp64: they do not cast weights)."""
 
 
 def _version(value: bool) -> None:
@@ -117,12 +112,12 @@ def probe(
     data_config: Annotated[Optional[str], typer.Option(help="Hub dataset configuration (e.g. cola).")] = None,
     split: Annotated[str, typer.Option(help="Dataset split (ignored for local files).")] = "validation",
     text_column: Annotated[str, typer.Option(help="Column holding the text.")] = "text",
-    rows: Annotated[RowsChoice, typer.Option(help="Feature rows: every non-padding token (needs identical tokenization), or pooled per example (cls, mean).")] = RowsChoice.mean,
+    rows: Annotated[RowsChoice, typer.Option(help="Feature rows: every non-padding token (needs identical tokenization), or pooled per example (cls, mean).")] = RowsChoice("mean"),
     max_samples: Annotated[int, typer.Option(min=1, help="Use at most this many examples.")] = 512,
     batch_size: Annotated[int, typer.Option(min=1, help="Examples per forward pass.")] = 32,
     max_length: Annotated[int, typer.Option(min=2, help="Tokens per example after truncation.")] = 128,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    precision: Annotated[PrecisionChoice, typer.Option(help="Autocast for the forward passes (metrics are always fp32 or better).")] = PrecisionChoice.fp32,
+    precision: Annotated[PrecisionChoice, typer.Option(help="Autocast for the forward passes (metrics are always fp32 or better).")] = PrecisionChoice("fp32"),
     trust_remote_code: Annotated[bool, typer.Option(help="Allow both model repositories to run their own code.")] = False,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write every number (all pairs, all metrics, the map) to this JSON file ('-' for stdout).")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a heatmap per metric to this PNG file.")] = None,
@@ -147,7 +142,7 @@ def probe(
         split=split,
         text_column=text_column,
         metrics=metrics,
-        rows=rows.value,  # type: ignore[arg-type]
+        rows=rows.value,
         max_samples=max_samples,
         batch_size=batch_size,
         max_length=max_length,
@@ -228,7 +223,8 @@ def distill(
     runs = expand_sweep(spec, str(spec_path))  # validates every variant before anything runs
 
     from kdgeo import report
-    from kdgeo.distill import run_distill, run_sweep
+    from kdgeo.distill import run_distill
+    from kdgeo.sweep import run_sweep
     from kdgeo.errors import RunInterrupted
 
     view = report.DistillView(report.pick_mode(quiet), json_lines=json_lines)
@@ -279,7 +275,7 @@ def eval_(
     max_length: Annotated[Optional[int], typer.Option(min=2, help="Tokens per example (default: the run's, else 128).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Examples per forward pass (default 64; causal LMs: the run's generate.batch_size, else 16).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    precision: Annotated[PrecisionChoice, typer.Option(help="Autocast for the forward passes.")] = PrecisionChoice.fp32,
+    precision: Annotated[PrecisionChoice, typer.Option(help="Autocast for the forward passes.")] = PrecisionChoice("fp32"),
     trust_remote_code: Annotated[bool, typer.Option(help="Allow model repositories to run their own code.")] = False,
     prompt_column: Annotated[Optional[str], typer.Option(help="Causal LMs: instruction column (default: the run's, else prompt).")] = None,
     response_column: Annotated[Optional[str], typer.Option(help="Causal LMs: reference response column (default: the run's, else response).")] = None,
@@ -305,15 +301,16 @@ def eval_(
     from kdgeo.evaluate_lm import wants_causal_lm
 
     if wants_causal_lm(model, trust_remote_code):
-        from kdgeo.evaluate_lm import run_lm_eval_cli
+        from kdgeo.evaluate_lm import LMEvalArgs, run_lm_eval
 
-        result = run_lm_eval_cli(model, {
-            "dataset": data, "config": data_config, "split": split, "prompt_column": prompt_column,
-            "response_column": response_column, "context_column": context_column, "max_samples": max_samples,
-            "max_length": max_length, "batch_size": batch_size, "device": device, "precision": precision.value,
-            "trust_remote_code": trust_remote_code, "teacher": teacher, "max_new_tokens": max_new_tokens,
-            "do_sample": sample, "temperature": temperature, "top_p": top_p, "seed": seed,
-        }, progress=lambda e: report.info(e["message"], mode) if e["event"] == "stage" else None)
+        lm_args = LMEvalArgs(
+            model=model, dataset=data, config=data_config, split=split, prompt_column=prompt_column,
+            response_column=response_column, context_column=context_column, max_samples=max_samples,
+            max_length=max_length, batch_size=batch_size, device=device, precision=precision.value,
+            trust_remote_code=trust_remote_code, teacher=teacher, max_new_tokens=max_new_tokens,
+            do_sample=sample, temperature=temperature, top_p=top_p, seed=seed,
+        )
+        result = run_lm_eval(lm_args, progress=report.stage_lines(mode))
         if not (json_path is not None and str(json_path) == "-"):
             report.print_lm_eval(result)
         if predictions is not None:
@@ -330,7 +327,7 @@ def eval_(
         text_pair_column=text_pair_column, label_column=label_column, teacher=teacher, max_samples=max_samples,
         max_length=max_length, batch_size=batch_size or 64, device=device, precision=precision.value, trust_remote_code=trust_remote_code,
     )
-    result = run_eval(args, progress=lambda e: report.info(e["message"], mode) if e["event"] == "stage" else None)
+    result = run_eval(args, progress=report.stage_lines(mode))
     if not (json_path is not None and str(json_path) == "-"):
         report.print_eval(result)
     if json_path is not None:
@@ -380,21 +377,22 @@ def compare(
         if path is not None and str(path) != "-":
             _check_writable(path, option)
     from kdgeo import compare as compare_mod
+    from kdgeo import report_compare
 
     result = compare_mod.compare(
         compare_mod.CompareArgs(runs=list(runs), metric=metric, baseline=baseline, alpha=alpha, test=test.value, fail_if_worse=fail_if_worse)
     )
     to_stdout = any(p is not None and str(p) == "-" for p in (json_path, csv_path, markdown))
     if not to_stdout:
-        compare_mod.print_compare(result)
+        report_compare.print_compare(result)
     if json_path is not None:
-        compare_mod.write_json(result, str(json_path))
+        report_compare.write_json(result, str(json_path))
     if csv_path is not None:
-        compare_mod.write_csv(result, str(csv_path))
+        report_compare.write_csv(result, str(csv_path))
     if markdown is not None:
-        compare_mod.write_markdown(result, str(markdown))
+        report_compare.write_markdown(result, str(markdown))
     if plot is not None:
-        compare_mod.plot(result, str(plot))
+        report_compare.plot(result, str(plot))
     if result.exit_code:
         raise typer.Exit(result.exit_code)
 

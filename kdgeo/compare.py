@@ -23,45 +23,36 @@ Also reported: the final geometry of every layer pair per variant (mean over see
 task score, and Spearman's rank correlation between each run's mean Procrustes distance and the
 metric, so one sees whether geometry and accuracy move together.
 
-Usage (what the CLI does)::
+Runs are read through :func:`kdgeo.rundir.read_run`; the tables, JSON, CSV, Markdown and plot of
+a result are drawn by :mod:`kdgeo.report_compare`. Usage (what the CLI does)::
 
     result = compare(CompareArgs(runs=["runs/sweep"], fail_if_worse=True))  # metric: by the runs' task
-    print_compare(result); write_json(result, "-"); plot(result, "compare.png")
+    report_compare.print_compare(result); report_compare.write_json(result, "-")
     raise SystemExit(result.exit_code)
 """
 
 from __future__ import annotations
 
-import csv
 import difflib
-import io
-import json
 import math
 import os
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from kdgeo import files, rundir, stats
-from kdgeo.errors import KdgeoError, OutputError
-from kdgeo.rundir import json_safe
+from kdgeo.errors import KdgeoError
+from kdgeo.kinds import higher_is_better  # the one table of metric directions (distances, perplexity: lower)
 
 Test = Literal["t", "wilcoxon", "permutation"]
 TESTS: tuple[str, ...] = ("t", "wilcoxon", "permutation")
 SCORE_METRICS: tuple[str, ...] = ("accuracy", "macro_f1", "mcc", "f1", "teacher_agreement", "rougeL", "perplexity")
 GEOMETRY_METRICS: tuple[str, ...] = ("procrustes", "cka", "gram")
-LOWER_IS_BETTER: frozenset[str] = frozenset({"procrustes", "procrustes_angular", "gram", "perplexity", "response_nll"})
-"""Distances and perplexity: lower is better. Every other metric (task scores, CKA) is higher-is-better."""
 DEFAULT_METRICS: dict[str, str] = {"classification": "accuracy", "causal-lm": "rougeL"}
 """The metric compared when none is given, by the runs' task (a run that records none: classification)."""
 BASELINE_NAMES: tuple[str, ...] = ("baseline", "ce")
 """Variant names taken as the baseline when none is given (in this order)."""
 _PAIR_KEYS = ("student", "teacher")
-
-
-def higher_is_better(metric: str) -> bool:
-    return metric not in LOWER_IS_BETTER
 
 
 def default_metric(task: str | None) -> str:
@@ -336,102 +327,58 @@ def _find_run_dirs(paths: Sequence[str], warnings: list[str]) -> list[Path]:
     return list(unique.values())
 
 
-def _read_object(path: Path) -> dict[str, Any]:
-    """A JSON object from ``path``; ValueError with the reason otherwise."""
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise ValueError(f"cannot be read ({files.describe_os_error(err, path)})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line, column = files.utf8_position(raw, err)
-        raise ValueError(f"is not UTF-8 text at line {line}, column {column}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"is not valid JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"holds a JSON {type(data).__name__}, not an object")
-    return data
-
-
-def _as_int(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)
-    return None
-
-
-def _task_key(summary: dict[str, Any], spec: dict[str, Any]) -> TaskKey:
-    data = summary.get("data") if isinstance(summary.get("data"), dict) else spec.get("data")
-    data = data if isinstance(data, dict) else {}
-    labels = summary.get("label_names")
-    label_names = tuple(str(x) for x in labels) if isinstance(labels, list) else None
-
-    def text(value: Any) -> str | None:
-        return None if value is None else str(value)
-
+def _task_key(run: rundir.RunDirectory) -> TaskKey:
+    data = run.data
+    labels = run.summary.label_names if run.summary is not None else None
     return TaskKey(
-        task=text(summary.get("task", spec.get("task"))),
-        dataset=text(data.get("dataset")),
-        config=text(data.get("config")),
-        eval_split=text(data.get("eval_split")),
-        eval_dataset=text(data.get("eval_dataset")),
-        max_eval_samples=_as_int(data.get("max_eval_samples")),
-        label_names=label_names,
+        task=run.task,
+        dataset=data.dataset if data else None,
+        config=data.config if data else None,
+        eval_split=data.eval_split if data else None,
+        eval_dataset=data.eval_dataset if data else None,
+        max_eval_samples=data.max_eval_samples if data else None,
+        label_names=tuple(labels) if labels is not None else None,
     )
 
 
-def _record(run: Path, summary: dict[str, Any], spec: dict[str, Any]) -> RunRecord:
-    variant = summary.get("variant") or summary.get("name") or spec.get("variant") or spec.get("name") or run.name
-    seed = _as_int(summary.get("seed", spec.get("seed")))
-    raw_scores = summary.get("scores") if isinstance(summary.get("scores"), dict) else {}
-    scores = {str(k): _number(v) for k, v in raw_scores.items()}
-    geometry = [p for p in summary.get("geometry") or [] if isinstance(p, dict)]
+def _record(run: rundir.RunDirectory) -> RunRecord:
+    assert run.summary is not None  # load_runs reads finished runs only
+    scores = {k: _number(v) for k, v in run.summary.scores.items()}
     curve: list[tuple[int, dict[str, float | None]]] = []
     geometry_curve: list[tuple[int, list[dict[str, Any]]]] = []
-    for event in rundir.read_jsonl(run / rundir.METRICS):
-        if not isinstance(event, dict) or _as_int(event.get("step")) is None:
+    for event in run.metrics():
+        step = rundir.as_int(event.get("step"))
+        if step is None:
             continue
-        step = int(event["step"])
         if event.get("event") == "eval" and isinstance(event.get("scores"), dict):
             curve.append((step, {str(k): _number(v) for k, v in event["scores"].items()}))
         elif event.get("event") == "monitor" and isinstance(event.get("pairs"), list):
             geometry_curve.append((step, [p for p in event["pairs"] if isinstance(p, dict)]))
-    return RunRecord(run, str(variant), seed, _task_key(summary, spec), scores, geometry, curve, geometry_curve)
+    return RunRecord(run.path, run.variant, run.seed, _task_key(run), scores, run.summary.geometry, curve, geometry_curve)
 
 
 def load_runs(paths: Sequence[str], warnings: list[str] | None = None) -> list[RunRecord]:
     """Read every run under ``paths`` (run directories, or their parents one level up).
 
     Reads summary.json (required), spec.json (fallback for variant, seed, task and data) and
-    metrics.jsonl (learning curves; a cut-short last line is ignored). Raises KdgeoError when a
-    path does not exist, nothing is found, or a summary.json does not parse (naming every one).
-    Diagnostics (skipped unfinished runs) are appended to ``warnings``.
+    metrics.jsonl (learning curves; a cut-short last line is ignored), through
+    :func:`kdgeo.rundir.read_run`. Raises KdgeoError when a path does not exist, nothing is found,
+    or a summary.json does not parse (naming every one). Diagnostics (skipped unfinished runs, an
+    unreadable spec.json) are appended to ``warnings``.
     """
     warnings = [] if warnings is None else warnings
     run_dirs = _find_run_dirs(paths, warnings)
     records: list[RunRecord] = []
     bad: list[str] = []
-    for run in run_dirs:
+    for path in run_dirs:
         try:
-            summary = _read_object(run / rundir.SUMMARY)
-        except ValueError as err:
-            bad.append(f"{run / rundir.SUMMARY} {err}")
+            run = rundir.read_run(path)
+        except rundir.RunFileError as err:
+            bad.append(f"{err.path} {err.reason}")
             continue
-        spec: dict[str, Any] = {}
-        if (run / rundir.SPEC_JSON).exists():
-            try:
-                spec = _read_object(run / rundir.SPEC_JSON)
-            except ValueError as err:
-                warnings.append(f"ignored {run / rundir.SPEC_JSON}: it {err}")
-        records.append(_record(run, summary, spec))
+        if run.spec_problem is not None:
+            warnings.append(f"ignored {run.spec_problem.path}: it {run.spec_problem.reason}")
+        records.append(_record(run))
     if bad:
         raise KdgeoError(
             f"cannot read {len(bad)} summary file{'s' if len(bad) > 1 else ''}: " + "; ".join(bad)
@@ -644,309 +591,3 @@ def compare(args: CompareArgs) -> CompareResult:
     geometry = _geometry_rows(by_variant, metrics[0])
     return CompareResult(args, runs, task, ordered, baseline, comparisons, geometry, notes, warnings, exit_code, chosen)
 
-
-# ---- output ------------------------------------------------------------------------------------
-
-
-def fmt_p(p: float | None) -> str:
-    if p is None or not math.isfinite(p):
-        return "-"
-    return f"{p:.1e}" if 0 < p < 1e-4 else f"{p:.4f}"
-
-
-def _f(value: float | None, digits: int = 4) -> str:
-    if value is None or not math.isfinite(value):
-        return "-"
-    return f"{value:.{digits}f}"
-
-
-def _ci(low: float, high: float) -> str:
-    if not (math.isfinite(low) and math.isfinite(high)):
-        return "-"
-    return f"[{low:.4f}, {high:.4f}]"
-
-
-def _signed(value: float) -> str:
-    return "-" if not math.isfinite(value) else f"{value:+.4f}"
-
-
-TEST_NAMES = {
-    "t": "t-test (paired t / Welch)",
-    "wilcoxon": "rank test (Wilcoxon signed-rank / Mann-Whitney U)",
-    "permutation": "permutation test (sign-flip / two-sample)",
-}
-
-
-def _rows(comparison: MetricComparison) -> list[dict[str, Any]]:
-    """One flat row per variant (the CSV/markdown view)."""
-    versus = {v.variant: v for v in comparison.versus}
-    out = []
-    for vs in comparison.variants:
-        s = vs.summary
-        row: dict[str, Any] = {
-            "metric": comparison.metric, "variant": vs.variant, "n": s.n, "mean": s.mean, "std": s.std,
-            "ci_low": s.ci_low, "ci_high": s.ci_high, "seeds": " ".join("?" if x is None else str(x) for x in vs.seeds),
-        }
-        v = versus.get(vs.variant)
-        row.update({
-            "role": "compared" if v else "baseline",
-            "diff": v.diff if v else None, "diff_ci_low": v.diff_ci_low if v else None, "diff_ci_high": v.diff_ci_high if v else None,
-            "pairing": v.pairing if v else "", "p_t": v.t.p_value if v else None, "p_rank": v.rank.p_value if v else None,
-            "p_permutation": v.permutation.p_value if v else None, "p_holm": v.p_holm if v else None,
-            "result": v.label if v else "",
-        })
-        out.append(row)
-    return out
-
-
-def print_compare(result: CompareResult) -> None:
-    """The tables on stdout (report.out_console); warnings on stderr. Markup off for run text.
-
-    Per metric: one table of per-variant statistics (with the difference to the baseline), one
-    of the tests against the baseline; then the geometry table and the notes. Laid out to stay
-    readable in 80 columns (text cells wrap, numbers never shrink to an ellipsis).
-    """
-    from rich import box
-    from rich.table import Table
-    from rich.text import Text
-
-    from kdgeo import report
-
-    for w in result.warnings:
-        report.warn(w)
-    con = report.out_console
-    a = result.args
-
-    def table(title: str, columns: list[tuple[str, int]]) -> Table:
-        t = Table(title=Text(title), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-        for k, (name, width) in enumerate(columns):
-            numeric = width > 0
-            t.add_column(Text(name), justify="right" if numeric and k else "left", no_wrap=numeric and k > 0,
-                         min_width=abs(width) or None, overflow="fold")
-        return t
-
-    con.print(Text(f"{len(result.runs)} runs, {len(result.variants)} variant{'s' if len(result.variants) != 1 else ''}, "
-                   f"baseline {result.baseline}; task: {result.task}"))
-    for c in result.metrics:
-        arrow = "higher is better" if c.higher_is_better else "lower is better"
-        versus = {v.variant: v for v in c.versus}
-        t1 = table(f"{c.metric} ({arrow}): mean over runs, 95% t interval; diff = variant - baseline",
-                   [("variant", 0), ("n", 1), ("mean", 6), ("std", 6), ("95% CI", 16), ("diff", 7), ("diff 95% CI", 18)])
-        for vs in c.variants:
-            s = vs.summary
-            v = versus.get(vs.variant)
-            extra = ["baseline", ""] if v is None else [_signed(v.diff), _ci(v.diff_ci_low, v.diff_ci_high)]
-            t1.add_row(Text(vs.variant, style="bold" if v is None else ""), str(s.n), _f(s.mean), _f(s.std), _ci(s.ci_low, s.ci_high), *extra)
-        con.print(t1)
-        if c.versus:
-            t2 = table(
-                f"{c.metric} vs {result.baseline}: p-values (paired: t, Wilcoxon signed-rank, sign-flip permutation; "
-                f"unpaired: Welch t, Mann-Whitney U, two-sample permutation); significant = Holm-adjusted "
-                f"{a.test} p < {a.alpha:g}",
-                [("variant", 0), ("pairing", -8), ("t p", 7), ("rank p", 7), ("perm p", 7), ("Holm p", 7), ("result", -4)])
-            for v in c.versus:
-                style = {"better": "green", "worse": "red"}.get(v.verdict, "")
-                t2.add_row(Text(v.variant), Text(v.pairing), fmt_p(v.t.p_value), fmt_p(v.rank.p_value), fmt_p(v.permutation.p_value),
-                           fmt_p(v.p_holm), Text(v.label, style=style))
-            con.print(t2)
-        if c.correlation is not None:
-            r = c.correlation
-            line = f"Spearman rho(per-run mean procrustes, {c.metric}) = {_f(r.rho, 3)}, p = {fmt_p(r.p_value)}, n = {r.n} runs"
-            con.print(Text(line + (f" ({r.note})" if r.note else "")))
-        for note in c.notes:
-            con.print(Text(f"note: {note}"))
-    if result.geometry:
-        metric = result.metrics[0].metric
-        t3 = table(f"final geometry per layer pair (mean over runs) next to {metric}",
-                   [("variant", 0), ("pair s->t", 9), ("runs", 4), ("procrustes", 10), ("cka", 6), ("gram", 6), (metric, max(6, len(metric)))])
-        for g in result.geometry:
-            t3.add_row(Text(g.variant), Text(f"{g.student}->{g.teacher}"), str(g.n), *[_f(g.values[m]) for m in GEOMETRY_METRICS], _f(g.score))
-        con.print(t3)
-        con.print(Text("procrustes and gram: distances (lower = closer to the teacher); cka: similarity (higher = closer)"))
-    else:
-        con.print(Text("no final geometry in these runs (no layer pairs were monitored)"))
-    for note in result.notes:
-        con.print(Text(f"note: {note}"))
-
-
-def _test_json(t: stats.TestResult) -> dict[str, Any]:
-    return {"method": t.method, "statistic": t.statistic, "p": t.p_value, "n": t.n, "note": t.note}
-
-
-def to_json(result: CompareResult) -> dict[str, Any]:
-    """Everything in the tables as plain JSON types (NaN and inf become null).
-
-    ``default_metric``: the metric picked by the runs' task when none was given; null when given."""
-    a = result.args
-    metrics = []
-    for c in result.metrics:
-        versus = {v.variant: v for v in c.versus}
-        variants = []
-        for vs in c.variants:
-            s = vs.summary
-            entry: dict[str, Any] = {
-                "variant": vs.variant, "baseline": vs.variant == result.baseline, "n": s.n, "mean": s.mean, "std": s.std,
-                "ci95": [s.ci_low, s.ci_high], "values": vs.values, "seeds": vs.seeds, "runs": vs.runs, "vs_baseline": None,
-            }
-            v = versus.get(vs.variant)
-            if v is not None:
-                entry["vs_baseline"] = {
-                    "paired": v.paired, "pairing": v.pairing, "n": v.n, "diff": v.diff, "diff_ci95": [v.diff_ci_low, v.diff_ci_high],
-                    "t": _test_json(v.t), "rank": _test_json(v.rank), "permutation": _test_json(v.permutation),
-                    "test": a.test, "p": v.p, "p_holm": v.p_holm, "significant": v.significant, "verdict": v.verdict,
-                }
-            variants.append(entry)
-        corr = c.correlation
-        metrics.append({
-            "metric": c.metric, "higher_is_better": c.higher_is_better, "variants": variants,
-            "spearman_procrustes": None if corr is None else {"rho": corr.rho, "p": corr.p_value, "n": corr.n, "note": corr.note},
-            "notes": c.notes,
-        })
-    data = {
-        "task": {k: (list(v) if isinstance(v, tuple) else v) for k, v in result.task.fields().items()},
-        "runs": [{"path": str(r.path), "variant": r.variant, "seed": r.seed} for r in result.runs],
-        "variants": result.variants, "baseline": result.baseline, "alpha": a.alpha, "test": a.test,
-        "default_metric": result.default_metric,
-        "fail_if_worse": a.fail_if_worse, "metrics": metrics,
-        "geometry": [{"variant": g.variant, "student": g.student, "teacher": g.teacher, "runs": g.n, **g.values, "score": g.score}
-                     for g in result.geometry],
-        "notes": result.notes, "warnings": result.warnings, "exit_code": result.exit_code,
-    }
-    return json_safe(data)
-
-
-def _write(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` ("-" = stdout), atomically."""
-    if str(path) == "-":
-        sys.stdout.write(text)
-        sys.stdout.flush()
-        return
-    rundir.write_text_atomic(os.path.expanduser(str(path)), text)
-
-
-def write_json(result: CompareResult, path: str | Path) -> None:
-    """:func:`to_json` to ``path`` ("-" = stdout)."""
-    _write(path, json.dumps(to_json(result), indent=2) + "\n")
-
-
-CSV_COLUMNS = ("metric", "variant", "role", "n", "mean", "std", "ci_low", "ci_high", "diff", "diff_ci_low", "diff_ci_high",
-               "pairing", "p_t", "p_rank", "p_permutation", "p_holm", "result", "seeds")
-
-
-def write_csv(result: CompareResult, path: str | Path) -> None:
-    """One row per (metric, variant) with the statistics columns (CSV_COLUMNS); "-" = stdout.
-
-    Empty cells: not applicable (the baseline's diff) or undefined (std of one run)."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for c in result.metrics:
-        for row in _rows(c):
-            writer.writerow({k: "" if json_safe(row[k]) is None else row[k] for k in CSV_COLUMNS})
-    _write(path, buf.getvalue())
-
-
-def _md(value: Any) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def write_markdown(result: CompareResult, path: str | Path) -> None:
-    """Markdown tables (one per metric, then geometry) and notes; "-" = stdout."""
-    a = result.args
-    lines = [f"# kdgeo compare: {len(result.runs)} runs, baseline `{_md(result.baseline)}`", "", f"Task: {_md(result.task)}", ""]
-    for c in result.metrics:
-        arrow = "higher is better" if c.higher_is_better else "lower is better"
-        lines += [f"## {c.metric} ({arrow})", "",
-                  f"Significance: {TEST_NAMES[a.test]}, Holm-adjusted, alpha {a.alpha:g}.", ""]
-        header = ["variant", "n", "mean", "std", "95% CI", "diff", "diff 95% CI", "t p", "rank p", "perm p", "Holm p", "result", "pairing"]
-        lines.append("| " + " | ".join(header) + " |")
-        lines.append("|" + "|".join("---" if h in ("variant", "result", "pairing") else "---:" for h in header) + "|")
-        for row in _rows(c):
-            is_base = row["role"] == "baseline"
-            cells = [_md(row["variant"]), str(row["n"]), _f(row["mean"]), _f(row["std"]), _ci(row["ci_low"], row["ci_high"])]
-            if is_base:
-                cells += ["baseline", "", "", "", "", "", "", ""]
-            else:
-                cells += [_signed(row["diff"]), _ci(row["diff_ci_low"], row["diff_ci_high"]), fmt_p(row["p_t"]), fmt_p(row["p_rank"]),
-                          fmt_p(row["p_permutation"]), fmt_p(row["p_holm"]), _md(row["result"]), _md(row["pairing"])]
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
-        if c.correlation is not None:
-            r = c.correlation
-            lines += [f"Spearman rho(per-run mean procrustes, {c.metric}) = {_f(r.rho, 3)}, p = {fmt_p(r.p_value)}, n = {r.n}" + (f" ({r.note})" if r.note else ""), ""]
-        lines += [f"- {_md(n)}" for n in c.notes] + ([""] if c.notes else [])
-    if result.geometry:
-        metric = result.metrics[0].metric
-        lines += ["## Final geometry per layer pair (mean over runs)", "",
-                  f"| variant | student -> teacher | runs | procrustes (lower) | cka (higher) | gram (lower) | {metric} (mean) |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
-        for g in result.geometry:
-            lines.append(f"| {_md(g.variant)} | {g.student} -> {g.teacher} | {g.n} | " + " | ".join(_f(g.values[m]) for m in GEOMETRY_METRICS) + f" | {_f(g.score)} |")
-        lines.append("")
-    if result.notes:
-        lines += ["## Notes", ""] + [f"- {_md(n)}" for n in result.notes] + [""]
-    _write(path, "\n".join(lines))
-
-
-def plot(result: CompareResult, path: str | Path) -> None:
-    """PNG: per metric, learning curves (mean over runs, min-max band) and final values per variant
-    (one point per run, mean, 95% CI bar). Uses the Agg canvas directly (no global backend)."""
-    from kdgeo.files import prepare_matplotlib
-
-    prepare_matplotlib()
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    rows = len(result.metrics)
-    fig = Figure(figsize=(12, 4.2 * rows))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, 2, squeeze=False)
-    colors = [f"C{i % 10}" for i in range(len(result.variants))]
-    for (ax_curve, ax_final), c in zip(axes, result.metrics):
-        any_curve = False
-        for color, variant in zip(colors, result.variants):
-            recs = [r for r in result.runs if r.variant == variant]
-            by_step: dict[int, list[float]] = {}
-            for r in recs:
-                for step, v in r.curve_of(c.metric):
-                    by_step.setdefault(step, []).append(v)
-            if not by_step:
-                continue
-            any_curve = True
-            steps = sorted(by_step)
-            mean = [sum(by_step[s]) / len(by_step[s]) for s in steps]
-            ax_curve.plot(steps, mean, color=color, marker="o", ms=3, label=f"{variant} ({len(recs)} runs)")
-            ax_curve.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps], color=color, alpha=0.2)
-        ax_curve.set_xlabel("step")
-        ax_curve.set_ylabel(c.metric)
-        ax_curve.set_title(f"{c.metric} during training (mean, min-max band)")
-        if any_curve:
-            ax_curve.legend(fontsize=8)
-        else:
-            ax_curve.text(0.5, 0.5, "no evaluations in metrics.jsonl", ha="center", va="center", transform=ax_curve.transAxes)
-        versus = {v.variant: v for v in c.versus}
-        for i, (color, vs) in enumerate(zip(colors, c.variants)):
-            n = len(vs.values)
-            xs = [i + (k - (n - 1) / 2) * (0.25 / max(n - 1, 1)) for k in range(n)]
-            ax_final.scatter(xs, vs.values, color=color, s=18, alpha=0.7, zorder=2)
-            s = vs.summary
-            if math.isfinite(s.ci_low) and math.isfinite(s.ci_high):
-                ax_final.errorbar([i], [s.mean], yerr=[[s.mean - s.ci_low], [s.ci_high - s.mean]], color="black", capsize=6, zorder=3)
-            ax_final.scatter([i], [s.mean], color="black", marker="D", s=30, zorder=4)
-            v = versus.get(vs.variant)
-            if v is not None and v.significant:
-                ax_final.annotate(v.verdict, (i + 0.2, s.mean), textcoords="offset points", xytext=(4, 0), fontsize=8, va="center",
-                                  color="green" if v.verdict == "better" else "red")
-        ax_final.set_xticks(range(len(c.variants)))
-        ax_final.set_xticklabels([vs.variant + (" (baseline)" if vs.variant == result.baseline else "") for vs in c.variants],
-                                 rotation=20, ha="right", fontsize=8)
-        ax_final.set_ylabel(c.metric)
-        ax_final.set_title(f"final {c.metric}: runs, mean, 95% CI")
-    fig.tight_layout()
-    try:
-        if str(path) == "-":
-            fig.savefig(sys.stdout.buffer, format="png", dpi=110)
-        else:
-            fig.savefig(os.path.expanduser(str(path)), format="png", dpi=110)
-    except OSError as err:
-        raise OutputError(f"cannot write the plot to {path}: {err.strerror or err}. Check the directory exists and is writable.") from None

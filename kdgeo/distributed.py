@@ -54,16 +54,14 @@ import torch
 from torch import nn
 
 from kdgeo.errors import KdgeoError
+from kdgeo.models import find_layer_list
 
 Strategy = Literal["ddp", "fsdp"]
 
-LAYER_LIST_NAMES = ("layer", "layers", "h")
-"""Attribute names under which transformer implementations keep their block list (BERT and
-DistilBERT ``layer``, Llama/Qwen/Mistral ``layers``, GPT-2/Bloom/Falcon ``h``)."""
-
-DEFAULT_TIMEOUT = timedelta(minutes=30)
-"""How long a collective may wait for the other ranks. Generous because rank 0 may work alone
-for a while (fine-tuning or caching the teacher) while the others wait at a barrier."""
+DEFAULT_TIMEOUT = timedelta(minutes=120)
+"""How long a collective may wait for the other ranks when :func:`setup` is given no timeout: 120
+minutes, as the spec's ``train.timeout_minutes`` (what `kdgeo distill` passes). Generous because rank 0
+may work alone for a while (fine-tuning or caching the teacher) while the others wait in :func:`on_main`."""
 
 
 @dataclass(frozen=True)
@@ -174,7 +172,7 @@ def setup(device_setting: str, setting: str = "train.device", timeout: timedelta
     """
     env = from_environment()
     if not env.enabled:
-        from kdgeo.probe import resolve_device  # lazy: keeps this module light for the workers
+        from kdgeo.runtime import resolve_device  # lazy: keeps this module light for the workers
 
         return env, resolve_device(device_setting, setting)
     import torch.distributed as tdist
@@ -216,13 +214,7 @@ def shard(batch: Sequence[int], dist: Dist) -> list[int]:
     return list(batch[dist.rank * n // world : (dist.rank + 1) * n // world])
 
 
-def global_batches(micro: list[list[int]], dist: Dist) -> list[list[int]]:
-    """This rank's shard of each global micro-batch (``micro`` from :func:`kdgeo.data.batch_indices`
-    with the global batch size, identical on every rank since it depends only on seed and epoch)."""
-    return [shard(b, dist) for b in micro]
-
-
-def loss_share(n_local: int, n_step: int, dist: Dist) -> float:
+def loss_share(n_local: int, n_step: float, dist: Dist) -> float:
     """Weight of a rank's per-example *mean* loss so that DDP's gradient average equals the
     one-process gradient of the mean over all ``n_step`` examples of the step:
     ``world_size * n_local / n_step`` (``n_local / n_step`` for one process).
@@ -262,23 +254,6 @@ def all_reduce_sum(values: dict[str, float], dist: Dist) -> dict[str, float]:
     if buf[-1].item() != float(crc) * dist.world_size:
         raise RuntimeError(f"all_reduce_sum: ranks passed different keys (rank {dist.rank} has {keys})")
     return dict(zip(keys, buf[:-1].tolist()))
-
-
-def all_reduce_max_int(value: int, dist: Dist) -> int:
-    """The largest ``value`` over ranks."""
-    if not dist.enabled:
-        return int(value)
-    import torch.distributed as tdist
-
-    buf = torch.tensor([int(value)], dtype=torch.int64, device=_comm_device(dist))
-    tdist.all_reduce(buf, op=tdist.ReduceOp.MAX)
-    return int(buf.item())
-
-
-def any_flag(flag: bool, dist: Dist) -> bool:
-    """True on every rank when ``flag`` is True on any rank: all ranks take the same branch
-    (stop on a signal, skip a step with a non-finite loss), or the next collective would hang."""
-    return all_reduce_max_int(int(bool(flag)), dist) > 0
 
 
 def broadcast_object(obj: Any, dist: Dist, src: int = 0) -> Any:
@@ -324,18 +299,6 @@ def on_main(fn: Any, dist: Dist) -> Any:
             raise error
         raise KdgeoError(str(value))
     return value
-
-
-def barrier(dist: Dist) -> None:
-    """Wait until every rank gets here (e.g. the others while rank 0 writes a checkpoint)."""
-    if not dist.enabled:
-        return
-    import torch.distributed as tdist
-
-    if (dist.backend or tdist.get_backend()) == "nccl":
-        tdist.barrier(device_ids=[torch.cuda.current_device()])  # names the GPU, or nccl guesses and warns
-    else:
-        tdist.barrier()
 
 
 def gather_rows(x: torch.Tensor, dist: Dist) -> torch.Tensor:
@@ -399,18 +362,82 @@ def average_gradients(params: Iterable[nn.Parameter], dist: Dist) -> None:
             p.grad = chunk.to(p.dtype).clone()
 
 
+# ---- the training step's arithmetic ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shares:
+    """Weights of one micro-batch's losses in its optimizer step (see :func:`micro_shares`)."""
+
+    log: float
+    """Of its (unweighted) loss values in the logged step mean: this rank's part of the step."""
+    logit: float
+    """Of the per-row terms (logit losses, and feature losses on this rank's rows)."""
+    feature: float
+    """Of the feature terms: as ``logit``, or the one-process share when rows are gathered."""
+
+
+def micro_shares(local_weight: int, global_weight: int, step_weight: float, dist: Dist, gathered: bool) -> Shares:
+    """The shares that make a step's loss the mean over its examples (response tokens for a causal
+    LM), however they are split into micro-batches and processes.
+
+    ``local_weight``: what this rank's shard of the micro-batch counts; ``global_weight``: the whole
+    micro-batch; ``step_weight``: the whole step. DDP averages gradients over processes, so per-row
+    terms carry a factor N (:func:`loss_share`); terms on rows gathered from every process
+    (``gathered``) are already the whole micro-batch's and take ``global_weight / step_weight``.
+    """
+    logit = loss_share(local_weight, step_weight, dist)
+    feature = global_weight / step_weight if gathered else logit
+    return Shares(log=local_weight / step_weight, logit=logit, feature=feature)
+
+
+@dataclass(frozen=True)
+class StepAgreement:
+    """What every process agrees on after a step's backward passes."""
+
+    parts: dict[str, float]
+    """The logged loss values, summed over processes (each already weighted by its share)."""
+    nonfinite_elsewhere: bool
+    """Some process saw a non-finite loss."""
+    stop: bool
+    """Some process received a stop signal: all stop after this step."""
+
+
+def reduce_step(
+    parts: dict[str, float], nonfinite: bool, stop: bool, unwrapped: Iterable[nn.Parameter], dist: Dist,
+) -> StepAgreement:
+    """One collective for the step's bookkeeping and one for the gradients no wrapper averages
+    (``unwrapped``: the objective's projections). One process: the inputs as they are."""
+    if not dist.enabled:
+        return StepAgreement(parts, nonfinite, stop)
+    average_gradients(unwrapped, dist)
+    flags = {"nonfinite": float(nonfinite), "stop": float(stop)}
+    reduced = all_reduce_sum({**{f"part:{k}": v for k, v in parts.items()}, **flags}, dist)
+    summed = {k[5:]: v for k, v in reduced.items() if k.startswith("part:")}
+    return StepAgreement(summed, reduced["nonfinite"] > 0, reduced["stop"] > 0)
+
+
+def clip_sharded(groups: list[list[torch.Tensor]], max_norm: float) -> torch.Tensor:
+    """Global-norm clipping over FSDP-sharded parameters (DTensors) and plain ones (the
+    projections): one norm per group, made whole, then combined, since torch cannot stack the
+    two kinds of tensor into one norm."""
+    norms = []
+    for params in groups:
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            n = torch.nn.utils.get_total_norm(grads)
+            norms.append((n.full_tensor() if hasattr(n, "full_tensor") else n).float().cpu())
+    total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    coef = max_norm / (float(total) + 1e-6)  # torch's clip_grad_norm_ formula, as a Python float:
+    if coef < 1.0:  # a float scales DTensor and plain gradients alike
+        for params in groups:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+    return total
+
+
 # ---- wrapping the models ------------------------------------------------------------------------
-
-
-def find_layer_list(model: nn.Module) -> nn.ModuleList | None:
-    """The model's list of transformer blocks: the shallowest non-empty nn.ModuleList named
-    ``layer``, ``layers`` or ``h`` (bert.encoder.layer, model.layers, transformer.h), or None."""
-    found = [
-        (name.count("."), module)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList) and len(module) and name.rsplit(".", 1)[-1] in LAYER_LIST_NAMES
-    ]
-    return min(found, key=lambda item: item[0])[1] if found else None
 
 
 def _fully_shard_blocks(model: nn.Module, device: torch.device, dist: Dist, frozen: bool = False) -> nn.Module:

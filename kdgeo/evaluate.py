@@ -6,23 +6,24 @@ is given, the teacher's own scores and the fraction of examples where student an
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from kdgeo import data as data_mod
-from kdgeo.errors import DataError, KdgeoError, ModelLoadError
+from kdgeo import files, rundir
+from kdgeo.errors import DataError, KdgeoError, ModelLoadError, SpecError
+from kdgeo.events import Progress, Stage, ignore
 from kdgeo.metrics import agreement, classification_scores
 from kdgeo.models import ModelRef, align_pad_token, check_max_length, load_classifier, load_tokenizer
-from kdgeo.probe import autocast_dtype, resolve_device
-
-Progress = Callable[[dict[str, Any]], None]
+from kdgeo.runtime import autocast, autocast_dtype, resolve_device
+from kdgeo.spec import DataSpec, RunSpec, validate_spec
 
 
 @torch.no_grad()  # not inference_mode: FSDP reuses buffers made here in training forwards
@@ -33,7 +34,7 @@ def predict(model: nn.Module, split: data_mod.TextSplit, role: str, batch_size: 
     preds: list[int] = []
     for batch in data_mod.iterate_batches(split, batch_size):
         inputs = data_mod.to_device(batch[role], device)
-        with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        with autocast(device, amp):
             logits = model(**inputs).logits  # (B, C)
         preds.extend(logits.argmax(-1).tolist())
     model.train(was_training)
@@ -89,45 +90,83 @@ class EvalResult:
         }
 
 
-def read_run_spec(path: Path) -> dict[str, Any] | None:
-    """A kdgeo run directory's resolved spec, or None when ``path`` is not a run directory."""
-    from kdgeo import files
+DEFAULT_DATA = DataSpec.model_construct()
+"""Every default of a spec's [data] table (``dataset`` has none: a plain model needs --data). What
+`kdgeo eval` falls back to for a model that is not a run, so that eval and the spec cannot drift apart."""
 
-    spec_file = path / "spec.json"
+
+@dataclass(frozen=True)
+class EvalTarget:
+    """What `kdgeo eval MODEL_OR_RUN` evaluates: a model, or a run directory's student with the run's settings."""
+
+    location: str
+    """The model to load: MODEL_OR_RUN itself, or the run's student/ directory."""
+    run: rundir.RunDirectory | None = None
+
+    @cached_property
+    def spec(self) -> RunSpec | None:
+        """The run's resolved spec, validated on first use (None for a plain model)."""
+        return resolved_spec(self.run) if self.run is not None else None
+
+    @property
+    def data(self) -> DataSpec:
+        """The run's [data] settings, or the spec's defaults for a plain model."""
+        return self.spec.data if self.spec is not None else DEFAULT_DATA
+
+
+def open_run(path: Path) -> rundir.RunDirectory | None:
+    """``path`` read back as a kdgeo run directory (it holds spec.json), or None when it is something else (a model)."""
     label = f"Model or run '{path}'"
-    if not (files.is_dir(path, label, ModelLoadError) and files.exists(spec_file, label, ModelLoadError)):
+    if not (files.is_dir(path, label, ModelLoadError) and files.exists(path / rundir.SPEC_JSON, label, ModelLoadError)):
         return None
-    text = files.read_text(spec_file, f"{spec_file} (the run directory is damaged)")
+    run = rundir.read_run(path)
+    if run.spec_problem is not None:
+        raise run.spec_problem
+    return run
+
+
+def resolved_spec(run: rundir.RunDirectory) -> RunSpec:
+    """The run's spec.json as a validated RunSpec: eval reads the run's settings typed, defaults included."""
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise KdgeoError(f"{spec_file} cannot be read ({err}); the run directory is damaged.") from None
+        return validate_spec(run.spec, str(run.path / rundir.SPEC_JSON))
+    except SpecError as err:
+        raise KdgeoError(
+            f"{err.message}\nThis kdgeo cannot read that run's spec (it was written by another kdgeo version, or "
+            f"edited by hand). Evaluate its student directly, giving the data: kdgeo eval {run.student_dir} --data ..."
+        ) from None
 
 
-def run_defaults(path: Path) -> tuple[str, dict[str, Any] | None]:
+def eval_target(model: str) -> EvalTarget:
     """A run directory evaluates its student/ and defaults to the run's settings; anything else is a model."""
-    spec = read_run_spec(path)
-    if spec is not None:
-        if not os.path.exists(path / "student" / "config.json"):
-            raise ModelLoadError(f"{path} is a kdgeo run directory without a saved student (student/ is missing); the run may not have finished.")
-        return str(path / "student"), spec
-    return str(path), None
+    path = Path(model).expanduser()
+    run = open_run(path)
+    if run is None:
+        return EvalTarget(str(path))
+    if not os.path.exists(run.student_dir / "config.json"):
+        raise ModelLoadError(
+            f"{path} is a kdgeo run directory without a saved student (student/ is missing); the run may not have "
+            "finished."
+        )
+    return EvalTarget(str(run.student_dir), run)
 
 
 def run_eval(args: EvalArgs, progress: Progress | None = None) -> EvalResult:
-    emit = progress or (lambda event: None)
-    location, run_spec = run_defaults(Path(args.model).expanduser())
-    run_data = (run_spec or {}).get("data", {})
-    dataset = args.dataset or run_data.get("eval_dataset") or run_data.get("dataset")
+    emit = progress or ignore
+    target = eval_target(args.model)
+    location, run_data = target.location, target.data
+    own_data = args.dataset is None
+    dataset = args.dataset or ((run_data.eval_dataset or run_data.dataset) if target.spec is not None else None)
     if dataset is None:
         raise DataError(f"no dataset to evaluate {args.model} on: give --data (a run directory supplies its own).")
     # A run's own evaluation file has no hub configuration; its hub dataset does.
-    config = args.config if args.config is not None else (run_data.get("config") if args.dataset is None and not run_data.get("eval_dataset") else None)
-    split = args.split or run_data.get("eval_split") or "validation"
-    text_col = args.text_column or run_data.get("text_column") or "text"
-    pair_col = args.text_pair_column if args.text_pair_column is not None else run_data.get("text_pair_column")
-    label_col = args.label_column or run_data.get("label_column") or "label"
-    max_length = args.max_length or run_data.get("max_length") or 128
+    config = args.config if args.config is not None else (
+        run_data.config if own_data and not run_data.eval_dataset else None
+    )
+    split = args.split or run_data.eval_split
+    text_col = args.text_column or run_data.text_column
+    pair_col = args.text_pair_column if args.text_pair_column is not None else run_data.text_pair_column
+    label_col = args.label_column or run_data.label_column
+    max_length = args.max_length or run_data.max_length
     teacher_ref = args.teacher
     device = resolve_device(args.device)
     amp = autocast_dtype(args.precision, device)
@@ -136,7 +175,7 @@ def run_eval(args: EvalArgs, progress: Progress | None = None) -> EvalResult:
     ds = data_mod.load_split(dataset, config, split, where="--data")
     data_mod.check_columns(ds, {"text_column": text_col, "text_pair_column": pair_col, "label_column": label_col}, where, setting="--{key}")
     # A run evaluated on its own data uses its own evaluation cap, so the scores match summary.json.
-    max_samples = args.max_samples if args.max_samples is not None else (run_data.get("max_eval_samples") if args.dataset is None else None)
+    max_samples = args.max_samples if args.max_samples is not None else (run_data.max_eval_samples if own_data else None)
     if max_samples is not None:
         ds = ds.select(range(min(max_samples, len(ds))))
     info = data_mod.infer_labels(ds, label_col, where)
@@ -169,7 +208,7 @@ def run_eval(args: EvalArgs, progress: Progress | None = None) -> EvalResult:
     split_data = data_mod.TextSplit(texts=texts, labels=labels)
     s_tok = load_tokenizer(student_ref)
     split_data.encodings["student"] = data_mod.encode(s_tok, texts, pairs, max_length)
-    emit({"event": "stage", "message": f"evaluating {args.model} on {len(texts)} examples"})
+    emit(Stage(f"evaluating {args.model} on {len(texts)} examples"))
     start = time.perf_counter()
     loaded = load_classifier(student_ref, num_labels)
     if not loaded.has_trained_head:

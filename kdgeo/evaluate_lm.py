@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,11 +29,10 @@ from torch import nn
 from kdgeo import data as data_mod
 from kdgeo import lm_data
 from kdgeo.errors import DataError, KdgeoError
-from kdgeo.evaluate import read_run_spec, run_defaults
+from kdgeo.evaluate import EvalTarget, eval_target, open_run
+from kdgeo.events import Progress, Stage, ignore
 from kdgeo.generation import GenerationArgs, generate, perplexity, response_nll, rouge_l
-from kdgeo.spec import DEFAULT_CONTEXT_TEMPLATE, DEFAULT_TEMPLATE
-
-Progress = Callable[[dict[str, Any]], None]
+from kdgeo.spec import GenerateSpec, RunSpec
 
 
 def split_scores(
@@ -80,9 +80,8 @@ def stop_tokens(model: nn.Module, tokenizer: Any) -> list[int]:
     return sorted(set(stops))
 
 
-def is_causal_lm(config: Any, run_spec: dict[str, Any] | None) -> bool:
-    if run_spec is not None:
-        return run_spec.get("task") == "causal-lm"
+def is_causal_lm(config: Any) -> bool:
+    """Whether a model's config names a causal-LM architecture (and no classification head)."""
     architectures = list(getattr(config, "architectures", None) or [])
     return any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in architectures) and not any(
         "SequenceClassification" in a for a in architectures
@@ -94,131 +93,210 @@ def lm_data_prompt(tokenizer: Any, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def _run_teacher_tokenizer(run_spec: dict[str, Any] | None, run_dir: Path | None, trust: bool) -> Any:
+def _run_teacher_tokenizer(target: EvalTarget, trust: bool) -> Any:
     """The tokenizer of a run's teacher when its student had another one (init = "pretrained"),
     or None. Unavailable (offline, deleted): None, and the student's examples are used alone."""
     from kdgeo.models import ModelRef, load_tokenizer
 
-    if not run_spec or (run_spec.get("student") or {}).get("init") != "pretrained":
+    spec = target.spec
+    if spec is None or spec.student.init != "pretrained":
         return None
-    teacher = (run_spec.get("teacher") or {}).get("model")
-    if run_dir is not None and (run_dir / "summary.json").exists():
-        try:
-            teacher = json.loads((run_dir / "summary.json").read_text()).get("teacher_path") or teacher
-        except (OSError, json.JSONDecodeError):
-            pass
+    summary = target.run.summary if target.run is not None else None
+    # The fine-tuned teacher (in the teacher cache) when the run made one: its tokenizer is the one the run used.
+    teacher = (summary.teacher_path if summary is not None else None) or spec.teacher.model
     try:
-        return load_tokenizer(ModelRef(str(teacher), trust_remote_code=trust)) if teacher else None
+        return load_tokenizer(ModelRef(teacher, trust_remote_code=trust))
     except KdgeoError:
         return None
 
 
-def run_lm_eval(
-    location: str,
-    label: str,
-    run_spec: dict[str, Any] | None,
-    options: dict[str, Any],
-    progress: Progress | None = None,
-    run_dir: Path | None = None,
-) -> dict[str, Any]:
-    """Evaluate the causal LM at ``location``; ``options`` are the CLI's (None = the run's, else defaults).
+_DEFAULT_SEED: int = RunSpec.model_fields["seed"].default
+"""The generation seed for a plain model: the spec's default seed."""
 
-    Keys of ``options``: dataset, config, split, prompt_column, response_column, context_column,
-    max_samples, max_length, batch_size, device, precision, trust_remote_code, teacher,
-    max_new_tokens, do_sample, temperature, top_p, seed.
+
+@dataclass(frozen=True)
+class LMEvalArgs:
+    """`kdgeo eval` of a causal LM, as given on the command line.
+
+    ``None`` means "not given": a run directory's own setting, else the spec's default (the
+    fallbacks live in :func:`plan_lm_eval` and come from the spec's models, never from literals here).
+    """
+
+    model: str
+    """MODEL_OR_RUN: a run directory, a model directory, a hub id or package:MODULE/SUBDIR."""
+    dataset: str | None = None
+    config: str | None = None
+    split: str | None = None
+    prompt_column: str | None = None
+    response_column: str | None = None
+    context_column: str | None = None
+    max_samples: int | None = None
+    max_length: int | None = None
+    batch_size: int | None = None
+    """Generation batch (default: generate.batch_size) and perplexity batch (default: the run's train.batch_size)."""
+    device: str = "auto"
+    precision: str = "fp32"
+    trust_remote_code: bool = False
+    teacher: str | None = None
+    """Also score this model on the same prompts."""
+    max_new_tokens: int | None = None
+    do_sample: bool | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class LMEvalPlan:
+    """Every setting of one evaluation, resolved: the command line, else the run's, else the spec's default."""
+
+    dataset: str
+    config: str | None
+    split: str
+    own_data: bool
+    """The run's own data (no --data): its evaluation cap, generation cap and teacher tokenizer apply."""
+    columns: dict[str, str | None]
+    """prompt_column, response_column, context_column."""
+    max_samples: int | None
+    max_length: int
+    max_prompt_length: int
+    prompt_format: lm_data.PromptFormat
+    long_examples: str
+    gen: GenerationArgs
+    gen_samples: int | None
+    """Prompts to generate for (None: all): a run's generate.max_samples, so its ROUGE-L comes out as in its summary."""
+    nll_batch: int
+    """Batch size of the perplexity pass: the run's train.batch_size, as its summary's perplexity was computed."""
+
+
+def plan_lm_eval(args: LMEvalArgs, target: EvalTarget) -> LMEvalPlan:
+    """Resolve every setting once, so that the rest of the evaluation reads plain values."""
+    spec = target.spec
+    data = target.data
+    gen_spec = spec.generate if spec is not None else GenerateSpec()
+    own_data = args.dataset is None
+    dataset = args.dataset or ((data.eval_dataset or data.dataset) if spec is not None else None)
+    if dataset is None:
+        raise DataError(f"no dataset to evaluate {args.model} on: give --data (a run directory supplies its own).")
+    max_length = args.max_length or data.max_length
+    gen = GenerationArgs(
+        max_new_tokens=args.max_new_tokens or gen_spec.max_new_tokens,
+        batch_size=args.batch_size or gen_spec.batch_size,
+        do_sample=args.do_sample if args.do_sample is not None else gen_spec.do_sample,
+        temperature=args.temperature or gen_spec.temperature,
+        top_p=args.top_p or gen_spec.top_p,
+        seed=args.seed if args.seed is not None else (spec.seed if spec is not None else _DEFAULT_SEED),
+    )
+    return LMEvalPlan(
+        dataset=dataset,
+        # A run's own evaluation file has no hub configuration; its hub dataset does.
+        config=args.config if args.config is not None else (
+            data.config if own_data and not data.eval_dataset else None
+        ),
+        split=args.split or data.eval_split,
+        own_data=own_data,
+        columns={
+            "prompt_column": args.prompt_column or data.prompt_column,
+            "response_column": args.response_column or data.response_column,
+            "context_column": args.context_column if args.context_column is not None else data.context_column,
+        },
+        max_samples=args.max_samples if args.max_samples is not None else (data.max_eval_samples if own_data else None),
+        max_length=max_length,
+        # Capped: --max-length may be shorter than the run's, and a prompt must leave room for a response.
+        max_prompt_length=min(data.max_prompt_length or max_length // 2, max_length - 1),
+        prompt_format=lm_data.PromptFormat(
+            template=data.template, context_template=data.context_template, chat_template=data.chat_template
+        ),
+        long_examples=data.long_examples,
+        gen=gen,
+        gen_samples=gen_spec.max_samples if own_data and args.max_samples is None else None,
+        nll_batch=args.batch_size or (spec.train.batch_size if spec is not None else gen.batch_size),
+    )
+
+
+def _read_examples(plan: LMEvalPlan) -> lm_data.LMExamples:
+    where = f"--data {plan.dataset}"
+    ds = data_mod.load_split(plan.dataset, plan.config, plan.split, where="--data")
+    data_mod.check_columns(ds, plan.columns, where, setting="--{key}")
+    if plan.max_samples is not None:
+        ds = ds.select(range(min(plan.max_samples, len(ds))))
+    cols = plan.columns
+    prompt, response = str(cols["prompt_column"]), str(cols["response_column"])
+    return lm_data.read_examples(ds, prompt, response, cols["context_column"], where)
+
+
+def _check_positions(cfg: Any, split: data_mod.TextSplit, role: str, name: str, max_new_tokens: int) -> None:
+    """The longest prompt plus the generated tokens must fit the model's positions."""
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    longest = max(len(p) for p in lm_data.prompt_ids(split.encodings[role]))
+    if isinstance(limit, int) and longest + max_new_tokens > limit:
+        raise KdgeoError(
+            f"a prompt of {longest} tokens plus --max-new-tokens {max_new_tokens} exceeds the {limit} positions "
+            f"{name} accepts; lower --max-new-tokens or --max-length."
+        )
+
+
+def run_lm_eval(args: LMEvalArgs, progress: Progress | None = None) -> dict[str, Any]:
+    """Evaluate the causal LM (or a causal-lm run's student) named by ``args.model``; with
+    ``args.teacher``, that model too, on the very same prompts and references.
+
+    Returns the JSON `kdgeo eval --json` writes (plus "texts": prompts, references, predictions).
     """
     from kdgeo.models import ModelRef, check_decoder, check_max_length, load_causal_lm, load_config, load_tokenizer
-    from kdgeo.probe import autocast_dtype, resolve_device
+    from kdgeo.runtime import autocast_dtype, resolve_device
 
-    emit = progress or (lambda event: None)
-    run_data = (run_spec or {}).get("data", {})
-    run_gen = (run_spec or {}).get("generate", {})
-    dataset = options.get("dataset") or run_data.get("eval_dataset") or run_data.get("dataset")
-    if dataset is None:
-        raise DataError(f"no dataset to evaluate {label} on: give --data (a run directory supplies its own).")
-    own_data = options.get("dataset") is None
-    config = options.get("config") if options.get("config") is not None else (run_data.get("config") if own_data and not run_data.get("eval_dataset") else None)
-    split_name = options.get("split") or run_data.get("eval_split") or "validation"
-    prompt_col = options.get("prompt_column") or run_data.get("prompt_column") or "prompt"
-    response_col = options.get("response_column") or run_data.get("response_column") or "response"
-    context_col = options.get("context_column") if options.get("context_column") is not None else run_data.get("context_column")
-    max_length = options.get("max_length") or run_data.get("max_length") or 512
-    # Capped: --max-length may be shorter than the run's, and a prompt must leave room for a response.
-    max_prompt = min(run_data.get("max_prompt_length") or max_length // 2, max_length - 1)
-    fmt = lm_data.PromptFormat(
-        template=run_data.get("template", DEFAULT_TEMPLATE),
-        context_template=run_data.get("context_template", DEFAULT_CONTEXT_TEMPLATE),
-        chat_template=bool(run_data.get("chat_template", False)),
-    )
-    gen = GenerationArgs(
-        max_new_tokens=options.get("max_new_tokens") or run_gen.get("max_new_tokens", 128),
-        batch_size=options.get("batch_size") or run_gen.get("batch_size", 16),
-        do_sample=options.get("do_sample") if options.get("do_sample") is not None else run_gen.get("do_sample", False),
-        temperature=options.get("temperature") or run_gen.get("temperature", 1.0),
-        top_p=options.get("top_p") or run_gen.get("top_p", 1.0),
-        seed=options.get("seed") if options.get("seed") is not None else (run_spec or {}).get("seed", 0),
-    )
-    device = resolve_device(options.get("device") or "auto")
-    run_train = (run_spec or {}).get("train", {})
-    amp = autocast_dtype(options.get("precision") or run_train.get("precision") or "fp32", device)
-    # A run's own settings, so its scores come out as in its summary.json: the generation cap and
-    # the batch size its perplexity was computed with.
-    gen_samples = run_gen.get("max_samples") if own_data and options.get("max_samples") is None else None
-    nll_batch = options.get("batch_size") or run_train.get("batch_size") or gen.batch_size
-    trust = bool(options.get("trust_remote_code"))
+    emit = progress or ignore
+    target = eval_target(args.model)
+    plan = plan_lm_eval(args, target)
+    gen = plan.gen
+    device = resolve_device(args.device)
+    amp = autocast_dtype(args.precision, device)
+    examples = _read_examples(plan)
 
-    where = f"--data {dataset}"
-    ds = data_mod.load_split(dataset, config, split_name, where="--data")
-    data_mod.check_columns(
-        ds, {"prompt_column": prompt_col, "response_column": response_col, "context_column": context_col}, where, setting="--{key}"
-    )
-    max_samples = options.get("max_samples") if options.get("max_samples") is not None else (run_data.get("max_eval_samples") if own_data else None)
-    if max_samples is not None:
-        ds = ds.select(range(min(max_samples, len(ds))))
-    examples = lm_data.read_examples(ds, prompt_col, response_col, context_col, where)
-
-    models = [("model", location, label)]
-    if options.get("teacher"):
-        models.append(("teacher", options["teacher"], options["teacher"]))
+    models = [("model", target.location, args.model)]
+    if args.teacher:
+        models.append(("teacher", args.teacher, args.teacher))
     loaded: dict[str, tuple[Any, Any, Any]] = {}
     for role, path, name in models:
-        ref = ModelRef(path, trust_remote_code=trust)
+        ref = ModelRef(path, trust_remote_code=args.trust_remote_code)
         cfg = load_config(ref)
         check_decoder(cfg, name, "MODEL" if role == "model" else "--teacher")
-        check_max_length(cfg, max_length, "--max-length", f"the model {name}")
+        check_max_length(cfg, plan.max_length, "--max-length", f"the model {name}")
         loaded[role] = (ref, cfg, load_tokenizer(ref))
     tokenizers = {role: tok for role, (_, _, tok) in loaded.items()}
-    run_teacher = _run_teacher_tokenizer(run_spec, run_dir, trust) if own_data else None
+    run_teacher = _run_teacher_tokenizer(target, args.trust_remote_code) if plan.own_data else None
     if run_teacher is not None:
         tokenizers["run teacher"] = run_teacher  # the run kept only examples both of its tokenizers kept
     # One split for every model: the same prompts, the same references, line for line.
-    split, notes = lm_data.build_split(examples, fmt, tokenizers, max_length, max_prompt, run_data.get("long_examples", "truncate"), where)
+    split, notes = lm_data.build_split(
+        examples, plan.prompt_format, tokenizers, plan.max_length, plan.max_prompt_length, plan.long_examples,
+        f"--data {plan.dataset}",
+    )
     for note in notes:
-        emit({"event": "stage", "message": note})
+        emit(Stage(note))
     results: dict[str, Any] = {}
     texts: dict[str, Any] = {}
     start = time.perf_counter()
     for role, path, name in models:
         ref, cfg, tok = loaded[role]
-        limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-        longest = max(len(p) for p in lm_data.prompt_ids(split.encodings[role]))
-        if isinstance(limit, int) and longest + gen.max_new_tokens > limit:
-            raise KdgeoError(
-                f"a prompt of {longest} tokens plus --max-new-tokens {gen.max_new_tokens} exceeds the {limit} positions "
-                f"{name} accepts; lower --max-new-tokens or --max-length."
-            )
-        emit({"event": "stage", "message": f"generating responses with {name} for {min(len(split), gen_samples or len(split))} prompts"})
+        _check_positions(cfg, split, role, name, gen.max_new_tokens)
+        emit(Stage(f"generating responses with {name} for {min(len(split), plan.gen_samples or len(split))} prompts"))
         model = load_causal_lm(ref).to(device)
-        scores, predictions = split_scores(model, tok, split, role, gen, nll_batch, device, amp, gen_samples)
+        scores, predictions = split_scores(model, tok, split, role, gen, plan.nll_batch, device, amp, plan.gen_samples)
         results[role] = {"model": name, "scores": scores, "samples": len(split)}
         texts[role] = {"prompts": [lm_data_prompt(tok, p) for p in lm_data.prompt_ids(split.encodings[role])],
                        "references": split.responses or [], "predictions": predictions or []}
         del model
     return {
-        "task": "causal-lm", "model": label, "dataset": dataset, "split": split_name, "results": results,
+        "task": "causal-lm", "model": args.model, "dataset": plan.dataset, "split": plan.split, "results": results,
         # prompts fitted into max_prompt_length without looking at the reference; counts per tokenizer
-        "prompts": {"max_prompt_length": max_prompt, "max_length": max_length, "truncation": split.truncation},
-        "generation": {"max_new_tokens": gen.max_new_tokens, "do_sample": gen.do_sample, "temperature": gen.temperature, "top_p": gen.top_p, "seed": gen.seed},
+        "prompts": {
+            "max_prompt_length": plan.max_prompt_length, "max_length": plan.max_length, "truncation": split.truncation,
+        },
+        "generation": {
+            "max_new_tokens": gen.max_new_tokens, "do_sample": gen.do_sample, "temperature": gen.temperature,
+            "top_p": gen.top_p, "seed": gen.seed,
+        },
         "device": str(device), "seconds": time.perf_counter() - start, "texts": texts,
     }
 
@@ -231,22 +309,16 @@ def wants_causal_lm(model: str, trust_remote_code: bool = False) -> bool:
 
     path = Path(model).expanduser()
     try:
-        spec = read_run_spec(path)
+        run = open_run(path)
     except KdgeoError:
         return False
-    if spec is not None:
-        return spec.get("task") == "causal-lm"
+    if run is not None:
+        return run.task == "causal-lm"
     try:
         config = load_config(ModelRef(model, trust_remote_code=trust_remote_code))
     except KdgeoError:
         return False
-    return is_causal_lm(config, None)
-
-
-def run_lm_eval_cli(model: str, options: dict[str, Any], progress: Progress | None = None) -> dict[str, Any]:
-    path = Path(model).expanduser()
-    location, spec = run_defaults(path)
-    return run_lm_eval(location, model, spec, options, progress, run_dir=path if spec is not None else None)
+    return is_causal_lm(config)
 
 
 def write_predictions(path: Path, result: dict[str, Any]) -> None:

@@ -7,14 +7,14 @@ output, i = output of layer i). A feature matrix has one row per non-padding tok
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from kdgeo.errors import LayerMapError, TokenizerMismatchError
+from kdgeo.kinds import Rows as Rows  # its one home; re-exported for probe and distill
 
-Rows = Literal["tokens", "cls", "mean"]
 LayerPair = tuple[int, int]
 
 

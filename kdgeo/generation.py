@@ -29,6 +29,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from kdgeo.runtime import autocast
+
 __all__ = [
     "GenerationArgs",
     "generate",
@@ -79,10 +81,6 @@ def _output_cache(output: Any) -> Any:
     """The KV cache of a forward output: ``.cache`` in transformers 5.x, ``.past_key_values`` before."""
     cache = getattr(output, "cache", None)
     return cache if cache is not None else getattr(output, "past_key_values", None)
-
-
-def _autocast(device: torch.device, amp: torch.dtype | None) -> torch.autocast:
-    return torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None)
 
 
 def _check_prompts(prompts: Sequence[Sequence[int]]) -> None:
@@ -197,7 +195,7 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), _autocast(device, amp):
+        with torch.no_grad(), autocast(device, amp):
             for idx in _length_batches([len(p) for p in prompts], batch_size):
                 new = _generate_batch(model, [prompts[i] for i in idx], tokenizer_pad_id, eos_id, max_new_tokens,
                                       device, cache_kw, takes_positions, keep_kw,
@@ -344,7 +342,7 @@ def _response_nll_batch(
     kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask, "use_cache": False}
     if takes_positions:
         kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L) = 0..n-1 on real tokens
-    with _autocast(device, amp):
+    with autocast(device, amp):
         logits = model(**kwargs).logits  # (B, L, V)
     # only the N scored positions go to float32: a full (B, L, V) upcast is the memory peak otherwise
     picked = logits[:, :-1][target].float()  # (N, V)

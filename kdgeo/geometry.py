@@ -72,6 +72,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from kdgeo import kinds
+
 __all__ = [
     "METRICS",
     "METRIC_HIGHER_IS_BETTER",
@@ -98,15 +100,9 @@ METRICS: tuple[str, ...] = (
 )
 """Similarity-table metrics :meth:`CrossLayerAccumulator.compute` can produce."""
 
-METRIC_HIGHER_IS_BETTER: dict[str, bool] = {
-    "procrustes": False,
-    "procrustes_angular": False,
-    "gram": False,
-    "cka": True,
-    "cka_debiased": True,
-    "projection": False,
-}
-"""Whether a larger value of the metric means more similar (the layer-map DP maximises or minimises)."""
+METRIC_HIGHER_IS_BETTER: dict[str, bool] = {m: kinds.METRIC_HIGHER_IS_BETTER[m] for m in METRICS}
+"""Whether a larger value of the metric means more similar (the layer-map DP maximises or minimises):
+the rows of :data:`kdgeo.kinds.METRIC_HIGHER_IS_BETTER`, the one table of metric directions, for :data:`METRICS`."""
 
 Route = Literal["auto", "gram", "cov"]
 

@@ -34,6 +34,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Sequence
 
+import torch
+
 from kdgeo import data as data_mod
 from kdgeo.errors import DataError
 
@@ -358,3 +360,17 @@ def _align_cut_responses(encodings: list[data_mod.Encoded]) -> None:
         if any(len(r) != shortest for r in responses) and all(r[:shortest] == responses[0][:shortest] for r in responses):
             for e, s in zip(encodings, starts):
                 e.input_ids[k] = e.input_ids[k][: s + shortest]
+
+
+def response_predictions(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The causal LM's predictions of response tokens, and those tokens.
+
+    Position j predicts token j + 1, so the predictions that count are at positions j with
+    ``response_mask[:, j + 1] == 1``: nothing at a prompt or padding position is selected.
+
+    logits: (B, T, V); input_ids, response_mask: (B, T). Returns ((n, V), (n,)), n = response tokens.
+    """
+    targets_mask = response_mask[:, 1:].bool()  # (B, T-1): token j+1 is a response token
+    predictions = logits[:, :-1][targets_mask]  # (n, V)
+    targets = input_ids[:, 1:][targets_mask]  # (n,)
+    return predictions, targets

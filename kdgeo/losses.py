@@ -10,7 +10,7 @@ The total loss is a weighted sum of terms, ``L = sum_k w_k L_k``. Logit terms:
   2024, arXiv 2306.08543, argues for it in generation), ``"mixed"`` the blend
   ``mix * forward + (1 - mix) * reverse``.
 
-Causal LMs: :func:`response_predictions` keeps the positions that predict a response token
+Causal LMs: :func:`kdgeo.lm_data.response_predictions` keeps the positions that predict a response token
 (prompt and padding positions never reach a loss), so ``ce`` and ``kd`` above apply per token.
 
 Feature terms, each averaged over the layer pairs (X = teacher rows, Y = student rows):
@@ -25,23 +25,29 @@ Feature terms, each averaged over the layer pairs (X = teacher rows, Y = student
 - ``mse``: ``mean((Y - X)^2)``, equal widths only.
 - ``cosine``: ``1 - mean_i cos(x_i, y_i)``, equal widths only.
 
-To change a loss, change its ``case`` in :meth:`Objective.forward` (and its formula here).
+To change a loss, change its ``case`` in :meth:`Objective.grouped` (logit terms) or
+:meth:`Objective.feature_term` (feature terms), and its formula here; a new kind is named in
+:mod:`kdgeo.kinds` first.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdgeo import geometry
+from kdgeo.kinds import EQUAL_WIDTH_KINDS as EQUAL_WIDTH_KINDS
+from kdgeo.kinds import FEATURE_KINDS as FEATURE_KINDS
+from kdgeo.kinds import LOGIT_KINDS as LOGIT_KINDS
 
-LOGIT_KINDS = frozenset({"ce", "kd"})
-FEATURE_KINDS = frozenset({"procrustes", "gram", "cka", "projection", "mse", "cosine"})
-EQUAL_WIDTH_KINDS = frozenset({"mse", "cosine"})
+# The loss kinds' one home is kdgeo.kinds (torch-free, shared with the spec); re-exported above for importers.
+
+if TYPE_CHECKING:  # the spec never needs the losses (it is torch-free); typing only, no import at run time
+    from kdgeo.spec import LossSpec
 
 
 def at_least_float32(x: Tensor) -> Tensor:
@@ -61,6 +67,19 @@ class LossTerm:
     angular: bool = False
     direction: str = "forward"
     mix: float = 0.5
+
+    @classmethod
+    def from_spec(cls, loss: LossSpec) -> LossTerm:
+        """The term for one validated ``[[losses]]`` entry (:class:`kdgeo.spec.KDLoss`, ...).
+
+        Takes exactly the options the entry's kind has (kd: temperature, direction, mix; procrustes:
+        form); the others keep this dataclass's defaults, so no default is written a second time here.
+        The spec's defaults for the options it has agree with these (tests/test_losses.py checks).
+        """
+        options = {name: getattr(loss, name) for name in ("temperature", "direction", "mix") if hasattr(loss, name)}
+        if hasattr(loss, "form"):
+            options["angular"] = loss.form == "angular"
+        return cls(kind=loss.kind, weight=loss.weight, **options)
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float, direction: str = "forward", mix: float = 0.5) -> Tensor:
@@ -93,20 +112,6 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float, 
         case _:
             raise ValueError(f"unknown kd direction {direction!r}")
     return value * (t * t)
-
-
-def response_predictions(logits: Tensor, input_ids: Tensor, response_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """The causal LM's predictions of response tokens, and those tokens.
-
-    Position j predicts token j + 1, so the predictions that count are at positions j with
-    ``response_mask[:, j + 1] == 1``: nothing at a prompt or padding position is selected.
-
-    logits: (B, T, V); input_ids, response_mask: (B, T). Returns ((n, V), (n,)), n = response tokens.
-    """
-    targets_mask = response_mask[:, 1:].bool()  # (B, T-1): token j+1 is a response token
-    predictions = logits[:, :-1][targets_mask]  # (n, V)
-    targets = input_ids[:, 1:][targets_mask]  # (n,)
-    return predictions, targets
 
 
 class Objective(nn.Module):
@@ -163,22 +168,6 @@ class Objective(nn.Module):
                     raise ValueError(f"unknown feature loss {kind!r}")
         return values
 
-    def forward(
-        self,
-        student_logits: Tensor,
-        labels: Tensor,
-        teacher_logits: Tensor | None = None,
-        teacher_features: Sequence[Tensor] = (),
-        student_features: Sequence[Tensor] = (),
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Returns (total, parts): parts maps each term (and ``kind/pair s-t`` for feature terms) to its unweighted value.
-
-        student_logits: (N, C) and labels (N,): examples of a classifier, or the response-token
-        predictions of a causal LM (see :func:`response_predictions`).
-        """
-        logit_total, feature_total, parts = self.grouped(student_logits, labels, teacher_logits, teacher_features, student_features)
-        return logit_total + feature_total, parts
-
     def grouped(
         self,
         student_logits: Tensor,
@@ -187,10 +176,16 @@ class Objective(nn.Module):
         teacher_features: Sequence[Tensor] = (),
         student_features: Sequence[Tensor] = (),
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """(weighted sum of the per-row logit terms, weighted sum of the feature terms, parts).
+        """(weighted sum of the per-row logit terms, weighted sum of the feature terms, parts): parts maps
+        each term (and ``kind/pair s-t`` for feature terms) to its unweighted value; the total loss is the sum
+        of the two groups.
 
         The two groups are apart because data-parallel training weights them differently: a
         logit term is a mean over rows, a geometry term a statistic of the whole row matrix.
+
+        student_logits: (N, C) and labels (N,): examples of a classifier, or the response-token
+        predictions of a causal LM (see :func:`kdgeo.lm_data.response_predictions`).
+        teacher_features[k]: (n, d_t), student_features[k]: (n, d_s) for layer pair k.
         """
         logit_total = student_logits.new_zeros((), dtype=geometry.compute_dtype(student_logits))
         feature_total = student_logits.new_zeros((), dtype=geometry.compute_dtype(student_logits))

@@ -18,13 +18,16 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 from safetensors import SafetensorError
 from torch import nn
 
 from kdgeo.errors import LayerMapError, ModelLoadError
+
+if TYPE_CHECKING:
+    from kdgeo.plan import DistillPlan
 
 PACKAGE_PREFIX = "package:"
 
@@ -439,16 +442,34 @@ def check_hidden_widths(hidden_states: Sequence[torch.Tensor], expected: Sequenc
         )
 
 
-def find_layer_list(model: nn.Module) -> nn.ModuleList:
-    """The ``nn.ModuleList`` of transformer blocks (BERT ``encoder.layer``, OPT ``decoder.layers``, GPT-2 ``h``)."""
-    want = num_layers(model)
-    candidates = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == want]
-    if not candidates:
-        raise ModelLoadError(
-            f"Cannot find the list of {want} transformer layers inside {type(model).__name__}; "
-            'use student init = "config" or "pretrained" for this architecture.'
-        )
-    return candidates[0]
+LAYER_LIST_NAMES = ("layer", "layers", "h")
+"""Attribute names under which transformer implementations keep their block list (BERT, RoBERTa and
+DistilBERT ``layer``, OPT ``decoder.layers``, Llama/Qwen/Mistral ``model.layers``, GPT-2/Bloom/Falcon ``h``)."""
+
+
+def find_layer_list(model: nn.Module) -> nn.ModuleList | None:
+    """The model's ``nn.ModuleList`` of transformer blocks, or None when it has none that we recognise.
+
+    One rule for building students from teacher layers and for sharding blocks under FSDP, so the two
+    never disagree. With a config that gives the layer count L (Hugging Face models), only a list of
+    exactly L modules qualifies (a block list that is not L long would make layer indices lie): the
+    shallowest one named ``layer``, ``layers`` or ``h`` (:data:`LAYER_LIST_NAMES`), else the shallowest of
+    any name (T5 ``block``, MPT ``blocks``). Without a config (a plain module): the shallowest non-empty
+    list with one of those names. Shallowest first, because a block may hold lists of its own.
+    """
+    try:
+        want: int | None = num_layers(model) if hasattr(model, "config") else None
+    except ModelLoadError:
+        want = None
+    named: list[tuple[int, nn.ModuleList]] = []
+    other: list[tuple[int, nn.ModuleList]] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or not len(module) or (want is not None and len(module) != want):
+            continue
+        (named if name.rsplit(".", 1)[-1] in LAYER_LIST_NAMES else other).append((name.count("."), module))
+    found = named or (other if want is not None else [])
+    # min() keeps the first of equally shallow lists: named_modules() walks in definition order.
+    return min(found, key=lambda item: item[0])[1] if found else None
 
 
 def _replace_module(root: nn.Module, target: nn.Module, new: nn.Module) -> None:
@@ -487,6 +508,11 @@ def student_from_teacher_layers(teacher: nn.Module, layers: Sequence[int]) -> nn
         )
     student = copy.deepcopy(teacher)
     blocks = find_layer_list(student)
+    if blocks is None:
+        raise ModelLoadError(
+            f"Cannot find the list of {total} transformer layers inside {type(teacher).__name__}; "
+            'use student init = "config" or "pretrained" for this architecture.'
+        )
     kept = nn.ModuleList([blocks[i] for i in layers])
     for new_index, block in enumerate(kept):
         # Decoder blocks carry their position for the KV cache; renumber the copies.
@@ -587,3 +613,22 @@ def save_model_dir(model: nn.Module, tokenizer: Any, dest: Path, extra: dict[str
         os.replace(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_student(plan: DistillPlan, teacher: nn.Module, device: torch.device, dtype: torch.dtype | None) -> nn.Module:
+    """The student ``plan`` describes, in training mode on ``device``: a pretrained model with the
+    task's head (``student.init = "pretrained"``), the teacher with only ``plan.copied_layers``
+    kept (``"teacher-layers"``), or fresh from the teacher's config with ``student.arch``
+    overrides (``"config"``, drawn from ``plan.seed``)."""
+    torch.manual_seed(plan.seed)
+    if plan.student_ref is not None:
+        student = plan.task.load_model(plan.student_ref)
+    elif plan.copied_layers is not None:
+        student = student_from_teacher_layers(teacher, plan.copied_layers)
+        for p in student.parameters():
+            p.requires_grad_(True)
+    else:
+        student = plan.task.student_from_config(teacher, dict(plan.arch_overrides), plan.seed)
+    align_pad_token(student, plan.s_tok)
+    student.to(device=device, dtype=dtype).train()
+    return student

@@ -31,8 +31,9 @@ def param_groups(named: Iterable[tuple[str, nn.Parameter]], lr: float, weight_de
 def lr_lambda(total_steps: int, warmup_steps: int, schedule: str):
     """Multiplier of the peak learning rate at step s (0-based, before the update of step s+1).
 
-    linear: s/w during warm-up, then (T - s)/(T - w). cosine: 0.5 (1 + cos(pi (s - w)/(T - w))).
-    constant: 1 after warm-up.
+    Warm-up (every schedule): (s + 1)/w for s < w, so the first update already moves (1/w of the
+    peak, not 0) and update w runs at the peak. After it, with p = min(1, (s - w)/max(1, T - w)):
+    linear 1 - p (= (T - s)/(T - w)), cosine 0.5 (1 + cos(pi p)), constant 1.
     """
 
     def factor(step: int) -> float:

@@ -19,9 +19,11 @@ pooled rows or sequence-classification logits), and different fields may have di
 counts. An example is never split across shards; a shard is closed when the next example would
 take it past ``shard_bytes`` (an example bigger than that gets a shard of its own).
 
-Writing is incremental and in index order 0..n-1 (one example or one batch at a time, so the
-teacher's outputs never have to fit in memory), hashed with sha256 as the bytes go out (no second
-read). The entry is built in ``<root>/<key>.tmp-<pid>/`` and renamed into place by
+Writing is incremental and in index order 0..n-1 (one example at a time, so the teacher's
+outputs never have to fit in memory), hashed with sha256 as the bytes go out (no second read); the
+hashes are recorded in the manifest for people and tools (``sha256sum``), while :func:`check_entry`
+checks only what is cheap on every open (sizes and offsets: re-hashing would read the whole cache).
+The entry is built in ``<root>/<key>.tmp-<pid>/`` and renamed into place by
 :meth:`CacheWriter.commit`, so a crash or ``kill -9`` leaves no half entry; tmp directories
 whose process is gone are removed by the next build. Reading goes through read-only
 ``numpy.memmap`` views, so opening a 100 GiB cache and reading a batch costs the batch.
@@ -59,7 +61,6 @@ KEY_CHARS = 20
 FP16_MAX = 65504.0
 OFFSETS_SUFFIX = ".offsets.i64"
 
-Verify = Literal["size", "full"]
 Status = Literal["ok", "missing", "corrupt", "stale"]
 
 # name -> (torch dtype written, numpy dtype of the stored bits). Little-endian on disk whatever the host.
@@ -74,23 +75,26 @@ _OFFSET_DTYPE = np.dtype("<i8")
 _KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 _FIELD = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
 _BUILD_DIR = re.compile(r"^(?P<key>[A-Za-z0-9_-]+)\.(?:tmp|trash)-(?P<pid>\d+)$")
-_HASH_CHUNK = 8 * 2**20
 
 
 # --------------------------------------------------------------------------------------------
 # keys and sizes
 
 
-def cache_key(payload: Mapping[str, Any]) -> str:
-    """First 20 hex chars of sha256 over the canonical JSON (sorted keys, no spaces) of ``payload``.
+def cache_key(payload: Mapping[str, Any], chars: int = KEY_CHARS, compact: bool = True) -> str:
+    """First ``chars`` hex chars of sha256 over the canonical JSON (sorted keys; no spaces when
+    ``compact``) of ``payload``: the one way kdgeo names a cache entry (the teacher-output cache
+    here, the fine-tuned teacher cache in :func:`kdgeo.teacher.cache_key`, which keeps its
+    16-char, spaced form so existing entries stay valid).
 
     ``payload`` must hold everything that determines the cached values: the teacher's
     fingerprint, the data's fingerprint, the tokenization, the feature settings (layers, rows)
     and the storage dtype. Values must be JSON types (``torch.dtype`` and paths are written as
     ``str``); anything else raises ``TypeError`` rather than hashing an address-bearing repr.
     """
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=_json_default)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:KEY_CHARS]
+    separators = (",", ":") if compact else (", ", ": ")
+    text = json.dumps(payload, sort_keys=True, separators=separators, ensure_ascii=True, default=_json_default)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:chars]
 
 
 def _json_default(value: Any) -> Any:
@@ -211,8 +215,8 @@ class CacheWriter:
     ::
 
         with CacheWriter(root, key, payload, {"logits": 2, "layer3": 384}, n_examples=len(ds)) as w:
-            for start, batch in batches:                      # in index order 0..n-1
-                w.append_batch(start, {"logits": [...], "layer3": [...]})
+            for i, example in enumerate(examples):            # in index order 0..n-1
+                w.append(i, {"logits": ..., "layer3": ...})     # (rows_i, width) each
             path = w.commit()
 
     Examples must be appended in index order 0, 1, ..., n-1 (that is what makes the writing
@@ -315,15 +319,6 @@ class CacheWriter:
         except OSError as err:
             self._fail(err)
         self._next += 1
-
-    def append_batch(self, start_index: int, arrays: Mapping[str, Sequence[Tensor]]) -> None:
-        """Write examples ``start_index .. start_index + B - 1``: per field a list of B (rows_b, width) tensors."""
-        lengths = {name: len(items) for name, items in arrays.items()}
-        if len(set(lengths.values())) > 1:
-            raise ValueError(f"append_batch: every field needs the same number of examples, got {lengths}")
-        count = next(iter(lengths.values()), 0)
-        for b in range(count):
-            self.append(start_index + b, {name: items[b] for name, items in arrays.items()})
 
     def commit(self) -> Path:
         """Close the shards, write offsets and manifest, fsync, and rename the entry into place.
@@ -474,16 +469,16 @@ def clean_stale_builds(root: str | Path) -> list[Path]:
 # checking and reading
 
 
-def check_entry(root: str | Path, key: str, verify: Verify = "size") -> tuple[Status, str]:
+def check_entry(root: str | Path, key: str) -> tuple[Status, str]:
     """Whether ``<root>/<key>`` can be read, as ``(status, reason)``.
 
     status is ``"ok"``, ``"missing"`` (no entry), ``"corrupt"`` (manifest unreadable or
-    incomplete, a shard or offsets file missing or of the wrong size, a sha256 mismatch, offsets
-    that disagree with the shards) or ``"stale"`` (the manifest was written for another key or
-    another cache format). ``verify="size"`` checks sizes and offsets (cheap: no shard is read);
-    ``"full"`` also re-hashes every byte against the manifest's sha256.
+    incomplete, a shard or offsets file missing or of the wrong size, offsets that disagree with
+    the shards) or ``"stale"`` (the manifest was written for another key or another cache format).
+    Cheap: sizes and offsets only, no shard is read (a byte changed in place goes unseen; the
+    manifest's sha256 of each file is there to check by hand).
     """
-    status, reason, _, _ = _check(Path(os.path.expanduser(str(root))), key, verify)
+    status, reason, _, _ = _check(Path(os.path.expanduser(str(root))), key)
     return status, reason
 
 
@@ -499,14 +494,14 @@ class CacheEntryError(OutputError):
         )
 
 
-def open_entry(root: str | Path, key: str, verify: Verify = "size") -> CacheReader | None:
+def open_entry(root: str | Path, key: str) -> CacheReader | None:
     """A reader for ``<root>/<key>``, or ``None`` when there is no entry.
 
     Raises :class:`CacheEntryError` (an :class:`OutputError`) when the entry is corrupt or
     stale; call :func:`check_entry` first to decide to :func:`remove_entry` and rebuild instead.
     """
     path = Path(os.path.expanduser(str(root))) / key
-    status, reason, manifest, offsets = _check(path.parent, key, verify)
+    status, reason, manifest, offsets = _check(path.parent, key)
     if status == "missing":
         return None
     if status != "ok":
@@ -595,25 +590,6 @@ class CacheReader:
         """``[rows(name, i) for i in indices]``: B tensors of (rows_i, width) float32."""
         return [self.rows(name, int(i)) for i in indices]
 
-    def padded(self, name: str, indices: Sequence[int], pad_to: int | None = None) -> tuple[Tensor, Tensor]:
-        """Examples ``indices`` of field ``name`` zero-padded to a common length.
-
-        Returns ``(values, mask)``: values (B, T, width) float32 and mask (B, T) int64 with 1 on
-        real rows, where T = ``pad_to`` or the longest example. ``pad_to`` shorter than an
-        example raises ``ValueError`` (silently cutting teacher rows would misalign them).
-        """
-        items = self.batch(name, indices)
-        longest = max((t.shape[0] for t in items), default=0)
-        length = longest if pad_to is None else int(pad_to)
-        if longest > length:
-            raise ValueError(f"pad_to={pad_to} is shorter than the longest example ({longest} rows) of field {name!r}")
-        values = torch.zeros(len(items), length, self.fields[name])  # (B, T, width)
-        mask = torch.zeros(len(items), length, dtype=torch.long)  # (B, T)
-        for b, t in enumerate(items):
-            values[b, : t.shape[0]] = t
-            mask[b, : t.shape[0]] = 1
-        return values, mask
-
     def _field_offsets(self, name: str) -> np.ndarray:
         if name not in self.fields:
             raise KeyError(f"the cache has no field {name!r}; it has {sorted(self.fields)}")
@@ -632,11 +608,9 @@ class CacheReader:
 # helpers
 
 
-def _check(root: Path, key: str, verify: Verify) -> tuple[Status, str, dict[str, Any] | None, dict[str, np.ndarray] | None]:
+def _check(root: Path, key: str) -> tuple[Status, str, dict[str, Any] | None, dict[str, np.ndarray] | None]:
     """check_entry, also returning the manifest and offsets it read (for open_entry)."""
     _check_key(key)
-    if verify not in ("size", "full"):
-        raise ValueError(f"verify must be 'size' or 'full', got {verify!r}")
     entry = root / key
     if not entry.exists():
         return "missing", f"no entry {entry}", None, None
@@ -660,15 +634,16 @@ def _check(root: Path, key: str, verify: Verify) -> tuple[Status, str, dict[str,
             return "stale", f"its key payload hashes to {cache_key(manifest['payload'])!r}, not {key!r} (the manifest was edited)", None, None
         if manifest.get("complete") is not True:
             return "corrupt", f"{MANIFEST} does not mark the entry complete", None, None
-        problem, offsets = _check_fields(entry, manifest, verify)
+        problem, offsets = _check_fields(entry, manifest)
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         return "corrupt", f"{MANIFEST} is malformed ({type(err).__name__}: {err})", None, None
     if problem:
         return "corrupt", problem, None, None
-    return "ok", f"{manifest['n_examples']} examples, {', '.join(manifest['fields'])}; verified by {verify}", manifest, offsets
+    checked = f"{manifest['n_examples']} examples, {', '.join(manifest['fields'])}; sizes and offsets checked"
+    return "ok", checked, manifest, offsets
 
 
-def _check_fields(entry: Path, manifest: Mapping[str, Any], verify: Verify) -> tuple[str | None, dict[str, np.ndarray]]:
+def _check_fields(entry: Path, manifest: Mapping[str, Any]) -> tuple[str | None, dict[str, np.ndarray]]:
     """The first problem with the files the manifest lists (or None), and each field's offsets."""
     n = manifest["n_examples"]
     dtype = manifest["dtype"]
@@ -686,13 +661,13 @@ def _check_fields(entry: Path, manifest: Mapping[str, Any], verify: Verify) -> t
             return f"field {name!r} has width {width!r} and dtype {field['dtype']!r}", {}
         shard_rows = []
         for shard in field["shards"]:
-            path, problem = _listed_file(entry, shard["file"], shard["bytes"], shard["sha256"], verify)
+            path, problem = _listed_file(entry, shard["file"], shard["bytes"])
             if problem:
                 return f"field {name!r}: {problem}", {}
             if shard["bytes"] != shard["rows"] * width * itemsize:
                 return f"field {name!r}: shard {shard['file']} lists {shard['rows']} rows of width {width} but {shard['bytes']} bytes", {}
             shard_rows.append(int(shard["rows"]))
-        path, problem = _listed_file(entry, field["offsets_file"], field["offsets_bytes"], field["offsets_sha256"], verify)
+        path, problem = _listed_file(entry, field["offsets_file"], field["offsets_bytes"])
         if problem:
             return f"field {name!r}: {problem}", {}
         if field["offsets_bytes"] != (n + 1) * _OFFSET_DTYPE.itemsize:
@@ -707,8 +682,8 @@ def _check_fields(entry: Path, manifest: Mapping[str, Any], verify: Verify) -> t
     return None, all_offsets
 
 
-def _listed_file(entry: Path, name: Any, size: Any, sha256: Any, verify: Verify) -> tuple[Path, str | None]:
-    """Check one file the manifest lists: a plain name inside the entry, present, of the listed size (and hash)."""
+def _listed_file(entry: Path, name: Any, size: Any) -> tuple[Path, str | None]:
+    """Check one file the manifest lists: a plain name inside the entry, present, of the listed size."""
     if not isinstance(name, str) or Path(name).name != name or not _FIELD.match(name.split(".", 1)[0]):
         return entry, f"the manifest lists an invalid file name {name!r}"
     path = entry / name
@@ -720,16 +695,6 @@ def _listed_file(entry: Path, name: Any, size: Any, sha256: Any, verify: Verify)
         return path, f"{name} cannot be read ({err.strerror or err})"
     if actual != size:
         return path, f"{name} has {actual} bytes, the manifest says {size} (truncated or overwritten)"
-    if verify == "full":
-        digest = hashlib.sha256()
-        try:
-            with open(path, "rb") as fh:
-                while chunk := fh.read(_HASH_CHUNK):
-                    digest.update(chunk)
-        except OSError as err:
-            return path, f"{name} cannot be read ({err.strerror or err})"
-        if digest.hexdigest() != sha256:
-            return path, f"{name} fails its sha256 check (its bytes changed since it was written)"
     return path, None
 
 

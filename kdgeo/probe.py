@@ -11,21 +11,21 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from kdgeo import data as data_mod
 from kdgeo import geometry
 from kdgeo.errors import DataError, KdgeoError
-from kdgeo.features import LayerPair, Rows, check_tokenizers_agree, select_rows, suggest_layer_map
+from kdgeo.events import ProbeLoading, ProbeProgress, ProbeStart, Progress, ignore
+from kdgeo.features import LayerPair, check_tokenizers_agree, select_rows, suggest_layer_map
+from kdgeo.kinds import AutocastPrecision, Rows, higher_is_better
 from kdgeo.models import (
     ModelRef, check_cls_rows, check_hidden_widths, check_max_length, hidden_widths, load_config, load_encoder,
     load_tokenizer, num_layers,
 )
-from kdgeo.spec import device_problem
-
-Progress = Callable[[dict[str, Any]], None]
+from kdgeo.runtime import autocast, autocast_dtype, resolve_device
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class ProbeArgs:
     batch_size: int = 32
     max_length: int = 128
     device: str = "auto"
-    precision: str = "fp32"
+    precision: AutocastPrecision = "fp32"
 
 
 @dataclass
@@ -75,7 +75,7 @@ class ProbeResult:
             "samples": self.samples,
             "feature_rows": self.feature_rows,
             "metrics": list(self.tables),
-            "higher_is_better": {m: geometry.METRIC_HIGHER_IS_BETTER[m] for m in self.tables},
+            "higher_is_better": {m: higher_is_better(m) for m in self.tables},
             "tables": self.tables,
             "pairs": pairs,
             "suggested_map": [{"student": s, "teacher": t} for s, t in self.suggested_map],
@@ -85,46 +85,9 @@ class ProbeResult:
         }
 
 
-def resolve_device(name: str, setting: str = "--device") -> torch.device:
-    """The torch device for a device setting; only CPUs and CUDA GPUs (torch also parses meta, mps, xpu, ...)."""
-    problem = device_problem(name)
-    if problem:
-        raise KdgeoError(f"{setting}: {problem}.")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise KdgeoError(f"{setting} '{name}' is not a device; use auto, cpu, cuda or cuda:N.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise KdgeoError(f"device '{name}' was asked for ({setting}), but CUDA is not available here; set {setting} to cpu (or auto).")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise KdgeoError(f"device '{name}' ({setting}) does not exist: this machine has {torch.cuda.device_count()} CUDA device(s).")
-    return device
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device`` (None = no autocast: the weights' own
-    dtype, float32, or float64 under ``fp64`` -- see :func:`weight_dtype`)."""
-    if precision in ("fp32", "fp64"):
-        return None
-    if precision == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def weight_dtype(precision: str) -> torch.dtype | None:
-    """The dtype models are cast to for ``precision``: float64 for ``fp64`` (no autocast, so
-    every op runs in float64 and CPU kernel differences stay near 1e-12), else None (as loaded;
-    mixed precision comes from autocast, see :func:`autocast_dtype`)."""
-    return torch.float64 if precision == "fp64" else None
-
-
 def run_probe(args: ProbeArgs, progress: Progress | None = None) -> ProbeResult:
     """Stream both models' hidden states over the data and tabulate every layer pair."""
-    emit = progress or (lambda event: None)
+    emit = progress or ignore
     unknown = [m for m in args.metrics if m not in geometry.METRICS]
     if unknown:
         raise KdgeoError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(geometry.METRICS)}.")
@@ -155,7 +118,7 @@ def run_probe(args: ProbeArgs, progress: Progress | None = None) -> ProbeResult:
     split.encodings["teacher"] = data_mod.encode(t_tok, texts, None, args.max_length)
     split.encodings["student"] = data_mod.encode(s_tok, texts, None, args.max_length)
 
-    emit({"event": "loading", "teacher": args.teacher.ref, "student": args.student.ref})
+    emit(ProbeLoading(teacher=args.teacher.ref, student=args.student.ref))
     teacher = load_encoder(args.teacher).to(device)
     student = load_encoder(args.student).to(device)
     t_widths, s_widths = hidden_widths(t_cfg), hidden_widths(s_cfg)  # per hidden-state index: OPT's last may differ
@@ -163,12 +126,12 @@ def run_probe(args: ProbeArgs, progress: Progress | None = None) -> ProbeResult:
     start = time.perf_counter()
     done = 0
     total = len(split)
-    emit({"event": "start", "total": total})
+    emit(ProbeStart(total=total))
     with torch.inference_mode():
         for batch in data_mod.iterate_batches(split, args.batch_size):
             t_in = data_mod.to_device(batch["teacher"], device)
             s_in = data_mod.to_device(batch["student"], device)
-            with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            with autocast(device, amp):
                 t_hidden = teacher(**t_in, output_hidden_states=True).hidden_states  # L_t+1 x (B, T_t, d_t)
                 s_hidden = student(**s_in, output_hidden_states=True).hidden_states  # L_s+1 x (B, T_s, d_s)
             if done == 0:
@@ -186,12 +149,12 @@ def run_probe(args: ProbeArgs, progress: Progress | None = None) -> ProbeResult:
                     "similarity can be measured. Check the model's weights; with --precision bf16/fp16 try --precision fp32."
                 ) from None
             done += len(batch["index"])
-            emit({"event": "progress", "done": done, "total": total})
+            emit(ProbeProgress(done=done, total=total))
     if acc.n < 3:
         raise DataError(f"--data {args.dataset}: only {acc.n} feature rows; similarity needs at least 3 (use more samples).")
     tables = {m: acc.compute(m).cpu() for m in args.metrics}  # each (L_t+1, L_s+1)
     map_metric = args.metrics[0]
-    suggested = suggest_layer_map(tables[map_metric], geometry.METRIC_HIGHER_IS_BETTER[map_metric])
+    suggested = suggest_layer_map(tables[map_metric], higher_is_better(map_metric))
     return ProbeResult(
         teacher=args.teacher.ref,
         student=args.student.ref,
@@ -222,7 +185,7 @@ def plot_tables(result: ProbeResult, path: str) -> None:
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 + 2.6 * len(metrics), 4.2), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         values = torch.tensor(result.tables[metric])  # (L_t+1, L_s+1)
-        cmap = "viridis" if geometry.METRIC_HIGHER_IS_BETTER[metric] else "viridis_r"
+        cmap = "viridis" if higher_is_better(metric) else "viridis_r"
         im = ax.imshow(values.numpy(), cmap=cmap, aspect="auto", origin="lower")
         ax.set_title(metric)
         ax.set_xlabel("student layer")

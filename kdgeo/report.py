@@ -19,6 +19,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from kdgeo import events, kinds
+from kdgeo.events import (
+    Checkpoint, Done, Eval, Event, FinetuneStep, Monitor, NonFinite, ProbeLoading, ProbeProgress, ProbeStart, Resume,
+    RunFailed, RunWarning, Stage, Start, Step,
+)
+
 Mode = Literal["rich", "plain", "quiet"]
 
 err_console = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
@@ -51,6 +57,16 @@ def info(message: str, mode: Mode = "plain") -> None:
         err_console.print(Text(message))
 
 
+def stage_lines(mode: Mode) -> events.Progress:
+    """The progress callback of the commands without a live view (eval): each stage message as a line."""
+
+    def show(event: Event) -> None:
+        if isinstance(event, Stage):
+            info(event.message, mode)
+
+    return show
+
+
 def emit_json(record: dict[str, Any]) -> None:
     """One JSON line on stdout (the --json stream)."""
     sys.stdout.write(json.dumps(record, default=_json_default) + "\n")
@@ -80,28 +96,34 @@ class ProbeView:
         self._task: Any = None
         self._last_plain = 0.0
 
-    def __call__(self, event: dict[str, Any]) -> None:
-        kind = event["event"]
+    def __call__(self, event: Event) -> None:
         if self.mode == "quiet":
             return
-        if kind == "loading":
-            info(f"loading teacher {event['teacher']} and student {event['student']}", self.mode)
-        elif kind == "start":
-            if self.mode == "rich":
-                self._progress = Progress(
-                    TextColumn("probing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=err_console, transient=True,
-                )
-                self._progress.start()
-                self._task = self._progress.add_task("probe", total=event["total"])
-            else:
-                info(f"probing {event['total']} samples", self.mode)
-        elif kind == "progress":
-            if self._progress is not None:
-                self._progress.update(self._task, completed=event["done"])
-            elif event["done"] == event["total"] or event["done"] - self._last_plain >= max(1, event["total"] // 4):
-                self._last_plain = event["done"]
-                info(f"  {event['done']}/{event['total']} samples", self.mode)
+        match event:
+            case ProbeLoading(teacher=teacher, student=student):
+                info(f"loading teacher {teacher} and student {student}", self.mode)
+            case ProbeStart(total=total):
+                self._start(total)
+            case ProbeProgress(done=done, total=total):
+                self._advance(done, total)
+
+    def _start(self, total: int) -> None:
+        if self.mode == "rich":
+            self._progress = Progress(
+                TextColumn("probing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                console=err_console, transient=True,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task("probe", total=total)
+        else:
+            info(f"probing {total} samples", self.mode)
+
+    def _advance(self, done: int, total: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=done)
+        elif done == total or done - self._last_plain >= max(1, total // 4):  # plain: about 4 lines, not one a batch
+            self._last_plain = done
+            info(f"  {done}/{total} samples", self.mode)
 
     def close(self) -> None:
         if self._progress is not None:
@@ -125,11 +147,9 @@ def layer_table(title: str, values: Sequence[Sequence[float]], highlight: set[tu
 
 def print_probe(result: Any) -> None:
     highlight = set(result.suggested_map)
-    from kdgeo.geometry import METRIC_HIGHER_IS_BETTER
-
     for metric, values in result.tables.items():
         marked = highlight if metric == result.map_metric else set()
-        out_console.print(layer_table(metric, values, marked, METRIC_HIGHER_IS_BETTER[metric]))
+        out_console.print(layer_table(metric, values, marked, kinds.higher_is_better(metric)))
     mapping = ", ".join(f"{s}->{t}" for s, t in result.suggested_map)
     out_console.print(Text(f"suggested layer map (student->teacher, by {result.map_metric}): {mapping}"))
     pairs = "[" + ", ".join(f"[{s}, {t}]" for s, t in result.suggested_map) + "]"
@@ -140,9 +160,10 @@ def print_probe(result: Any) -> None:
 LOSS_ORDER = ("loss", "ce", "kd", "procrustes", "gram", "cka", "projection", "mse", "cosine")
 
 
-def _loss_text(event: dict[str, Any]) -> str:
-    keys = [k for k in LOSS_ORDER if k in event]
-    return "  ".join(f"{k} {fmt(event[k])}" for k in keys)
+def _loss_text(losses: dict[str, float]) -> str:
+    """The total and the summed terms by kind; per-pair terms (``procrustes/2-6``) stay in the JSON."""
+    keys = [k for k in LOSS_ORDER if k in losses]
+    return "  ".join(f"{k} {fmt(losses[k])}" for k in keys)
 
 
 def monitor_table(step: int, pairs: list[dict[str, Any]]) -> Table:
@@ -212,100 +233,125 @@ class DistillView:
         if self._live is not None:
             self._live.update(self._render())
 
-    def __call__(self, event: dict[str, Any]) -> None:
-        if self.json_lines and event["event"] != "finetune_step":
-            emit_json(event)
-        kind = event["event"]
-        if kind in ("warning", "nonfinite"):  # shown even with --quiet: they change what the numbers mean
-            self._warn(event)
-            return
+    def __call__(self, event: Event) -> None:
+        if self.json_lines and not isinstance(event, FinetuneStep):  # fine-tune steps are not part of a run's record
+            emit_json(events.to_dict(event))
+        match event:  # shown even with --quiet: they change what the numbers mean
+            case RunWarning(message=message):
+                self._warn(message)
+                return
+            case NonFinite(step=step, terms=terms, action=action):
+                what = {"skipped": "update skipped", "monitor": "monitor values are NaN"}.get(action, action)
+                self._warn(f"non-finite values at step {step} in {', '.join(terms)} ({what})")
+                return
         if self.mode == "quiet":
             return
-        if kind == "stage":
-            if self._live is not None:
-                self._live.console.print(Text(event["message"]))
-            else:
-                info(event["message"], self.mode)
-        elif kind == "finetune_step":
-            if self.mode == "rich":
-                self._ensure_live()
-                assert self._progress is not None
-                if self._ft_task is None:
-                    self._ft_task = self._progress.add_task("fine-tuning teacher", total=event["total"], rate="")
-                self._progress.update(self._ft_task, completed=event["step"], rate=f"loss {event['loss']:.3f}")
-                self._refresh()
-            elif event["step"] == event["total"] or event["step"] % max(1, event["total"] // 5) == 0:
-                info(f"teacher fine-tuning step {event['step']}/{event['total']}  loss {fmt(event['loss'])}", self.mode)
-        elif kind == "start":
-            line = (f"training: {event['total_steps']} steps ({event['steps_per_epoch']}/epoch) on {event['train_samples']} examples, "
-                    f"device {event['device']}, precision {event['precision']}, losses {' + '.join(event['losses'])}")
-            if event["pairs"]:
-                line += ", pairs " + ", ".join(f"{s}->{t}" for s, t in event["pairs"])
-            line += f"; teacher {scores_text(event['teacher_scores'])}"
-            if self.mode == "rich":
-                self._ensure_live()
-                assert self._progress is not None
-                self._live.console.print(Text(line))
-                self._task = self._progress.add_task("distilling", total=event["total_steps"], rate="")
-                self._refresh()
-            else:
-                info(line, self.mode)
-        elif kind == "resume":
-            line = f"resumed at step {event['step']} from {event['checkpoint']}"
-            if self.mode == "rich":
-                self._ensure_live()
-                assert self._progress is not None
-                self._live.console.print(Text(line))
-                if self._task is None:
-                    self._task = self._progress.add_task("distilling", total=None, rate="")
-                self._progress.update(self._task, completed=event["step"])
-                self._refresh()
-            else:
-                info(line, self.mode)
-        elif kind == "step":
-            text = f"epoch {event['epoch']:.2f}  lr {event['lr']:.2e}  {_loss_text(event)}"
-            if self.mode == "rich" and self._progress is not None and self._task is not None:
-                self._progress.update(self._task, completed=event["step"], total=event["total_steps"], rate=f"{event['samples_per_s']:.1f} samples/s")
-                self._loss = text
-                self._refresh()
-            else:
-                info(f"step {event['step']}/{event['total_steps']}  {text}  {event['samples_per_s']:.1f} samples/s", self.mode)
-        elif kind == "monitor":
-            if self.mode == "rich":
-                self._monitor = monitor_table(event["step"], event["pairs"])
-                self._refresh()
-            else:
-                cells = "; ".join(
-                    f"{p['student']}->{p['teacher']} " + " ".join(f"{k} {fmt(v)}" for k, v in p.items() if k not in ("student", "teacher"))
-                    for p in event["pairs"]
-                )
-                info(f"monitor step {event['step']}: {cells}", self.mode)
-        elif kind == "eval":
-            text = f"eval (step {event['step']}, epoch {event['epoch']:g}): {scores_text(event['scores'])}"
-            if self.mode == "rich":
-                self._scores = text
-                self._refresh()
-            else:
-                info(text, self.mode)
-        elif kind == "run_failed":
-            self.close()
-            error(f"run {event['variant']} seed {event['seed']} failed: {event['error']}")
-        elif kind == "done":
-            self.close()
-            summary = event["summary"]
-            info(
-                f"done in {summary['wall_seconds']:.1f}s ({summary['samples_per_s']:.1f} samples/s): student "
-                f"{scores_text(summary['scores'])} | teacher {scores_text(summary['teacher_scores'])}",
-                self.mode,
-            )
-            info(f"run directory: {summary['run_dir']}", self.mode)
+        match event:
+            case Stage(message=message):
+                self._print(message)
+            case FinetuneStep():
+                self._finetune_step(event)
+            case Start():
+                self._start(event)
+            case Resume(step=step, checkpoint=path):
+                self._resume(step, path)
+            case Step():
+                self._step(event)
+            case Monitor(step=step, pairs=pairs):
+                self._show_monitor(step, pairs)
+            case Eval(step=step, epoch=epoch, scores=scores):
+                text = f"eval (step {step}, epoch {epoch:g}): {scores_text(scores)}"
+                if self.mode == "rich":
+                    self._scores = text
+                    self._refresh()
+                else:
+                    info(text, self.mode)
+            case RunFailed(variant=variant, seed=seed, error=message):
+                self.close()
+                error(f"run {variant} seed {seed} failed: {message}")
+            case Done(summary=summary):
+                self._done(summary)
+            case Checkpoint():
+                pass  # in metrics.jsonl and --json only: the run directory says where checkpoints are
 
-    def _warn(self, event: dict[str, Any]) -> None:
-        if event["event"] == "warning":
-            message = event["message"]
+    def _print(self, message: str) -> None:
+        """A line above the live display while it runs (it would overwrite a plain print), else a plain line."""
+        if self._live is not None:
+            self._live.console.print(Text(message))
         else:
-            what = {"skipped": "update skipped", "monitor": "monitor values are NaN"}.get(event["action"], event["action"])
-            message = f"non-finite values at step {event['step']} in {', '.join(event['terms'])} ({what})"
+            info(message, self.mode)
+
+    def _finetune_step(self, event: FinetuneStep) -> None:
+        if self.mode == "rich":
+            self._ensure_live()
+            assert self._progress is not None
+            if self._ft_task is None:
+                self._ft_task = self._progress.add_task("fine-tuning teacher", total=event.total, rate="")
+            self._progress.update(self._ft_task, completed=event.step, rate=f"loss {event.loss:.3f}")
+            self._refresh()
+        elif event.step == event.total or event.step % max(1, event.total // 5) == 0:  # plain: about 5 lines
+            info(f"teacher fine-tuning step {event.step}/{event.total}  loss {fmt(event.loss)}", self.mode)
+
+    def _start(self, event: Start) -> None:
+        line = (f"training: {event.total_steps} steps ({event.steps_per_epoch}/epoch) on {event.train_samples} examples, "
+                f"device {event.device}, precision {event.precision}, losses {' + '.join(event.losses)}")
+        if event.pairs:
+            line += ", pairs " + ", ".join(f"{s}->{t}" for s, t in event.pairs)
+        line += f"; teacher {scores_text(event.teacher_scores)}"
+        if self.mode == "rich":
+            self._ensure_live()
+            assert self._progress is not None
+            self._print(line)
+            self._task = self._progress.add_task("distilling", total=event.total_steps, rate="")
+            self._refresh()
+        else:
+            info(line, self.mode)
+
+    def _resume(self, step: int, path: str) -> None:
+        line = f"resumed at step {step} from {path}"
+        if self.mode == "rich":
+            self._ensure_live()
+            assert self._progress is not None
+            self._print(line)
+            if self._task is None:
+                self._task = self._progress.add_task("distilling", total=None, rate="")
+            self._progress.update(self._task, completed=step)
+            self._refresh()
+        else:
+            info(line, self.mode)
+
+    def _step(self, event: Step) -> None:
+        text = f"epoch {event.epoch:.2f}  lr {event.lr:.2e}  {_loss_text(event.losses)}"
+        if self.mode == "rich" and self._progress is not None and self._task is not None:
+            rate = f"{event.samples_per_s:.1f} samples/s"
+            self._progress.update(self._task, completed=event.step, total=event.total_steps, rate=rate)
+            self._loss = text
+            self._refresh()
+        else:
+            info(f"step {event.step}/{event.total_steps}  {text}  {event.samples_per_s:.1f} samples/s", self.mode)
+
+    def _show_monitor(self, step: int, pairs: list[dict[str, float]]) -> None:
+        if self.mode == "rich":
+            self._monitor = monitor_table(step, pairs)
+            self._refresh()
+        else:
+            cells = "; ".join(
+                f"{p['student']}->{p['teacher']} "
+                + " ".join(f"{k} {fmt(v)}" for k, v in p.items() if k not in ("student", "teacher"))
+                for p in pairs
+            )
+            info(f"monitor step {step}: {cells}", self.mode)
+
+    def _done(self, summary: dict[str, Any]) -> None:
+        self.close()
+        info(
+            f"done in {summary['wall_seconds']:.1f}s ({summary['samples_per_s']:.1f} samples/s): student "
+            f"{scores_text(summary['scores'])} | teacher {scores_text(summary['teacher_scores'])}",
+            self.mode,
+        )
+        info(f"run directory: {summary['run_dir']}", self.mode)
+
+    def _warn(self, message: str) -> None:
         if self._live is not None:
             self._live.console.print(Text("warning: ", style="yellow") + Text(message))
         else:

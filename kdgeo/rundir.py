@@ -13,6 +13,11 @@ A run directory holds::
 Files are written atomically (temporary file in the same directory, fsync, rename), so a
 crash never leaves a half-written ``summary.json``; ``metrics.jsonl`` is appended a line at a
 time and flushed.
+
+Reading back: :func:`read_run` returns a :class:`RunDirectory` (spec.json as written, the
+:class:`RunSummary` once the run has finished); `kdgeo eval` and `kdgeo compare` read runs only
+through it. ``RunSummary(...).to_dict()`` is summary.json, key for key; ``RunSummary.from_dict``
+reads run format 1 (keys an older run lacks read as absent) and refuses a newer format.
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ import json
 import math
 import os
 import tempfile
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from kdgeo import files
 from kdgeo.errors import KdgeoError, OutputError
 from kdgeo.files import NAME_MAX_BYTES, describe_os_error, utf8_position
 
@@ -244,3 +251,380 @@ def check_writable_dir(path: str | Path, setting: str, why: str) -> Path:
             "directory (or fix its permissions) before the run starts."
         ) from None
     return where
+
+
+# ---- reading a run back --------------------------------------------------------------------------
+#
+# summary.json and spec.json are read in one place, into types, so that `kdgeo eval` and
+# `kdgeo compare` agree on what a run recorded and on what an absent key means.
+
+
+class RunFileError(KdgeoError):
+    """A file of a run directory is missing, unreadable, or not the JSON object it should be.
+
+    ``reason`` is the problem alone (``"is not valid JSON (...)"``), so that a reader of many runs
+    (`kdgeo compare`) can list every damaged file in one message.
+    """
+
+    def __init__(self, path: Path, reason: str, message: str | None = None) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(
+            message or f"{path} {reason}: the run directory is damaged. Restore the file, or run the run again."
+        )
+
+
+def read_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; RunFileError naming the file, the line and what is wrong otherwise."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise RunFileError(path, f"cannot be read ({describe_os_error(err, path)})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line, column = utf8_position(raw, err)
+        # The long form names the bad bytes and how to convert the file.
+        try:
+            files.decode_utf8(raw, f"{path} (the run directory is damaged)")
+            message = None
+        except KdgeoError as long_form:
+            message = long_form.message
+        raise RunFileError(path, f"is not UTF-8 text at line {line}, column {column}", message) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise RunFileError(path, f"is not valid JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
+    if not isinstance(data, dict):
+        raise RunFileError(path, f"holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def as_int(value: object) -> int | None:
+    """An integer as a hand-edited or older JSON file may hold it (``3``, ``3.0``, ``"3"``); None otherwise."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return None
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def _number(value: object) -> float | int | None:
+    """A JSON number as written (an int stays an int, so a summary reads back byte for byte)."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _flag(value: object) -> bool | None:
+    return value if isinstance(value, bool) else None
+
+
+def _object(value: object) -> dict[str, Any] | None:
+    return value if isinstance(value, dict) else None
+
+
+def _array(value: object) -> list[Any] | None:
+    return value if isinstance(value, list) else None
+
+
+_CLASSIFICATION_KEYS = ("text_column", "label_column")
+_CAUSAL_LM_KEYS = (
+    "prompt_column", "response_column", "context_column", "max_prompt_length", "long_examples", "truncation",
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunData:
+    """summary.json's ``data``: the data a run trained and was evaluated on.
+
+    The task's own settings are on :class:`ClassificationData` and :class:`CausalLMData`, so a
+    summary holds the keys of its task and no others. A summary from before ``data`` was written
+    has none (``RunSummary.data is None``); `kdgeo compare` then reads spec.json's.
+    """
+
+    dataset: str | None
+    config: str | None
+    train_split: str | None
+    eval_split: str | None
+    eval_dataset: str | None
+    max_train_samples: int | None
+    max_eval_samples: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object, keys in declaration order (the order summary.json has always had)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> RunData:
+        """Read any ``data`` table (a summary's, or a spec's: unknown keys are ignored)."""
+        common: dict[str, Any] = {
+            "dataset": _text(data.get("dataset")), "config": _text(data.get("config")),
+            "train_split": _text(data.get("train_split")), "eval_split": _text(data.get("eval_split")),
+            "eval_dataset": _text(data.get("eval_dataset")), "max_train_samples": as_int(data.get("max_train_samples")),
+            "max_eval_samples": as_int(data.get("max_eval_samples")),
+        }
+        if any(key in data for key in _CAUSAL_LM_KEYS):
+            return CausalLMData(
+                **common,
+                prompt_column=_text(data.get("prompt_column")),
+                response_column=_text(data.get("response_column")),
+                context_column=_text(data.get("context_column")),
+                max_prompt_length=as_int(data.get("max_prompt_length")),
+                long_examples=_text(data.get("long_examples")), truncation=_object(data.get("truncation")),
+            )
+        if any(key in data for key in _CLASSIFICATION_KEYS):
+            return ClassificationData(
+                **common, text_column=_text(data.get("text_column")), label_column=_text(data.get("label_column"))
+            )
+        return RunData(**common)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClassificationData(RunData):
+    text_column: str | None
+    label_column: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class CausalLMData(RunData):
+    prompt_column: str | None
+    response_column: str | None
+    context_column: str | None
+    max_prompt_length: int | None
+    """The prompt budget the run used (``data.max_prompt_length``, else half of ``data.max_length``)."""
+    long_examples: str | None
+    truncation: dict[str, Any] | None
+    """What fitting prompts and examples cut or dropped: {"train": counts, "eval": counts}, counts
+    keyed by the roles that share a tokenizer (``TextSplit.truncation``)."""
+
+
+_OPTIONAL_SUMMARY_KEYS = ("processes", "distributed", "gather_features")
+"""Written only by a run under torchrun."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSummary:
+    """summary.json: what a finished run did and measured. ``to_dict()`` is the file's JSON.
+
+    The fields are the file's keys, in the file's order. ``None`` in a scalar field means the
+    run did not record it (an older kdgeo, a hand-made file) unless the field says otherwise.
+    """
+
+    format_version: int
+    name: str | None
+    variant: str | None
+    data: RunData | None
+    run_dir: str | None
+    task: str | None
+    seed: int | None
+    teacher: str | None
+    """teacher.model as the spec gives it."""
+    teacher_path: str | None
+    """Where the teacher was loaded from: teacher.model, or the fine-tuned copy in the teacher cache."""
+    teacher_finetune: dict[str, Any] | None
+    """{"cached", "path", "key", ...the fine-tune's own record}; None when the teacher was not fine-tuned."""
+    student_init: str | None
+    student_layers: int | None
+    student_width: int | None
+    student_widths: list[int]
+    student_parameters: int | None
+    teacher_parameters: int | None
+    copied_teacher_layers: list[int] | None
+    student_dir: str | None
+    """None when output.save_student = false."""
+    losses: list[dict[str, Any]]
+    """[{"kind", "weight"}] per loss term."""
+    pairs: list[list[int]]
+    """[student layer, teacher layer] per monitored pair."""
+    rows: str | None
+    label_names: list[str] | None
+    """None for causal-lm runs."""
+    steps: int | None
+    epochs: float | None
+    train_samples: int | None
+    eval_samples: int | None
+    scores: dict[str, float | None]
+    """The student's final task scores (null: not finite)."""
+    teacher_scores: dict[str, float | None]
+    geometry: list[dict[str, Any]]
+    """Final per-layer-pair geometry: {student, teacher, procrustes, cka, gram}."""
+    skipped_steps_nonfinite: int
+    skipped_steps_fp16_overflow: int
+    resumed_from: str | None
+    teacher_outputs: str | None
+    """The teacher-output cache file the run read, when output.teacher_outputs = true."""
+    wall_seconds: float | None
+    train_seconds: float | None
+    samples_per_s: float | None
+    device: str | None
+    precision: str | None
+    versions: dict[str, str]
+    processes: int | None = None
+    """torchrun only: the world size."""
+    distributed: str | None = None
+    """torchrun only: "ddp" or "fsdp"."""
+    gather_features: bool | None = None
+    """torchrun only: train.gather_features."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The summary.json object, key for key and in order as kdgeo has always written it."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in _OPTIONAL_SUMMARY_KEYS and value is None:
+                continue
+            out[f.name] = value.to_dict() if isinstance(value, RunData) else value
+        return out
+
+    @staticmethod
+    def from_dict(data: dict[str, Any], source: str = SUMMARY) -> RunSummary:
+        """Read run format 1 (``source`` names the file in errors).
+
+        Keys an older run lacks read as None (containers as empty, skip counters as 0); values of
+        the wrong JSON type read as absent; unknown keys are ignored. A newer format is refused:
+        its keys may mean something else.
+        """
+        version = data.get("format_version", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            from kdgeo import __version__
+
+            raise KdgeoError(
+                f"{source} is in run format {version!r}, and this kdgeo ({__version__}) reads format {FORMAT_VERSION}: "
+                "the run was written by a newer kdgeo. Upgrade kdgeo (pip install -U kdgeo) to read it."
+            )
+        raw_data = _object(data.get("data"))
+        widths = _array(data.get("student_widths")) or []
+        return RunSummary(
+            format_version=FORMAT_VERSION,
+            name=_text(data.get("name")),
+            variant=_text(data.get("variant")),
+            data=RunData.from_dict(raw_data) if raw_data is not None else None,
+            run_dir=_text(data.get("run_dir")),
+            task=_text(data.get("task")),
+            seed=as_int(data.get("seed")),
+            teacher=_text(data.get("teacher")),
+            teacher_path=_text(data.get("teacher_path")),
+            teacher_finetune=_object(data.get("teacher_finetune")),
+            student_init=_text(data.get("student_init")),
+            student_layers=as_int(data.get("student_layers")),
+            student_width=as_int(data.get("student_width")),
+            student_widths=[w for w in widths if as_int(w) is not None],
+            student_parameters=as_int(data.get("student_parameters")),
+            teacher_parameters=as_int(data.get("teacher_parameters")),
+            copied_teacher_layers=_array(data.get("copied_teacher_layers")),
+            student_dir=_text(data.get("student_dir")),
+            losses=[t for t in _array(data.get("losses")) or [] if isinstance(t, dict)],
+            pairs=[p for p in _array(data.get("pairs")) or [] if isinstance(p, list)],
+            rows=_text(data.get("rows")),
+            label_names=[str(n) for n in labels] if (labels := _array(data.get("label_names"))) is not None else None,
+            steps=as_int(data.get("steps")),
+            epochs=_number(data.get("epochs")),
+            train_samples=as_int(data.get("train_samples")),
+            eval_samples=as_int(data.get("eval_samples")),
+            scores={str(k): v for k, v in (_object(data.get("scores")) or {}).items()},
+            teacher_scores={str(k): v for k, v in (_object(data.get("teacher_scores")) or {}).items()},
+            geometry=[p for p in _array(data.get("geometry")) or [] if isinstance(p, dict)],
+            skipped_steps_nonfinite=as_int(data.get("skipped_steps_nonfinite")) or 0,
+            skipped_steps_fp16_overflow=as_int(data.get("skipped_steps_fp16_overflow")) or 0,
+            resumed_from=_text(data.get("resumed_from")),
+            teacher_outputs=_text(data.get("teacher_outputs")),
+            wall_seconds=_number(data.get("wall_seconds")),
+            train_seconds=_number(data.get("train_seconds")),
+            samples_per_s=_number(data.get("samples_per_s")),
+            device=_text(data.get("device")),
+            precision=_text(data.get("precision")),
+            versions={str(k): str(v) for k, v in (_object(data.get("versions")) or {}).items()},
+            processes=as_int(data.get("processes")),
+            distributed=_text(data.get("distributed")),
+            gather_features=_flag(data.get("gather_features")),
+        )
+
+
+@dataclass(frozen=True)
+class RunDirectory:
+    """A run directory read back once: its spec.json as written, and its summary when it has finished."""
+
+    path: Path
+    spec: dict[str, Any] = field(default_factory=dict)
+    """spec.json as written (every field resolved; validate with kdgeo.spec.validate_spec where a
+    RunSpec is needed). Empty when the file is absent or unreadable (see ``spec_problem``)."""
+    summary: RunSummary | None = None
+    """None while the run has not finished (or failed): there is no summary.json yet."""
+    spec_problem: RunFileError | None = None
+    """Why spec.json could not be read; raise it where the spec is needed, warn where it is not."""
+
+    @property
+    def finished(self) -> bool:
+        return self.summary is not None
+
+    @property
+    def student_dir(self) -> Path:
+        return self.path / STUDENT
+
+    @property
+    def variant(self) -> str:
+        """The sweep variant; for a single run its name (summary first, then spec.json, then the directory name)."""
+        s = self.summary
+        for value in (s and s.variant, s and s.name, self.spec.get("variant"), self.spec.get("name")):
+            if value:
+                return str(value)
+        return self.path.name
+
+    @property
+    def seed(self) -> int | None:
+        if self.summary is not None and self.summary.seed is not None:
+            return self.summary.seed
+        return as_int(self.spec.get("seed"))
+
+    @property
+    def task(self) -> str | None:
+        if self.summary is not None and self.summary.task is not None:
+            return self.summary.task
+        return _text(self.spec.get("task"))
+
+    @property
+    def data(self) -> RunData | None:
+        """The summary's data table; for a summary that lacks one, spec.json's."""
+        if self.summary is not None and self.summary.data is not None:
+            return self.summary.data
+        spec_data = _object(self.spec.get("data"))
+        return RunData.from_dict(spec_data) if spec_data is not None else None
+
+    def metrics(self) -> list[dict[str, Any]]:
+        """metrics.jsonl's records (a last line cut short by a crash is left out; see :func:`read_jsonl`)."""
+        return [r for r in read_jsonl(self.path / METRICS) if isinstance(r, dict)]
+
+
+def read_run(path: str | Path) -> RunDirectory:
+    """Read the run directory at ``path``: spec.json, and summary.json when the run has finished.
+
+    A damaged summary.json raises RunFileError (naming the file and the line); a damaged spec.json
+    is kept as ``spec_problem``, since a finished run's summary holds what most readers need. A
+    directory with neither file raises RunFileError: it is not a run directory.
+    """
+    run = Path(os.path.expanduser(str(path)))
+    label = f"run directory '{path}'"
+    spec_file, summary_file = run / SPEC_JSON, run / SUMMARY
+    has_spec, has_summary = files.is_file(spec_file, label), files.is_file(summary_file, label)
+    if not (has_spec or has_summary):
+        raise RunFileError(
+            run, f"is not a kdgeo run directory (it has no {SPEC_JSON} and no {SUMMARY})",
+            f"{run} is not a kdgeo run directory (it has no {SPEC_JSON} and no {SUMMARY}); pass the directory "
+            "`kdgeo distill` wrote (output.dir/output.name).",
+        )
+    spec: dict[str, Any] = {}
+    problem: RunFileError | None = None
+    if has_spec:
+        try:
+            spec = read_object(spec_file)
+        except RunFileError as err:
+            problem = err
+    summary = RunSummary.from_dict(read_object(summary_file), str(summary_file)) if has_summary else None
+    return RunDirectory(run, spec, summary, problem)

@@ -1,8 +1,9 @@
 """The run spec: pydantic models of the TOML file that `kdgeo distill` reads.
 
 The spec is validated once, here, at the edge. Every field is documented where it is declared;
-those docstrings are the help text (and are quoted in error messages). Nothing below the engine
-takes a spec object: `kdgeo.engine` receives flat, typed values.
+those docstrings are the help text (and are quoted in error messages). The flow is spec ->
+`kdgeo.plan.make_plan(spec)` (a flat, frozen `DistillPlan`; every cheap check before weights load)
+-> build (teacher, student, objective) -> `kdgeo.loop.train`: nothing below the plan takes a spec object.
 
 A spec file holds one run at its top level. It may also hold named presets in
 ``[presets.NAME]`` tables: each is merged over the top level (tables merge key by key, lists
@@ -28,6 +29,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdgeo.errors import SpecError
+from kdgeo.kinds import FEATURE_KINDS, GEOMETRY_LOSSES, MIN_GEOMETRY_ROWS, Precision, Rows
 from kdgeo.rundir import path_component_problem
 
 if sys.version_info >= (3, 11):
@@ -303,14 +305,13 @@ class DataSpec(_Strict):
         return value
 
 
-FeatureRows = Literal["tokens", "cls", "mean"]
 LayerPairs = Union[Literal["uniform", "last", "probe"], list[tuple[int, int]]]
 
 
 class FeaturesSpec(_Strict):
     """Which hidden states are compared, and what the rows of the feature matrices are."""
 
-    rows: FeatureRows = "tokens"
+    rows: Rows = "tokens"
     """`tokens`: every non-padding token is a row (needs teacher and student to tokenize alike).
     `cls`: the first token's state per example. `mean`: the mask-weighted mean over tokens."""
     pairs: LayerPairs = "uniform"
@@ -412,13 +413,9 @@ LOSS_CLASSES: dict[str, type[_LossBase]] = {
     "mse": MSELoss,
     "cosine": CosineLoss,
 }
-FEATURE_LOSSES = frozenset({"procrustes", "gram", "cka", "projection", "mse", "cosine"})
-GEOMETRY_LOSSES = frozenset({"procrustes", "gram", "cka"})
-"""Feature losses that are statistics of a whole batch's feature matrix (centred, normalised)."""
-MIN_GEOMETRY_ROWS = 3
-"""Fewest feature rows a geometry loss or the monitor accepts (see RunSpec._rows_per_step)."""
-
-Precision = Literal["auto", "bf16", "fp16", "fp32", "fp64"]
+# The loss kinds, GEOMETRY_LOSSES, MIN_GEOMETRY_ROWS (the fewest feature rows a geometry loss or the monitor
+# accepts, see RunSpec._rows_per_step) and Precision live in kdgeo.kinds (tests/test_spec.py checks that
+# LOSS_CLASSES names kinds.LOSS_KINDS); imported above, so `from kdgeo.spec import GEOMETRY_LOSSES` still works.
 
 
 class TrainSpec(_Strict):
@@ -713,7 +710,7 @@ class RunSpec(_Strict):
 
     @property
     def feature_losses(self) -> list[_LossBase]:
-        return [loss for loss in self.losses if loss.kind in FEATURE_LOSSES]
+        return [loss for loss in self.losses if loss.kind in FEATURE_KINDS]
 
 
 # --------------------------------------------------------------------------------------------

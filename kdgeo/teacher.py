@@ -13,23 +13,29 @@ cache entry.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from kdgeo import data as data_mod
+from kdgeo import output_cache
 from kdgeo.errors import OutputError
 from kdgeo.models import SAVE_ERRORS, save_model_dir
 from kdgeo.optim import build_optimizer, build_scheduler, param_groups
+from kdgeo.events import FinetuneStep, Progress, Stage
+from kdgeo.runtime import autocast
+
+if TYPE_CHECKING:
+    from kdgeo.distributed import Dist
+    from kdgeo.plan import DistillPlan
+    from kdgeo.tasks import Task
 
 CACHE_META = "kdgeo-teacher.json"
-Progress = Callable[[dict[str, Any]], None]
 
 
 @dataclass(frozen=True)
@@ -60,8 +66,7 @@ def cache_key(
     }
     if float64:
         payload["dtype"] = "float64"
-    text = json.dumps(payload, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return output_cache.cache_key(payload, chars=16, compact=False)
 
 
 def cached_teacher(cache_dir: Path, key: str) -> Path | None:
@@ -78,13 +83,14 @@ def finetune(
     device: torch.device,
     amp: torch.dtype | None,
     progress: Progress,
+    task: Task,
     group_by_length: bool = False,
-    causal_lm: bool = False,
 ) -> dict[str, Any]:
-    """Cross-entropy fine-tuning of ``model`` on ``split`` (role 'teacher'), in place: on the
-    labels, or (``causal_lm``) on the next response token. It trains in the model's dtype
-    (float64 under ``train.precision = "fp64"``, the caller casts it) with ``amp`` autocast if any."""
-    from kdgeo.losses import at_least_float32, response_predictions
+    """Cross-entropy fine-tuning of ``model`` on ``split`` (role 'teacher'), in place, on the
+    task's targets (:meth:`kdgeo.tasks.Task.logits_and_labels`: the labels, or the next response
+    token). It trains in the model's dtype (float64 under ``train.precision = "fp64"``, the caller
+    casts it) with ``amp`` autocast if any."""
+    from kdgeo.losses import at_least_float32
 
     torch.manual_seed(args.seed)
     model.to(device).train()
@@ -98,13 +104,10 @@ def finetune(
     while step < total:
         for batch in data_mod.iterate_batches(split, args.batch_size, shuffle=True, seed=args.seed, epoch=epoch, group_by_length=group_by_length):
             inputs = data_mod.to_device(batch["teacher"], device)
-            with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            with autocast(device, amp):
                 logits = model(**inputs).logits  # (B, C) or (B, T, V)
-            if causal_lm:
-                mask = batch["response_mask"]["teacher"].to(device)
-                logits, labels = response_predictions(logits, inputs["input_ids"], mask)  # (n, V), (n,)
-            else:
-                labels = batch["labels"].to(device)
+            mask = task.row_mask(batch, "teacher", inputs, device)
+            logits, labels = task.logits_and_labels(logits, inputs, mask, batch, device)  # (n, C), (n,)
             loss = torch.nn.functional.cross_entropy(at_least_float32(logits), labels)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -115,7 +118,7 @@ def finetune(
             scheduler.step()
             step += 1
             last_loss = loss.item()
-            progress({"event": "finetune_step", "step": step, "total": total, "loss": last_loss})
+            progress(FinetuneStep(step=step, total=total, loss=last_loss))
             if step >= total:
                 break
         epoch += 1
@@ -133,3 +136,66 @@ def save_to_cache(model: nn.Module, tokenizer: Any, cache_dir: Path, key: str, m
             "set output.teacher_cache to a writable directory."
         ) from None
     return entry
+
+
+@dataclass(frozen=True)
+class PreparedTeacher:
+    """The frozen teacher on the run's device, where its weights came from (the model reference or
+    the fine-tuned cache entry), and the fine-tune's record for summary.json (None without one)."""
+
+    model: nn.Module
+    source: str
+    finetune: dict[str, Any] | None
+
+
+def prepare(
+    plan: DistillPlan, dist: Dist, device: torch.device, amp: torch.dtype | None, param_dtype: torch.dtype | None,
+    emit: Progress,
+) -> PreparedTeacher:
+    """Load the teacher with the task's head; fine-tune it once (rank 0 under torchrun) and cache
+    it when it has no trained head or [teacher.finetune] asks; freeze it on ``device``."""
+    from kdgeo import distributed
+    from kdgeo.models import ModelRef, align_pad_token, fingerprint_model
+
+    emit(Stage("loading the teacher"))
+    ft = plan.finetune
+    # A head the checkpoint lacks is initialised from the global RNG: seed it, or runs differ.
+    torch.manual_seed(ft.seed if ft is not None else plan.seed)
+    teacher, needs_finetune = plan.task.load_teacher(plan.teacher_ref, plan.t_cfg, ft is not None, plan.finetune_force)
+    # fp64: cast before any fine-tune, which then trains in float64. Weights are drawn (a fresh
+    # head, a student from a config) in float32 as in an fp32 run, so both runs start alike.
+    teacher.to(dtype=param_dtype)
+    source, info = plan.teacher_ref.ref, None
+    if needs_finetune:
+        assert ft is not None  # load_teacher refuses a teacher that needs one without [teacher.finetune]
+        data_key = {**plan.task.data_key(plan.data, plan.train), "fingerprint": data_mod.fingerprint(plan.data["dataset"])}
+        model_key = f"{plan.teacher_ref.ref}|{fingerprint_model(plan.teacher_ref)}"
+        key = cache_key(model_key, plan.teacher_ref.revision, data_key, list(plan.task.label_names), ft,
+                        float64=param_dtype is not None)
+        cache_dir = Path(plan.output.teacher_cache).expanduser()
+
+        def finetune_once() -> dict[str, Any] | None:
+            """Fine-tune and cache unless the cache has it; under torchrun rank 0 does this alone
+            and the others load the cached result."""
+            if cached_teacher(cache_dir, key) is not None:
+                return None
+            where = " on rank 0" if dist.enabled else ""
+            emit(Stage(f"fine-tuning the teacher{where} ({ft.epochs:g} epochs on {len(plan.train)} examples)"))
+            stats = finetune(teacher, plan.train, ft, device, amp, emit, plan.task, group_by_length=plan.group_by_length)
+            entry = save_to_cache(teacher, plan.t_tok, cache_dir, key, {"teacher": plan.teacher_ref.ref, "key": key, **stats})
+            return {"path": str(entry), **stats}
+
+        fresh = distributed.on_main(finetune_once, dist)
+        hit = cached_teacher(cache_dir, key)
+        if fresh is None or not dist.is_main:
+            assert hit is not None  # rank 0 built it, or it was there
+            if fresh is None:
+                emit(Stage(f"using the cached fine-tuned teacher {hit}"))
+            teacher = plan.task.load_model(ModelRef(str(hit)))
+        info = {"cached": fresh is None, "path": str(hit), "key": key, **(fresh or {})}
+        source = info["path"]
+    align_pad_token(teacher, plan.t_tok)
+    teacher.to(device=device, dtype=param_dtype).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return PreparedTeacher(teacher, source, info)

@@ -6,24 +6,25 @@ layers (per token, or pooled per example). Both depend only on the teacher, the 
 example and the feature settings, so :func:`ensure` computes them once for the whole training
 split into a :mod:`kdgeo.output_cache` entry and :class:`TeacherOutputs` hands each micro-batch
 exactly the tensors the teacher forward would have produced (rounded to fp16/bf16), in the same
-row order as :func:`kdgeo.features.select_rows` and :func:`kdgeo.losses.response_predictions`.
+row order as :func:`kdgeo.features.select_rows` and :func:`kdgeo.lm_data.response_predictions`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from kdgeo import data as data_mod
 from kdgeo import output_cache
+from kdgeo.events import Progress, Stage
 from kdgeo.features import select_rows
-from kdgeo.losses import response_predictions
+from kdgeo.lm_data import response_predictions
+from kdgeo.runtime import autocast
 
-Progress = Callable[[dict[str, Any]], None]
 LOGITS = "logits"
 
 
@@ -87,7 +88,7 @@ def _teacher_rows(
     """Per example of ``idx``: its rows of every cached field, on the CPU."""
     batch = data_mod.collate(split, idx)
     t_in = data_mod.to_device(batch["teacher"], device)
-    with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
+    with autocast(device, amp):
         out = teacher(**t_in, output_hidden_states=bool(plan.layers))
     mask = batch["response_mask"]["teacher"].to(device) if plan.causal_lm else t_in["attention_mask"]  # (B, T)
     counts = mask.sum(1).tolist() if plan.rows == "tokens" else [1] * len(idx)
@@ -192,7 +193,7 @@ def ensure(
         assert reader is not None
         problem = _layout_problem(reader, plan, split)
         if problem is None:
-            emit({"event": "stage", "message": f"teacher outputs read from the cache {root / key}"})
+            emit(Stage(f"teacher outputs read from the cache {root / key}"))
             return TeacherOutputs(reader, plan, root / key)
         reader.close()
         status, reason = "stale", problem
@@ -201,13 +202,13 @@ def ensure(
             root / key, status, reason or "it must be built first: by rank 0 under ddp, or by a one-process run for an fsdp run"
         )
     if status in ("corrupt", "stale"):
-        emit({"event": "stage", "message": f"teacher-output cache entry {root / key} is {status} ({reason}): rebuilding it"})
+        emit(Stage(f"teacher-output cache entry {root / key} is {status} ({reason}): rebuilding it"))
         output_cache.remove_entry(root, key)
     cost = output_cache.estimate_bytes(plan.row_counts(split), plan.fields(), dtype)
-    emit({"event": "stage", "message": (
+    emit(Stage(
         f"caching teacher outputs of {len(split)} examples ({', '.join(plan.fields())}) in {root / key}: "
         f"{output_cache.format_bytes(cost)} on disk"
-    )})
+    ))
     with output_cache.CacheWriter(root, key, payload, plan.fields(), len(split), dtype=dtype, setting=setting) as writer:
         _build(writer, teacher, split, plan, batch_size, device, amp, emit)
         path = writer.commit()

@@ -8,6 +8,9 @@ from typing import Any
 import pytest
 import tomli_w
 
+REPO = Path(__file__).resolve().parents[1]
+"""The repository root: PYTHONPATH for tests that run kdgeo in a fresh process."""
+
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     """Run `kdgeo ARGS` in this process; return (exit code, stdout, stderr)."""

@@ -35,3 +35,22 @@ def test_usage_errors_exit_2_without_traceback(capsys):
 def test_python_dash_m_and_console_script_agree():
     done = subprocess.run([sys.executable, "-m", "kdgeo", "--version"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("kdgeo ")
+
+
+def test_light_modules_load_no_torch():
+    """`kdgeo --help` and spec checks stay instant: the CLI, the spec, the shared tables and the progress
+    events never import torch (each in a fresh interpreter: this one has torch loaded already)."""
+    for module in ("kdgeo.cli", "kdgeo.spec", "kdgeo.kinds", "kdgeo.events"):
+        code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:5])"
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "[]", f"{module} imports torch: {done.stdout.strip()}"
+
+
+def test_rows_and_precision_choices_come_from_kinds(capsys):
+    from kdgeo.kinds import AUTOCAST_PRECISIONS, ROWS
+
+    for command, option, values in (("probe", "--rows", ROWS), ("probe", "--precision", AUTOCAST_PRECISIONS),
+                                    ("eval", "--precision", AUTOCAST_PRECISIONS)):
+        code, out, _ = run_cli(capsys, command, "--help")
+        assert code == 0 and f"{option} <{'|'.join(values)}>" in " ".join(out.split()), (command, option)

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from kdgeo import rundir
-from kdgeo.compare import CompareArgs, compare, load_runs, plot, print_compare, to_json, write_csv, write_json, write_markdown
+from kdgeo.compare import CompareArgs, compare, load_runs
+from kdgeo.report_compare import plot, print_compare, to_json, write_csv, write_json, write_markdown
 from kdgeo.errors import KdgeoError
 
 from cli_helpers import run_cli

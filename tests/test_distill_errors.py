@@ -217,16 +217,18 @@ def test_probe_refuses_nan_hidden_states(tiny, tmp_path, capsys):
 def test_few_pooled_rows_per_geometry_term_warn_with_the_chance_level(tiny, tmp_path):
     """8 pooled rows against 64-wide features: the warning states the chance-level D^2 of
     independent features of those shapes, which is far below 2."""
-    from kdgeo.distill import chance_procrustes, run_distill
+    from kdgeo.distill import run_distill
+    from kdgeo.events import Event, RunWarning
+    from kdgeo.plan import chance_procrustes
     from kdgeo.spec import validate_spec
 
-    events: list[dict] = []
+    events: list[Event] = []
     spec = tiny_spec(
         tiny, tmp_path, losses=[{"kind": "ce"}, {"kind": "procrustes"}], features={"rows": "mean", "pairs": [[1, 2]]},
         train={"max_steps": 1, "batch_size": 8}, monitor={"every": 0, "samples": 8},
     )
     run_distill(validate_spec(spec), progress=events.append)
-    warnings = [e["message"] for e in events if e["event"] == "warning"]
+    warnings = [e.message for e in events if isinstance(e, RunWarning)]
     assert len(warnings) == 1, warnings
     chance = chance_procrustes(8, 64, 64)
     assert 0.0 < chance < 0.5  # the bias the warning is about
@@ -238,12 +240,12 @@ def test_few_pooled_rows_per_geometry_term_warn_with_the_chance_level(tiny, tmp_
         train={"max_steps": 1, "batch_size": 16},
     )
     run_distill(validate_spec(spec), progress=events.append)
-    assert not [e for e in events if e["event"] == "warning"]
+    assert not [e for e in events if isinstance(e, RunWarning)]
 
 
 def test_chance_procrustes_matches_the_documented_bias():
     """Independent 768- and 384-wide features at n = 32 look aligned (D^2 ~ 0.03, README)."""
-    from kdgeo.distill import chance_procrustes
+    from kdgeo.plan import chance_procrustes
 
     assert chance_procrustes(32, 768, 384) == pytest.approx(0.03, abs=0.01)
     assert chance_procrustes(4096, 64, 64) > 1.7

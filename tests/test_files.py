@@ -1,11 +1,11 @@
 """User files: non-UTF-8 text and broken JSON named by file and line, OS path errors as KdgeoErrors,
-model directories without tokenizer files or with a broken config.json, and caches that a
-read-only HOME cannot stop (issue 11, sections D, E and H)."""
+and caches that a read-only HOME cannot stop (issue 11, sections D, E and H). Model directories
+without tokenizer files or with a broken config.json are in test_models.py, the run directory's
+own files in test_rundir.py."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +15,7 @@ import pytest
 from cli_helpers import tiny_spec, write_spec
 from conftest import write_jsonl
 from kdgeo import files
-from kdgeo.errors import DataError, KdgeoError, ModelLoadError
+from kdgeo.errors import DataError, KdgeoError
 
 LONG = "x" * 300
 """A path component over the 255-byte NAME_MAX: every system call on it fails with ENAMETOOLONG."""
@@ -76,32 +76,6 @@ def test_local_data_never_touches_the_home_cache(tmp_path, monkeypatch):
     assert ds["text"] == ["a"] and ds["label"] == [0]
 
 
-# ---- the run directory's own files --------------------------------------------------------------
-
-
-def test_read_jsonl_tolerates_a_cut_last_line_but_names_a_damaged_one(tmp_path):
-    from kdgeo.rundir import read_jsonl
-
-    path = tmp_path / "metrics.jsonl"
-    path.write_bytes(b'{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
-    assert read_jsonl(path) == [{"step": 1}, {"step": 2}]  # a crash mid-write: the rest is good
-    path.write_bytes(b'{"step": 1}\n{"step": 2, "x": "\xff"}\n{"step": 3}\n')
-    with pytest.raises(KdgeoError, match=r"metrics.jsonl, line 2 is not UTF-8 text"):
-        read_jsonl(path)
-    path.write_bytes(b'{"step": 1}\n{"step": \n{"step": 3}\n')
-    with pytest.raises(KdgeoError, match=r"metrics.jsonl, line 2 is not JSON"):
-        read_jsonl(path)  # used to stop there silently, dropping every later line
-
-
-def test_read_json_names_the_line_of_a_non_utf8_byte(tmp_path):
-    from kdgeo.rundir import read_json
-
-    path = tmp_path / "summary.json"
-    path.write_bytes(b'{\n  "name": "r\xffo"\n}\n')
-    with pytest.raises(KdgeoError, match=r"summary.json cannot be read as JSON: line 2, column 13 is not UTF-8"):
-        read_json(path)
-
-
 # ---- path errors --------------------------------------------------------------------------------
 
 
@@ -135,78 +109,6 @@ def test_a_name_over_255_bytes_is_reported_not_raised(tiny, tmp_path, where):
     }
     with pytest.raises(KdgeoError, match=r"is 30\d bytes long, more than the 255 bytes"):
         calls[where]()
-
-
-# ---- model directories --------------------------------------------------------------------------
-
-
-def _without_tokenizer(source: Path, dest: Path) -> Path:
-    shutil.copytree(source, dest)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "vocab.json", "merges.txt"):
-        (dest / name).unlink(missing_ok=True)
-    return dest
-
-
-def test_a_model_without_tokenizer_files_is_refused(tiny, tiny_lm, tmp_path):
-    """transformers builds a 5-token BERT (or 1-token GPT-2) tokenizer from nothing: every word
-    became [UNK] and runs exited 0."""
-    from kdgeo.models import ModelRef, load_tokenizer
-
-    bert = _without_tokenizer(tiny["teacher_clf"], tmp_path / "bert")
-    with pytest.raises(ModelLoadError) as err:
-        load_tokenizer(ModelRef(str(bert)))
-    text = str(err.value)
-    assert "has no tokenizer" in text and "vocab.txt, tokenizer.json" in text and "holds: config.json, model.safetensors" in text
-    opt = _without_tokenizer(tiny_lm["opt_teacher"], tmp_path / "opt")
-    with pytest.raises(ModelLoadError, match="vocab.json, merges.txt, tokenizer.json"):
-        load_tokenizer(ModelRef(str(opt)), shared_with="The student")
-    assert len(load_tokenizer(ModelRef(str(tiny["teacher_clf"])))) > 100  # a real one loads
-
-
-def test_character_and_byte_tokenizers_count_as_vocabularies():
-    """Only special tokens means empty; a byte-level tokenizer without vocabulary files is not."""
-    from transformers import ByT5Tokenizer
-
-    from kdgeo.models import _has_vocabulary
-
-    assert _has_vocabulary(ByT5Tokenizer())
-
-
-@pytest.mark.parametrize(
-    ("content", "expect"),
-    [
-        ('{"model_type": "bert", "num_hidden_layers": "four"}', '"num_hidden_layers": "four"; it must be a positive integer'),
-        ('{"model_type": "bert", "hidden_size": 64.0}', '"hidden_size": 64.0; it must be a positive integer'),
-        ('{"model_type": "bert", "max_position_embeddings": null}', '"max_position_embeddings": null'),
-        ('{"model_type": "bert", "num_hidden_layers": true}', '"num_hidden_layers": true'),
-        ('{"model_type": "bert", "hidden_size": -64}', '"hidden_size": -64'),
-        ("{not json", "is not valid JSON (line 1, column 2"),
-        ("[1, 2]", "holds a JSON list, not an object"),
-    ],
-)
-def test_a_broken_config_json_names_file_and_field(tiny, tmp_path, content, expect):
-    """A field of the wrong type raised huggingface_hub's StrictDataclassFieldValidationError (a traceback)."""
-    from kdgeo.models import ModelRef, load_config
-
-    model = tmp_path / "m"
-    shutil.copytree(tiny["teacher_clf"], model)
-    (model / "config.json").write_text(content)
-    with pytest.raises(ModelLoadError) as err:
-        load_config(ModelRef(str(model)))
-    assert str(model / "config.json") in str(err.value) and expect in str(err.value), str(err.value)
-
-
-def test_layer_count_and_width_must_be_positive_integers():
-    from types import SimpleNamespace
-
-    from kdgeo.models import hidden_width, num_layers
-
-    with pytest.raises(ModelLoadError, match="at least one layer"):
-        num_layers(SimpleNamespace(num_hidden_layers=0))
-    with pytest.raises(ModelLoadError, match="no num_hidden_layers"):
-        num_layers(SimpleNamespace(num_hidden_layers=True))  # a bool is no layer count
-    with pytest.raises(ModelLoadError, match="must be positive"):
-        hidden_width(SimpleNamespace(hidden_size=-1))
 
 
 # ---- a read-only HOME ---------------------------------------------------------------------------

@@ -3,75 +3,24 @@
 OPT models with ``word_embed_proj_dim != hidden_size`` (opt-350m: 512 vs 1024) project the last
 hidden state down, so ``hidden_states[L]`` is narrower (or wider) than the others. Every consumer
 (probe, projection losses, probe-chosen pairs, the teacher-output cache, mse/cosine width checks)
-takes widths per hidden-state index from :func:`kdgeo.models.hidden_widths`; these tests check that
-function against real forward passes and run each consumer with such a model as teacher and as
-student.
+takes widths per hidden-state index from :func:`kdgeo.models.hidden_widths` (checked against real
+forward passes in test_models.py); these tests run each consumer with such a model as teacher and
+as student.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
-import torch
 
 from cli_helpers import run_cli, tiny_lm_spec, write_spec
 from conftest import lm_rows, make_causal_lm, make_lm_tokenizer, token_rows, write_jsonl
 from kdgeo import geometry
-from kdgeo.models import hidden_widths, student_config, student_from_teacher_layers
 
 SHORT = {"template": "Q: {prompt}\nA:", "context_template": "Q: {prompt}\nC: {context}\nA:"}
-
-
-def _configs() -> dict[str, Callable[[], Any]]:
-    from transformers import BertConfig, GPT2Config, OPTConfig
-
-    def opt(proj: int, before: bool = True) -> Any:
-        return OPTConfig(vocab_size=60, hidden_size=32, num_hidden_layers=3, ffn_dim=64, num_attention_heads=2,
-                         max_position_embeddings=32, word_embed_proj_dim=proj, do_layer_norm_before=before)
-
-    return {
-        "bert": lambda: BertConfig(
-            vocab_size=60, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
-        ),
-        "gpt2": lambda: GPT2Config(vocab_size=60, n_embd=32, n_layer=3, n_head=2, n_positions=32),
-        "opt": lambda: opt(32),
-        "opt_narrow_last": lambda: opt(16, before=False),  # opt-350m's layout: post-norm, 512 of 1024
-        "opt_wide_last": lambda: opt(48),
-    }
-
-
-def _real_widths(model: torch.nn.Module) -> list[int]:
-    ids = torch.randint(3, 60, (2, 7))  # (B, T)
-    with torch.no_grad():
-        out = model.eval()(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
-    hidden = out.hidden_states  # L+1 x (B, T, d_i)
-    return [int(h.shape[-1]) for h in hidden]
-
-
-@pytest.mark.parametrize("family", list(_configs()))
-def test_hidden_widths_agree_with_real_hidden_states(family):
-    """The widths from the config equal the shapes a forward pass gives, for the bare model, the
-    causal LM and the classifier, for a student made of teacher blocks, and for students built
-    from the config with and without a new hidden_size."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    config = _configs()[family]()
-    config.pad_token_id = 0
-    expected = {"opt_narrow_last": [32, 32, 32, 16], "opt_wide_last": [32, 32, 32, 48]}.get(family, [32] * 4)
-    assert hidden_widths(config) == expected
-    torch.manual_seed(0)
-    classes = [AutoModel, AutoModelForSequenceClassification] + ([AutoModelForCausalLM] if family != "bert" else [])
-    for cls in classes:
-        model = cls.from_config(config)
-        assert _real_widths(model) == hidden_widths(model) == expected, cls.__name__
-    kept = student_from_teacher_layers(model, [0, 2])
-    assert _real_widths(kept) == hidden_widths(config, layers=2) == expected[:2] + expected[-1:]
-    for overrides in ({"num_hidden_layers": 2}, {"num_hidden_layers": 2, "hidden_size": 16, "num_attention_heads": 2}):
-        s_cfg = student_config(config, overrides, num_labels=3)
-        assert _real_widths(AutoModelForSequenceClassification.from_config(s_cfg)) == hidden_widths(s_cfg), overrides
 
 
 @pytest.fixture(scope="module")

@@ -228,10 +228,10 @@ def test_spec_files_with_random_bytes_load_or_give_a_spec_error(tmp_path_factory
 @pytest.fixture
 def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
     """`kdgeo distill` up to (not into) training: the loader, the sweep expansion and the CLI's error handling."""
-    from kdgeo import distill
+    from kdgeo import distill, sweep
 
     monkeypatch.setattr(distill, "run_distill", lambda spec, progress=None, resume=False: None)
-    monkeypatch.setattr(distill, "run_sweep", lambda runs, progress=None: [])
+    monkeypatch.setattr(sweep, "run_sweep", lambda runs, progress=None: [])
 
 
 @settings(max_examples=50, deadline=None, derandomize=True, database=None,

@@ -1,4 +1,5 @@
-"""Reliability: interruption, checkpoints, resume (bitwise on CPU), non-finite losses, atomic writes."""
+"""Reliability: interruption, checkpoints, resume (bitwise on CPU), non-finite losses. (Atomic checkpoint
+writes under kill -9 are in test_checkpoint.py.)"""
 
 from __future__ import annotations
 
@@ -14,10 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import run_cli, tiny_spec, write_spec
+from cli_helpers import REPO, run_cli, tiny_spec, write_spec
 from kdgeo.rundir import read_jsonl
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _spec(tiny, tmp_path, **train):
@@ -93,7 +92,10 @@ def test_a_signal_checkpoints_exits_and_resume_matches_an_uninterrupted_run(with
     path = write_spec(tmp_path / "run.toml", _spec(tiny, tmp_path))
     code, _, err = run_cli(capsys, "distill", str(path), "-q", "--set", "output.name=full")
     assert code == 0, err
-    target = random.Random().randint(2, 25)
+    # The step to interrupt after is drawn from a seed fixed by the signal, so a failure names its
+    # cut and reruns it (the signal still lands wherever the run is when the step is logged).
+    seed = int(sig)
+    target = random.Random(seed).randint(2, 25)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "kdgeo", "distill", str(path), "--set", "output.name=cut"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
@@ -105,7 +107,7 @@ def test_a_signal_checkpoints_exits_and_resume_matches_an_uninterrupted_run(with
             break
         time.sleep(0.005)
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + int(sig), (target, err)
+    assert proc.returncode == 128 + int(sig), (f"seed {seed}, interrupted after step {target}", err)
     flat = " ".join(err.split())
     assert "checkpoint written to" in flat and "Resume with: kdgeo distill" in flat and "--resume" in flat
     assert "Traceback" not in err
@@ -177,52 +179,3 @@ def test_skip_policy_counts_and_goes_on(tiny, tmp_path, capsys, monkeypatch):
     assert summary["skipped_steps_nonfinite"] == 1 and summary["steps"] == 6
     events = [e for e in read_jsonl(tmp_path / "runs" / "t" / "metrics.jsonl") if e["event"] == "nonfinite"]
     assert events == [{"event": "nonfinite", "step": 2, "terms": ["procrustes/2-4", "procrustes"], "action": "skipped"}]
-
-
-KILLER = r"""
-import json, sys, torch
-from pathlib import Path
-from kdgeo import checkpoint, rundir
-run = Path(sys.argv[1])
-model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
-objective = torch.nn.Module()
-opt = torch.optim.AdamW(model.parameters())
-model(torch.randn(4, 64)).sum().backward(); opt.step()
-i = 0
-print("ready", flush=True)
-while True:
-    i += 1
-    rundir.write_json(run / "summary.json", {"i": i, "blob": list(range(2000))})
-    rundir.append_jsonl(run / "metrics.jsonl", {"event": "step", "step": i, "pad": "x" * (i % 5000)})
-    checkpoint.save_checkpoint(run, i, model, objective, opt, {"step": i}, keep=2)
-"""
-
-
-@pytest.mark.parametrize("kills", [pytest.param(10, id="10-kills"), pytest.param(100, id="100-kills", marks=pytest.mark.slow)])
-def test_kill_9_never_leaves_a_file_that_fails_to_load(tmp_path, kills):
-    from safetensors.torch import load_file
-
-    run = tmp_path / "run"
-    run.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    rng = random.Random(0)
-    for attempt in range(kills):
-        proc = subprocess.Popen([sys.executable, "-c", KILLER, str(run)], stdout=subprocess.PIPE, env=env)
-        assert proc.stdout.readline().strip() == b"ready"
-        time.sleep(rng.uniform(0.0, 0.25))
-        proc.kill()
-        proc.wait()
-        json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else None
-        lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []
-        for line in lines:
-            json.loads(line)  # every line whole
-        for _, ckpt in checkpoint_list(run):
-            json.loads((ckpt / "state.json").read_text())
-            load_file(str(ckpt / "student.safetensors"))
-            torch.load(ckpt / "optimizer.pt", weights_only=True)
-
-
-def checkpoint_list(run: Path):
-    from kdgeo.checkpoint import list_checkpoints
-
-    return list_checkpoints(run)

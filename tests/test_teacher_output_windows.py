@@ -26,8 +26,9 @@ from cli_helpers import run_cli, tiny_lm_spec, tiny_spec, write_spec
 from conftest import lm_rows, write_jsonl
 from kdgeo import data as data_mod
 from kdgeo import teacher_outputs
+from kdgeo.events import Event, Stage
 from kdgeo.features import select_rows
-from kdgeo.losses import response_predictions
+from kdgeo.lm_data import response_predictions
 
 SHORT = {"template": "Q: {prompt}\nA:", "context_template": "Q: {prompt}\nC: {context}\nA:"}
 FP16 = 2.0**-11
@@ -78,10 +79,10 @@ def test_every_example_gets_its_own_rows_across_build_windows(task, tiny, tiny_l
     plan = teacher_outputs.OutputPlan(
         causal_lm=causal_lm, rows="tokens", layers=(1, 4), widths=(64, 64), logit_width=logit_width,
     )
-    events: list[dict[str, Any]] = []
+    events: list[Event] = []
     cpu = torch.device("cpu")
     touts = teacher_outputs.ensure(tmp_path, {"test": task}, plan, teacher, split, "fp16", 4, cpu, None, events.append)
-    assert any("caching teacher outputs of 30 examples" in e.get("message", "") for e in events)
+    assert any(isinstance(e, Stage) and "caching teacher outputs of 30 examples" in e.message for e in events)
     for i in range(len(split)):
         batch = data_mod.collate(split, [i])
         inputs = batch["teacher"]

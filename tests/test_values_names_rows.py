@@ -1,23 +1,22 @@
-"""Issue 11, sections E and F, beyond the spec: rows per geometry step at run time, decoders and
-first-token rows, devices, and the run directory as the last guard against escaping output.dir.
-(The spec-level rules are in tests/test_spec.py, the CLI cases in tests/test_bad_inputs.py.)"""
+"""Issue 11, sections E and F, beyond the spec: rows per geometry step at run time.
+(The spec-level rules are in tests/test_spec.py, the CLI cases in tests/test_bad_inputs.py; decoders and
+first-token rows in tests/test_models.py, devices in tests/test_runtime.py, the run directory's name in
+tests/test_rundir.py.)"""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 
 import pytest
 import torch
 
 from cli_helpers import tiny_spec
-from kdgeo.distill import _epoch_batches, run_distill
-from kdgeo.errors import KdgeoError, LayerMapError, OutputError
+from kdgeo.distill import run_distill
+from kdgeo.loop import epoch_batches as _epoch_batches
+from kdgeo.events import Event, RunWarning, Stage
 from kdgeo.geometry import procrustes_distance
-from kdgeo.models import check_cls_rows, is_causal_decoder
-from kdgeo.probe import resolve_device
-from kdgeo.rundir import path_component_problem, prepare_run_dir, read_jsonl
+from kdgeo.rundir import read_jsonl
 from kdgeo.spec import validate_spec
 
 
@@ -64,7 +63,7 @@ def test_epoch_batches_leave_out_a_tail_too_small_for_geometry(n, batch, world, 
 def test_pooled_geometry_run_never_steps_on_the_two_row_tail(tiny, tmp_path):
     """66 examples in batches of 16 leave a tail of 2: its Procrustes loss would be 0 for any
     features (before: a 5th step per epoch with procrustes = 0). Now 4 steps, all informative."""
-    events: list[dict] = []
+    events: list[Event] = []
     spec = tiny_spec(
         tiny, tmp_path, data={"max_train_samples": 66}, features={"rows": "mean", "pairs": "last"},
         losses=[{"kind": "procrustes"}], train={"epochs": 1, "batch_size": 16},
@@ -74,7 +73,7 @@ def test_pooled_geometry_run_never_steps_on_the_two_row_tail(tiny, tmp_path):
     assert [s["step"] for s in steps] == [1, 2, 3, 4]
     assert all(math.isfinite(s["loss"]) for s in steps)
     assert json.loads((result.run_dir / "summary.json").read_text())["steps"] == 4
-    assert any("2 training example(s) per epoch left out" in e.get("message", "") for e in events)
+    assert any(isinstance(e, (Stage, RunWarning)) and "2 training example(s) per epoch left out" in e.message for e in events)
 
 
 def test_token_rows_keep_the_short_tail(tiny, tmp_path):
@@ -84,86 +83,3 @@ def test_token_rows_keep_the_short_tail(tiny, tmp_path):
     )
     result = run_distill(validate_spec(spec))
     assert json.loads((result.run_dir / "summary.json").read_text())["steps"] == 5
-
-
-# ---- decoders and first-token rows ----------------------------------------------------------
-
-
-def _configs():
-    from transformers import BertConfig, GPT2Config, LlamaConfig, OPTConfig, PretrainedConfig, RobertaConfig, T5Config
-
-    custom_lm = PretrainedConfig(architectures=["MyForCausalLM"])
-    custom_enc = PretrainedConfig(architectures=["MyModel"])
-    return [
-        (BertConfig(), False), (RobertaConfig(), False), (T5Config(), False), (custom_enc, False),
-        (BertConfig(is_decoder=True), True), (OPTConfig(), True), (GPT2Config(), True), (LlamaConfig(), True),
-        (custom_lm, True),
-    ]
-
-
-def test_is_causal_decoder_from_the_config():
-    for config, expected in _configs():
-        assert is_causal_decoder(config) is expected, type(config).__name__
-
-
-def test_cls_rows_refused_for_decoders_only():
-    for config, decoder in _configs():
-        if decoder:
-            with pytest.raises(LayerMapError, match="the same BOS token for every example"):
-                check_cls_rows(config, "m", "teacher.model", 'features.rows = "cls"', "Use mean.")
-        else:
-            check_cls_rows(config, "m", "teacher.model", 'features.rows = "cls"', "Use mean.")
-
-
-def test_decoder_first_position_is_the_same_for_every_example(tiny_lm):
-    """What the refusal is about: a causal LM's position-0 state depends on the first token only."""
-    from kdgeo.models import ModelRef, load_encoder, load_tokenizer
-
-    ref = ModelRef(str(tiny_lm["opt_teacher"]))
-    tok, model = load_tokenizer(ref), load_encoder(ref).eval()
-    enc = tok(["a small tree", "the large dog barked at night"], padding=True, return_tensors="pt")
-    with torch.no_grad():
-        hidden = model(**enc, output_hidden_states=True).hidden_states  # L+1 x (2, T, d)
-    assert all(torch.allclose(h[0, 0], h[1, 0], atol=1e-6) for h in hidden)
-
-
-# ---- devices --------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name", ["meta", "mps", "xpu", "cuda:-1", "CPU"])
-def test_resolve_device_accepts_only_cpu_and_cuda(name):
-    with pytest.raises(KdgeoError, match="use auto, cpu, cuda or cuda:N"):
-        resolve_device(name, "train.device")
-
-
-def test_resolve_device_cpu_and_auto():
-    assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_device("auto").type in ("cpu", "cuda")
-
-
-# ---- the run directory: never outside output.dir --------------------------------------------
-
-
-@pytest.mark.parametrize("name", ["../x", "/", "/abs", "a/b", "a\\b", "", ".", "..", "a\nb", "x" * 256])
-def test_prepare_run_dir_refuses_anything_but_one_directory_name(tmp_path, name):
-    with pytest.raises(OutputError, match="output.name"):
-        prepare_run_dir(tmp_path / "runs", name, overwrite=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == []  # not even output.dir was made
-
-
-def test_prepare_run_dir_refuses_a_symlink_leading_outside(tmp_path):
-    outside = tmp_path / "elsewhere"
-    outside.mkdir()
-    (outside / "precious.txt").write_text("keep")
-    runs = tmp_path / "runs"
-    runs.mkdir()
-    os.symlink(outside, runs / "r")
-    with pytest.raises(OutputError, match="leads outside output.dir"):
-        prepare_run_dir(runs, "r", overwrite=True)
-    assert (outside / "precious.txt").read_text() == "keep"
-
-
-def test_prepare_run_dir_accepts_ordinary_names(tmp_path):
-    for name in ("run", "my run (copy)", "résultat", ".hidden", "x" * 255):
-        assert prepare_run_dir(tmp_path, name, overwrite=False) == tmp_path / name
-    assert path_component_problem("é" * 127) is None and "255 bytes" in path_component_problem("é" * 128)

@@ -1,6 +1,6 @@
 """Teacher-output cache, measured side by side in one process (prints figures; asserts nothing).
 
-A five-variant sweep (``[sweep]``, one ``kdgeo.distill.run_sweep`` over
+A five-variant sweep (``[sweep]``, one ``kdgeo.sweep.run_sweep`` over
 ``kdgeo.spec.expand_sweep``) run twice: with ``output.teacher_outputs = false`` (every run runs
 the frozen teacher's forward on every training batch) and with ``output.teacher_outputs = true``
 into a fresh, empty cache directory (so the first run builds the entry and its cost is counted;
@@ -50,7 +50,9 @@ try:  # run from a checkout without `pip install -e .`
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from kdgeo.distill import run_distill, run_sweep
+from kdgeo.distill import run_distill
+from kdgeo.events import Event, RunFailed, Stage, Start
+from kdgeo.sweep import run_sweep
 from kdgeo.spec import expand_sweep, validate_spec
 
 from _common import teacher_with_head  # noqa: E402  (beside this script)
@@ -96,21 +98,21 @@ class Events:
     """Quiet progress callback that keeps the stage messages (with times) and last losses."""
 
     def __init__(self) -> None:
-        self.log: list[tuple[float, dict[str, Any]]] = []
+        self.log: list[tuple[float, Event]] = []
 
-    def __call__(self, event: dict[str, Any]) -> None:
-        if event.get("event") in ("stage", "start", "run_failed"):
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, (Stage, Start, RunFailed)):
             self.log.append((time.perf_counter(), event))
 
     def messages(self, prefix: str) -> list[str]:
-        return [e["message"] for _, e in self.log if e["event"] == "stage" and e["message"].startswith(prefix)]
+        return [e.message for _, e in self.log if isinstance(e, Stage) and e.message.startswith(prefix)]
 
     def build_seconds(self) -> float:
         """From the 'caching teacher outputs' stage event to the next event (the run's start):
         the entry's build, plus the teacher's scoring of the evaluation examples."""
         total = 0.0
         for k, (t, e) in enumerate(self.log):
-            if e["event"] == "stage" and e["message"].startswith("caching teacher outputs") and k + 1 < len(self.log):
+            if isinstance(e, Stage) and e.message.startswith("caching teacher outputs") and k + 1 < len(self.log):
                 total += self.log[k + 1][0] - t
         return total
 

@@ -1,0 +1,66 @@
+"""kdgeo.evaluate: a classifier's scores against a plain forward pass, and what a run directory supplies."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kdgeo.errors import ModelLoadError
+from kdgeo.evaluate import EvalArgs, eval_target, run_eval
+
+
+def _args(model: str, batch_size: int) -> EvalArgs:
+    return EvalArgs(
+        model=model, dataset="kdgeo:wordnet-supersenses", config=None, split=None, text_column=None,
+        text_pair_column=None, label_column=None, max_samples=40, batch_size=batch_size, device="cpu",
+    )
+
+
+def test_accuracy_equals_a_plain_forward_pass_whatever_the_batch_size(tiny):
+    """Batching pads each batch to its own longest example: the scores may not depend on it."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from kdgeo.data import load_split
+
+    result = run_eval(_args(str(tiny["teacher_clf"]), batch_size=7))
+    assert (result.samples, result.num_labels, result.split) == (40, 8, "validation")
+    rows = load_split("kdgeo:wordnet-supersenses", None, "validation")[:40]
+    tokenizer = AutoTokenizer.from_pretrained(tiny["teacher_clf"])
+    model = AutoModelForSequenceClassification.from_pretrained(tiny["teacher_clf"]).eval()
+    inputs = tokenizer(rows["text"], padding=True, truncation=True, max_length=128, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    correct = (logits.argmax(-1) == torch.tensor(rows["label"])).double().mean().item()
+    assert result.scores["accuracy"] == pytest.approx(correct, abs=1e-12)
+    assert run_eval(_args(str(tiny["teacher_clf"]), batch_size=1)).scores == result.scores
+
+
+def test_a_run_directory_evaluates_its_student_with_the_runs_settings(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    spec = {"task": "classification", "data": {"dataset": "d.jsonl", "max_length": 64}}
+    (run / "spec.json").write_text(json.dumps(spec))
+    with pytest.raises(ModelLoadError, match="a kdgeo run directory without a saved student"):
+        eval_target(str(run))
+    (run / "student").mkdir()
+    (run / "student" / "config.json").write_text("{}")
+    target = eval_target(str(run))
+    assert (target.location, target.run and target.run.spec) == (str(run / "student"), spec)
+    target = eval_target(str(run / "student"))
+    assert (target.location, target.run) == (str(run / "student"), None)  # a model directory is itself
+
+
+def test_a_runs_spec_this_kdgeo_cannot_read_is_named_with_the_fix(tmp_path):
+    from kdgeo.errors import KdgeoError
+
+    run = tmp_path / "run"
+    (run / "student").mkdir(parents=True)
+    (run / "student" / "config.json").write_text("{}")
+    (run / "spec.json").write_text(json.dumps({"task": "classification", "data": {"dataset": "d.jsonl", "max_lenght": 64}}))
+    with pytest.raises(KdgeoError) as err:
+        run_eval(_args(str(run), batch_size=8))
+    message = str(err.value)
+    assert "spec.json: 3 problems in the run spec" in message and "did you mean 'max_length'?" in message
+    assert f"kdgeo eval {run / 'student'} --data" in message

@@ -1,0 +1,126 @@
+"""kdgeo.rundir: the run directory's files (JSON, JSON lines) and its name, never outside output.dir."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from kdgeo.errors import KdgeoError, OutputError
+from kdgeo.rundir import path_component_problem, prepare_run_dir, read_json, read_jsonl
+
+
+# ---- the run directory's own files --------------------------------------------------------------
+
+
+def test_read_jsonl_tolerates_a_cut_last_line_but_names_a_damaged_one(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
+    assert read_jsonl(path) == [{"step": 1}, {"step": 2}]  # a crash mid-write: the rest is good
+    path.write_bytes(b'{"step": 1}\n{"step": 2, "x": "\xff"}\n{"step": 3}\n')
+    with pytest.raises(KdgeoError, match=r"metrics.jsonl, line 2 is not UTF-8 text"):
+        read_jsonl(path)
+    path.write_bytes(b'{"step": 1}\n{"step": \n{"step": 3}\n')
+    with pytest.raises(KdgeoError, match=r"metrics.jsonl, line 2 is not JSON"):
+        read_jsonl(path)  # used to stop there silently, dropping every later line
+
+
+def test_read_json_names_the_line_of_a_non_utf8_byte(tmp_path):
+    path = tmp_path / "summary.json"
+    path.write_bytes(b'{\n  "name": "r\xffo"\n}\n')
+    with pytest.raises(KdgeoError, match=r"summary.json cannot be read as JSON: line 2, column 13 is not UTF-8"):
+        read_json(path)
+
+
+# ---- the run directory: never outside output.dir ------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["../x", "/", "/abs", "a/b", "a\\b", "", ".", "..", "a\nb", "x" * 256])
+def test_prepare_run_dir_refuses_anything_but_one_directory_name(tmp_path, name):
+    with pytest.raises(OutputError, match="output.name"):
+        prepare_run_dir(tmp_path / "runs", name, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # not even output.dir was made
+
+
+def test_prepare_run_dir_refuses_a_symlink_leading_outside(tmp_path):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "precious.txt").write_text("keep")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    os.symlink(outside, runs / "r")
+    with pytest.raises(OutputError, match="leads outside output.dir"):
+        prepare_run_dir(runs, "r", overwrite=True)
+    assert (outside / "precious.txt").read_text() == "keep"
+
+
+def test_prepare_run_dir_accepts_ordinary_names(tmp_path):
+    for name in ("run", "my run (copy)", "résultat", ".hidden", "x" * 255):
+        assert prepare_run_dir(tmp_path, name, overwrite=False) == tmp_path / name
+    assert path_component_problem("é" * 127) is None and "255 bytes" in path_component_problem("é" * 128)
+
+
+# ---- reading a run back: RunSummary and read_run ------------------------------------------------
+
+
+def test_run_summary_round_trips_a_real_runs_summary_json_key_for_key(tiny, tmp_path, capsys):
+    import json
+
+    from cli_helpers import run_cli, tiny_spec, write_spec
+
+    from kdgeo.rundir import CausalLMData, ClassificationData, RunSummary, read_run
+
+    code, _, err = run_cli(capsys, "distill", str(write_spec(tmp_path / "run.toml", tiny_spec(tiny, tmp_path, train={"max_steps": 1}))), "-q")
+    assert code == 0, err
+    run_dir = tmp_path / "runs" / "t"
+    written = json.loads((run_dir / "summary.json").read_text())
+    summary = RunSummary.from_dict(written)
+    assert json.dumps(summary.to_dict()) == json.dumps(written)  # same keys, same order, same values
+    assert isinstance(summary.data, ClassificationData) and summary.task == "classification" and summary.steps == 1
+
+    run = read_run(run_dir)
+    assert run.finished and run.summary == summary and run.spec == json.loads((run_dir / "spec.json").read_text())
+    assert (run.variant, run.seed, run.task, run.student_dir) == ("t", 0, "classification", run_dir / "student")
+    assert [e["event"] for e in run.metrics()][:1] == ["start"]
+
+    # The causal-LM data keys and the keys only a torchrun run writes round-trip as well.
+    common = {k: written["data"][k] for k in ("dataset", "config", "train_split", "eval_split", "eval_dataset",
+                                               "max_train_samples", "max_eval_samples")}
+    lm_data = {**common, "prompt_column": "instruction", "response_column": "response", "context_column": None,
+               "max_prompt_length": 48, "long_examples": "truncate",
+               "truncation": {"train": {"student and teacher": {"contexts_cut": 3}}, "eval": {"student and teacher": {"contexts_cut": 0}}}}
+    lm = {**written, "data": lm_data, "task": "causal-lm", "label_names": None, "processes": 2, "distributed": "fsdp",
+          "gather_features": True}
+    lm_summary = RunSummary.from_dict(lm)
+    assert isinstance(lm_summary.data, CausalLMData) and lm_summary.processes == 2
+    assert json.dumps(lm_summary.to_dict()) == json.dumps(lm)
+
+
+def test_an_older_summary_reads_with_defaults_and_a_newer_format_is_refused(tmp_path):
+    from kdgeo.rundir import RunSummary
+
+    old = RunSummary.from_dict({"scores": {"accuracy": 0.5}, "seed": "3", "geometry": [{"student": 1}, "junk"]})
+    assert (old.format_version, old.seed, old.name, old.data, old.label_names) == (1, 3, None, None, None)
+    assert (old.scores, old.geometry, old.pairs, old.skipped_steps_nonfinite) == ({"accuracy": 0.5}, [{"student": 1}], [], 0)
+    assert "processes" not in old.to_dict()  # written only by torchrun runs
+    with pytest.raises(KdgeoError, match=r"runs/x/summary.json is in run format 2.*newer kdgeo.*pip install -U kdgeo"):
+        RunSummary.from_dict({"format_version": 2, "scores": {}}, "runs/x/summary.json")
+
+
+def test_read_run_names_the_damaged_file_and_the_fix(tmp_path):
+    from kdgeo.rundir import RunFileError, read_run, write_json
+
+    with pytest.raises(RunFileError, match=r"is not a kdgeo run directory \(it has no spec.json and no summary.json\)"):
+        read_run(tmp_path)
+    write_json(tmp_path / "spec.json", {"name": "r", "seed": 4, "task": "causal-lm"})
+    unfinished = read_run(tmp_path)
+    assert not unfinished.finished and (unfinished.variant, unfinished.seed, unfinished.task) == ("r", 4, "causal-lm")
+    (tmp_path / "summary.json").write_text('{"scores": {"accuracy": 0.7')
+    with pytest.raises(RunFileError, match=r"summary.json is not valid JSON \(.*line 1.*\): the run directory is damaged\. Restore"):
+        read_run(tmp_path)
+    (tmp_path / "summary.json").write_text('{"variant": "kd", "seed": 1}')
+    (tmp_path / "spec.json").write_bytes(b'{"name": "r\xff"}')
+    run = read_run(tmp_path)  # a finished run's summary is enough for most readers: the spec's problem is kept
+    assert run.spec == {} and (run.variant, run.seed) == ("kd", 1)
+    assert run.spec_problem is not None and run.spec_problem.reason == "is not UTF-8 text at line 1, column 12"
+    assert "spec.json (the run directory is damaged): line 1, column 12 is not UTF-8 text" in str(run.spec_problem)
