@@ -41,10 +41,9 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
-
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints (those whose state.json exists), oldest first."""
-    found = []
+    found: list[tuple[int, Path]] = []
     if not run_dir.exists():
         return found
     for child in run_dir.iterdir():
@@ -88,7 +87,10 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
         if student_state is not None:
             # Tied weights (embeddings and LM head) are one tensor twice: safetensors wants separate copies.
-            save_file({k: v.detach().cpu().contiguous().clone() for k, v in student_state.items()}, str(tmp / "student.safetensors"))
+            save_file(
+                {k: v.detach().cpu().contiguous().clone() for k, v in student_state.items()},
+                str(tmp / "student.safetensors"),
+            )
         else:
             save_model(student, str(tmp / "student.safetensors"))
         if any(True for _ in objective.parameters()):
@@ -106,8 +108,8 @@ def save_checkpoint(
     except SAVE_ERRORS as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise OutputError(
-            f"cannot write the checkpoint {final}: {getattr(err, 'strerror', None) or err}. Free some space or make {run_dir} writable; "
-            "metrics.jsonl and earlier checkpoints are intact."
+            f"cannot write the checkpoint {final}: {getattr(err, 'strerror', None) or err}. Free some space or make "
+            f"{run_dir} writable; metrics.jsonl and earlier checkpoints are intact."
         ) from None
     for _, old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -131,14 +133,19 @@ def read_state(path: Path) -> dict[str, Any]:
         return json.loads((path / STATE).read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise KdgeoError(
-            f"the checkpoint {path} cannot be read ({err}). Delete it to resume from the previous one, or start the run "
-            "again with output.overwrite = true."
+            f"the checkpoint {path} cannot be read ({err}). Delete it to resume from the previous one, or start the "
+            "run again with output.overwrite = true."
         ) from None
 
 
 def load_checkpoint(
-    path: Path, student: nn.Module, objective: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
-    load_student: Any = None, load_optimizer: Any = None,
+    path: Path,
+    student: nn.Module,
+    objective: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    load_student: Any = None,
+    load_optimizer: Any = None,
 ) -> dict[str, Any]:
     """Restore weights and optimizer state in place; return state.json with the RNG states under
     ``_rng`` (apply them with :func:`restore_rng` once nothing else will seed or draw).
@@ -156,7 +163,9 @@ def load_checkpoint(
         if (path / "objective.safetensors").exists():
             load_model(objective, str(path / "objective.safetensors"), device=str(device))
         # A full (FSDP) optimizer state stays on the CPU: each rank keeps only its shard of it.
-        saved_opt = torch.load(path / "optimizer.pt", map_location="cpu" if load_optimizer is not None else device, weights_only=True)
+        saved_opt = torch.load(
+            path / "optimizer.pt", map_location="cpu" if load_optimizer is not None else device, weights_only=True
+        )
         if load_optimizer is not None:
             load_optimizer(saved_opt)
         else:

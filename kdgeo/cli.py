@@ -12,7 +12,7 @@ import os
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -36,7 +36,8 @@ app = typer.Typer(
 )
 
 
-# The choices come from kdgeo.kinds (torch-free), so a new value is added there, once.
+# The choices come from kdgeo.kinds (torch-free), so a new value is added there, once. The ignores: mypy
+# only reads a literal list of members in the functional Enum API, not a comprehension.
 RowsChoice = Enum("RowsChoice", {v: v for v in ROWS}, type=str)  # type: ignore[misc]
 """--rows of `kdgeo probe`: kinds.ROWS."""
 PrecisionChoice = Enum("PrecisionChoice", {v: v for v in AUTOCAST_PRECISIONS}, type=str)  # type: ignore[misc]
@@ -51,7 +52,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
     """Geometry-aware knowledge distillation for transformers."""
 
@@ -65,7 +68,7 @@ def _check_device(device: str) -> None:
         raise KdgeoError(f"--device: {problem}.")
 
 
-def _finite(value: Optional[float]) -> Optional[float]:
+def _finite(value: float | None) -> float | None:
     """A float option with only a lower bound lets inf through (e.g. --temperature inf): refuse it."""
     import math
 
@@ -74,7 +77,7 @@ def _finite(value: Optional[float]) -> Optional[float]:
     return value
 
 
-def _check_writable(path: Optional[Path], option: str) -> None:
+def _check_writable(path: Path | None, option: str) -> None:
     """Fail before any heavy work when an output file cannot be written."""
     if path is None:
         return
@@ -98,29 +101,58 @@ def _check_writable(path: Optional[Path], option: str) -> None:
         "TEACHER and STUDENT are hub ids, local directories (a run's student/), or package:MODULE/SUBDIR.\n\n"
         "Examples:\n\n"
         "  kdgeo probe bert-base-uncased runs/demo/student --metric procrustes --metric cka\n\n"
-        "  kdgeo probe T S --data glue --data-config cola --split validation --text-column sentence --json probe.json --plot probe.png"
+        "  kdgeo probe T S --data glue --data-config cola --split validation --text-column sentence --json "
+        "probe.json --plot probe.png"
     )
 )
 def probe(
-    teacher: Annotated[str, typer.Argument(metavar="TEACHER", help="Teacher: hub id, local directory, or package:MODULE/SUBDIR.")],
-    student: Annotated[str, typer.Argument(metavar="STUDENT", help="Student: hub id, local directory, or package:MODULE/SUBDIR.")],
+    teacher: Annotated[
+        str, typer.Argument(metavar="TEACHER", help="Teacher: hub id, local directory, or package:MODULE/SUBDIR.")
+    ],
+    student: Annotated[
+        str, typer.Argument(metavar="STUDENT", help="Student: hub id, local directory, or package:MODULE/SUBDIR.")
+    ],
     metric: Annotated[
-        Optional[list[str]],
-        typer.Option("--metric", "-m", metavar="METRIC", help="procrustes, procrustes_angular, gram, cka, cka_debiased, projection (repeatable; the first one picks the layer map). Default: procrustes, cka, gram."),
+        list[str] | None,
+        typer.Option(
+            "--metric",
+            "-m",
+            metavar="METRIC",
+            help="procrustes, procrustes_angular, gram, cka, cka_debiased, projection (repeatable; the first one "
+            "picks the layer map). Default: procrustes, cka, gram.",
+        ),
     ] = None,
-    data: Annotated[str, typer.Option(help="Dataset: kdgeo:wordnet-supersenses, a hub id, or a local .csv/.json/.jsonl/.parquet file.")] = "kdgeo:wordnet-supersenses",
-    data_config: Annotated[Optional[str], typer.Option(help="Hub dataset configuration (e.g. cola).")] = None,
+    data: Annotated[
+        str,
+        typer.Option(help="Dataset: kdgeo:wordnet-supersenses, a hub id, or a local .csv/.json/.jsonl/.parquet file."),
+    ] = "kdgeo:wordnet-supersenses",
+    data_config: Annotated[str | None, typer.Option(help="Hub dataset configuration (e.g. cola).")] = None,
     split: Annotated[str, typer.Option(help="Dataset split (ignored for local files).")] = "validation",
     text_column: Annotated[str, typer.Option(help="Column holding the text.")] = "text",
-    rows: Annotated[RowsChoice, typer.Option(help="Feature rows: every non-padding token (needs identical tokenization), or pooled per example (cls, mean).")] = RowsChoice("mean"),
+    rows: Annotated[
+        RowsChoice,
+        typer.Option(
+            help="Feature rows: every non-padding token (needs identical tokenization), or pooled per example (cls, "
+            "mean)."
+        ),
+    ] = RowsChoice("mean"),
     max_samples: Annotated[int, typer.Option(min=1, help="Use at most this many examples.")] = 512,
     batch_size: Annotated[int, typer.Option(min=1, help="Examples per forward pass.")] = 32,
     max_length: Annotated[int, typer.Option(min=2, help="Tokens per example after truncation.")] = 128,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    precision: Annotated[PrecisionChoice, typer.Option(help="Autocast for the forward passes (metrics are always fp32 or better).")] = PrecisionChoice("fp32"),
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow both model repositories to run their own code.")] = False,
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write every number (all pairs, all metrics, the map) to this JSON file ('-' for stdout).")] = None,
-    plot: Annotated[Optional[Path], typer.Option(help="Write a heatmap per metric to this PNG file.")] = None,
+    precision: Annotated[
+        PrecisionChoice, typer.Option(help="Autocast for the forward passes (metrics are always fp32 or better).")
+    ] = PrecisionChoice("fp32"),
+    trust_remote_code: Annotated[
+        bool, typer.Option(help="Allow both model repositories to run their own code.")
+    ] = False,
+    json_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--json", help="Write every number (all pairs, all metrics, the map) to this JSON file ('-' for stdout)."
+        ),
+    ] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a heatmap per metric to this PNG file.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
     from kdgeo import report
@@ -201,12 +233,32 @@ def _write_json_output(path: Path, data: dict) -> None:
 )
 def distill(
     spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="TOML run spec (see examples.toml).")],
-    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override a spec field, e.g. --set train.lr=3e-5 (repeatable; values are TOML).")] = None,
-    preset: Annotated[Optional[str], typer.Option(help="Merge the spec's [presets.NAME] table over its top level.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Parent directory for the run directory (overrides output.dir).")] = None,
-    json_lines: Annotated[bool, typer.Option("--json", help="Write every event (steps, monitor, evals, summary) as JSON lines on stdout.")] = False,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            "-s",
+            metavar="KEY=VALUE",
+            help="Override a spec field, e.g. --set train.lr=3e-5 (repeatable; values are TOML).",
+        ),
+    ] = None,
+    preset: Annotated[
+        str | None, typer.Option(help="Merge the spec's [presets.NAME] table over its top level.")
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Parent directory for the run directory (overrides output.dir)."),
+    ] = None,
+    json_lines: Annotated[
+        bool, typer.Option("--json", help="Write every event (steps, monitor, evals, summary) as JSON lines on stdout.")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run (or sweep) from its newest checkpoint; SPEC may be the run directory.")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume", help="Continue the run (or sweep) from its newest checkpoint; SPEC may be the run directory."
+        ),
+    ] = False,
 ) -> None:
     from kdgeo.spec import expand_sweep, load_spec
 
@@ -224,8 +276,8 @@ def distill(
 
     from kdgeo import report
     from kdgeo.distill import run_distill
-    from kdgeo.sweep import run_sweep
     from kdgeo.errors import RunInterrupted
+    from kdgeo.sweep import run_sweep
 
     view = report.DistillView(report.pick_mode(quiet), json_lines=json_lines)
     try:
@@ -250,45 +302,85 @@ def distill(
 @app.command(
     name="eval",
     help=(
-        "Task metrics of a classifier (a model or a kdgeo run directory) on a dataset: accuracy, macro-F1, "
-        "Matthews correlation (CoLA), F1 (two classes); agreement with a teacher when one is given.\n\n"
+        "Task metrics of a classifier (a model or a kdgeo run directory) on a dataset: accuracy, macro-F1, Matthews "
+        "correlation (CoLA), F1 (two classes); agreement with a teacher when one is given.\n\n"
         "A run directory evaluates its student/ on the run's own evaluation split unless --data says otherwise.\n\n"
         "Examples:\n\n"
         "  kdgeo eval runs/demo\n\n"
         "  kdgeo eval runs/demo --teacher ~/.cache/kdgeo/teachers/<key> --json scores.json\n\n"
-        "  kdgeo eval textattack/bert-base-uncased-CoLA --data nyu-mll/glue --data-config cola --text-column sentence\n\n"
-        "Causal LMs (a causal-lm run, or any *ForCausalLM model): ROUGE-L of generated responses and perplexity of the references:\n\n"
+        "  kdgeo eval textattack/bert-base-uncased-CoLA --data nyu-mll/glue --data-config cola --text-column "
+        "sentence\n\n"
+        "Causal LMs (a causal-lm run, or any *ForCausalLM model): ROUGE-L of generated responses and perplexity of "
+        "the references:\n\n"
         "  kdgeo eval runs/opt-dolly --max-new-tokens 256 --predictions preds.jsonl\n\n"
-        "  kdgeo eval facebook/opt-125m --data databricks/databricks-dolly-15k --split train --prompt-column instruction --max-samples 500"
+        "  kdgeo eval facebook/opt-125m --data databricks/databricks-dolly-15k --split train --prompt-column "
+        "instruction --max-samples 500"
     ),
 )
 def eval_(
-    model: Annotated[str, typer.Argument(metavar="MODEL_OR_RUN", help="A run directory, a model directory, a hub id, or package:MODULE/SUBDIR.")],
-    data: Annotated[Optional[str], typer.Option(help="Dataset (default: the run's own).")] = None,
-    data_config: Annotated[Optional[str], typer.Option(help="Hub dataset configuration.")] = None,
-    split: Annotated[Optional[str], typer.Option(help="Split (default: the run's eval split, else validation).")] = None,
-    text_column: Annotated[Optional[str], typer.Option(help="Text column (default: the run's, else text).")] = None,
-    text_pair_column: Annotated[Optional[str], typer.Option(help="Second text column for sentence pairs.")] = None,
-    label_column: Annotated[Optional[str], typer.Option(help="Label column (default: the run's, else label).")] = None,
-    teacher: Annotated[Optional[str], typer.Option(help="Also score this teacher and report agreement with it.")] = None,
-    max_samples: Annotated[Optional[int], typer.Option(min=1, help="Evaluate at most this many examples.")] = None,
-    max_length: Annotated[Optional[int], typer.Option(min=2, help="Tokens per example (default: the run's, else 128).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Examples per forward pass (default 64; causal LMs: the run's generate.batch_size, else 16).")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    precision: Annotated[PrecisionChoice, typer.Option(help="Autocast for the forward passes.")] = PrecisionChoice("fp32"),
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow model repositories to run their own code.")] = False,
-    prompt_column: Annotated[Optional[str], typer.Option(help="Causal LMs: instruction column (default: the run's, else prompt).")] = None,
-    response_column: Annotated[Optional[str], typer.Option(help="Causal LMs: reference response column (default: the run's, else response).")] = None,
-    context_column: Annotated[Optional[str], typer.Option(help="Causal LMs: optional context column (default: the run's).")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(min=1, help="Causal LMs: most tokens generated per response (default: the run's, else 128).")] = None,
-    sample: Annotated[Optional[bool], typer.Option("--sample/--greedy", help="Causal LMs: sample (with --temperature, --top-p) or decode greedily (default: the run's, else greedy).")] = None,
-    temperature: Annotated[
-        Optional[float], typer.Option(min=1e-6, callback=_finite, help="Causal LMs: sampling temperature.")
+    model: Annotated[
+        str,
+        typer.Argument(
+            metavar="MODEL_OR_RUN", help="A run directory, a model directory, a hub id, or package:MODULE/SUBDIR."
+        ),
+    ],
+    data: Annotated[str | None, typer.Option(help="Dataset (default: the run's own).")] = None,
+    data_config: Annotated[str | None, typer.Option(help="Hub dataset configuration.")] = None,
+    split: Annotated[str | None, typer.Option(help="Split (default: the run's eval split, else validation).")] = None,
+    text_column: Annotated[str | None, typer.Option(help="Text column (default: the run's, else text).")] = None,
+    text_pair_column: Annotated[str | None, typer.Option(help="Second text column for sentence pairs.")] = None,
+    label_column: Annotated[str | None, typer.Option(help="Label column (default: the run's, else label).")] = None,
+    teacher: Annotated[str | None, typer.Option(help="Also score this teacher and report agreement with it.")] = None,
+    max_samples: Annotated[int | None, typer.Option(min=1, help="Evaluate at most this many examples.")] = None,
+    max_length: Annotated[
+        int | None, typer.Option(min=2, help="Tokens per example (default: the run's, else 128).")
     ] = None,
-    top_p: Annotated[Optional[float], typer.Option(min=1e-6, max=1.0, help="Causal LMs: nucleus sampling mass.")] = None,
-    seed: Annotated[Optional[int], typer.Option(min=0, help="Causal LMs: sampling seed (default: the run's, else 0).")] = None,
-    predictions: Annotated[Optional[Path], typer.Option(help="Causal LMs: write prompt, reference and generated response per line to this JSONL file.")] = None,
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the scores as JSON to this file ('-' for stdout).")] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Examples per forward pass (default 64; causal LMs: the run's generate.batch_size, else 16)."
+        ),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    precision: Annotated[PrecisionChoice, typer.Option(help="Autocast for the forward passes.")] = PrecisionChoice(
+        "fp32"
+    ),
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow model repositories to run their own code.")] = False,
+    prompt_column: Annotated[
+        str | None, typer.Option(help="Causal LMs: instruction column (default: the run's, else prompt).")
+    ] = None,
+    response_column: Annotated[
+        str | None, typer.Option(help="Causal LMs: reference response column (default: the run's, else response).")
+    ] = None,
+    context_column: Annotated[
+        str | None, typer.Option(help="Causal LMs: optional context column (default: the run's).")
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None,
+        typer.Option(min=1, help="Causal LMs: most tokens generated per response (default: the run's, else 128)."),
+    ] = None,
+    sample: Annotated[
+        bool | None,
+        typer.Option(
+            "--sample/--greedy",
+            help="Causal LMs: sample (with --temperature, --top-p) or decode greedily (default: the run's, else "
+            "greedy).",
+        ),
+    ] = None,
+    temperature: Annotated[
+        float | None, typer.Option(min=1e-6, callback=_finite, help="Causal LMs: sampling temperature.")
+    ] = None,
+    top_p: Annotated[float | None, typer.Option(min=1e-6, max=1.0, help="Causal LMs: nucleus sampling mass.")] = None,
+    seed: Annotated[
+        int | None, typer.Option(min=0, help="Causal LMs: sampling seed (default: the run's, else 0).")
+    ] = None,
+    predictions: Annotated[
+        Path | None,
+        typer.Option(help="Causal LMs: write prompt, reference and generated response per line to this JSONL file."),
+    ] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write the scores as JSON to this file ('-' for stdout).")
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
     from kdgeo import report
@@ -304,28 +396,53 @@ def eval_(
         from kdgeo.evaluate_lm import LMEvalArgs, run_lm_eval
 
         lm_args = LMEvalArgs(
-            model=model, dataset=data, config=data_config, split=split, prompt_column=prompt_column,
-            response_column=response_column, context_column=context_column, max_samples=max_samples,
-            max_length=max_length, batch_size=batch_size, device=device, precision=precision.value,
-            trust_remote_code=trust_remote_code, teacher=teacher, max_new_tokens=max_new_tokens,
-            do_sample=sample, temperature=temperature, top_p=top_p, seed=seed,
+            model=model,
+            dataset=data,
+            config=data_config,
+            split=split,
+            prompt_column=prompt_column,
+            response_column=response_column,
+            context_column=context_column,
+            max_samples=max_samples,
+            max_length=max_length,
+            batch_size=batch_size,
+            device=device,
+            precision=precision.value,
+            trust_remote_code=trust_remote_code,
+            teacher=teacher,
+            max_new_tokens=max_new_tokens,
+            do_sample=sample,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
         )
-        result = run_lm_eval(lm_args, progress=report.stage_lines(mode))
+        lm_result = run_lm_eval(lm_args, progress=report.stage_lines(mode))
         if not (json_path is not None and str(json_path) == "-"):
-            report.print_lm_eval(result)
+            report.print_lm_eval(lm_result)
         if predictions is not None:
             from kdgeo.evaluate_lm import write_predictions
 
-            write_predictions(predictions, result)
+            write_predictions(predictions, lm_result)
         if json_path is not None:
-            _write_json_output(json_path, {k: v for k, v in result.items() if k != "texts"})
+            _write_json_output(json_path, {k: v for k, v in lm_result.items() if k != "texts"})
         return
     from kdgeo.evaluate import EvalArgs, run_eval
 
     args = EvalArgs(
-        model=model, dataset=data, config=data_config, split=split, text_column=text_column,
-        text_pair_column=text_pair_column, label_column=label_column, teacher=teacher, max_samples=max_samples,
-        max_length=max_length, batch_size=batch_size or 64, device=device, precision=precision.value, trust_remote_code=trust_remote_code,
+        model=model,
+        dataset=data,
+        config=data_config,
+        split=split,
+        text_column=text_column,
+        text_pair_column=text_pair_column,
+        label_column=label_column,
+        teacher=teacher,
+        max_samples=max_samples,
+        max_length=max_length,
+        batch_size=batch_size or 64,
+        device=device,
+        precision=precision.value,
+        trust_remote_code=trust_remote_code,
     )
     result = run_eval(args, progress=report.stage_lines(mode))
     if not (json_path is not None and str(json_path) == "-"):
@@ -343,13 +460,14 @@ class TestChoice(str, Enum):
 @app.command(
     help=(
         "Runs side by side: each variant's mean, standard deviation, 95% confidence interval and n; the difference "
-        "from a baseline with paired tests across seeds (t, Wilcoxon, permutation; unpaired Welch / Mann-Whitney when "
-        "the seeds differ), Holm-corrected across variants; final geometry per layer pair next to the score.\n\n"
+        "from a baseline with paired tests across seeds (t, Wilcoxon, permutation; unpaired Welch / Mann-Whitney "
+        "when the seeds differ), Holm-corrected across variants; final geometry per layer pair next to the "
+        "score.\n\n"
         "RUN is a run directory or a directory of runs (a sweep's output).\n\n"
-        "Exit codes: 0 ok; 1 with --fail-if-worse when a variant is significantly worse than the baseline; "
-        "2 bad input (no runs, runs of different tasks, a missing metric, an unknown baseline).\n\n"
-        "The metric defaults to accuracy for classification runs and rougeL for causal-lm runs (the task in summary.json); "
-        "the output says when the default was used.\n\n"
+        "Exit codes: 0 ok; 1 with --fail-if-worse when a variant is significantly worse than the baseline; 2 bad "
+        "input (no runs, runs of different tasks, a missing metric, an unknown baseline).\n\n"
+        "The metric defaults to accuracy for classification runs and rougeL for causal-lm runs (the task in "
+        "summary.json); the output says when the default was used.\n\n"
         "Examples:\n\n"
         "  kdgeo compare runs/demo-sweep --baseline ce\n\n"
         "  kdgeo compare runs/opt-dolly-sweep --baseline kd --metric rougeL,perplexity\n\n"
@@ -358,20 +476,36 @@ class TestChoice(str, Enum):
     )
 )
 def compare(
-    runs: Annotated[list[str], typer.Argument(metavar="RUN...", help="Run directories, or directories holding run directories.")],
+    runs: Annotated[
+        list[str], typer.Argument(metavar="RUN...", help="Run directories, or directories holding run directories.")
+    ],
     metric: Annotated[
-        Optional[str],
-        typer.Option(help="accuracy, macro_f1, mcc, f1, teacher_agreement; causal LMs: rougeL, perplexity, response_nll; or procrustes/cka/gram "
-                          "(final geometry, mean over pairs); comma-separated for several. Default: accuracy for classification runs, rougeL for causal-lm runs."),
+        str | None,
+        typer.Option(
+            help="accuracy, macro_f1, mcc, f1, teacher_agreement; causal LMs: rougeL, perplexity, response_nll; or "
+            "procrustes/cka/gram (final geometry, mean over pairs); comma-separated for several. Default: accuracy "
+            "for classification runs, rougeL for causal-lm runs."
+        ),
     ] = None,
-    baseline: Annotated[Optional[str], typer.Option(help="Variant to compare against (default: 'baseline' or 'ce' if present, else the first).")] = None,
+    baseline: Annotated[
+        str | None,
+        typer.Option(help="Variant to compare against (default: 'baseline' or 'ce' if present, else the first)."),
+    ] = None,
     alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="Significance level after Holm correction.")] = 0.05,
-    test: Annotated[TestChoice, typer.Option(help="Which test's p-value decides significance (all are reported).")] = TestChoice.t,
-    fail_if_worse: Annotated[bool, typer.Option(help="Exit 1 when a variant is significantly worse than the baseline (for CI).")] = False,
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write every number as JSON ('-' for stdout).")] = None,
-    csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Write one row per variant as CSV ('-' for stdout).")] = None,
-    markdown: Annotated[Optional[Path], typer.Option(help="Write the tables as Markdown ('-' for stdout).")] = None,
-    plot: Annotated[Optional[Path], typer.Option(help="Write learning curves and final scores to this PNG.")] = None,
+    test: Annotated[
+        TestChoice, typer.Option(help="Which test's p-value decides significance (all are reported).")
+    ] = TestChoice.t,
+    fail_if_worse: Annotated[
+        bool, typer.Option(help="Exit 1 when a variant is significantly worse than the baseline (for CI).")
+    ] = False,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write every number as JSON ('-' for stdout).")
+    ] = None,
+    csv_path: Annotated[
+        Path | None, typer.Option("--csv", help="Write one row per variant as CSV ('-' for stdout).")
+    ] = None,
+    markdown: Annotated[Path | None, typer.Option(help="Write the tables as Markdown ('-' for stdout).")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write learning curves and final scores to this PNG.")] = None,
 ) -> None:
     for path, option in ((json_path, "--json"), (csv_path, "--csv"), (markdown, "--markdown"), (plot, "--plot")):
         if path is not None and str(path) != "-":
@@ -380,7 +514,9 @@ def compare(
     from kdgeo import report_compare
 
     result = compare_mod.compare(
-        compare_mod.CompareArgs(runs=list(runs), metric=metric, baseline=baseline, alpha=alpha, test=test.value, fail_if_worse=fail_if_worse)
+        compare_mod.CompareArgs(
+            runs=list(runs), metric=metric, baseline=baseline, alpha=alpha, test=test.value, fail_if_worse=fail_if_worse
+        )
     )
     to_stdout = any(p is not None and str(p) == "-" for p in (json_path, csv_path, markdown))
     if not to_stdout:

@@ -36,9 +36,10 @@ from __future__ import annotations
 import difflib
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 from kdgeo import files, rundir, stats
 from kdgeo.errors import KdgeoError
@@ -125,9 +126,10 @@ class RunRecord:
     def geometry_value(self, metric: str, pairs: list[dict[str, Any]] | None = None) -> float | None:
         """Mean of ``metric`` over layer pairs (the final ones by default); None if absent."""
         values = [_number(p.get(metric)) for p in (self.geometry if pairs is None else pairs)]
-        if not values or any(v is None for v in values):
+        present = [v for v in values if v is not None]
+        if not values or len(present) != len(values):
             return None
-        return sum(values) / len(values)  # type: ignore[arg-type]
+        return sum(present) / len(present)
 
     def value(self, metric: str) -> float | None:
         """The run's final value of ``metric`` (a score, else a geometry mean); None if absent."""
@@ -267,18 +269,27 @@ def _describe_dir(path: Path) -> str:
         return "an empty directory"
     names = {e.name for e in entries}
     if rundir.SPEC_JSON in names or rundir.METRICS in names:
-        return f"a run directory without {rundir.SUMMARY} (holds {', '.join(sorted(names))}): the run has not finished or failed"
+        return (
+            f"a run directory without {rundir.SUMMARY} (holds {', '.join(sorted(names))}): the run has not finished "
+            "or failed"
+        )
     subdirs = [e for e in entries if e.is_dir()]
     unfinished = [d.name for d in subdirs if (d / rundir.SPEC_JSON).exists() or (d / rundir.METRICS).exists()]
     if unfinished:
-        return f"{len(subdirs)} subdirector{'y' if len(subdirs) == 1 else 'ies'}, none with {rundir.SUMMARY}; unfinished runs: {', '.join(unfinished)}"
+        return (
+            f"{len(subdirs)} subdirector{'y' if len(subdirs) == 1 else 'ies'}, none with {rundir.SUMMARY}; "
+            f"unfinished runs: {', '.join(unfinished)}"
+        )
     shown = ", ".join(e.name + ("/" if e.is_dir() else "") for e in entries[:8]) + (", ..." if len(entries) > 8 else "")
     return f"no {rundir.SUMMARY} in it or its subdirectories (holds {shown})"
 
 
 def _find_run_dirs(paths: Sequence[str], warnings: list[str]) -> list[Path]:
     if not paths:
-        raise KdgeoError("no run directories given; pass run directories (each holding summary.json) or a directory of runs, e.g. `kdgeo compare runs/my-sweep`.")
+        raise KdgeoError(
+            "no run directories given; pass run directories (each holding summary.json) or a directory of runs, "
+            "e.g. `kdgeo compare runs/my-sweep`."
+        )
     missing: list[str] = []
     empty: list[str] = []
     found: list[Path] = []
@@ -354,7 +365,9 @@ def _record(run: rundir.RunDirectory) -> RunRecord:
             curve.append((step, {str(k): _number(v) for k, v in event["scores"].items()}))
         elif event.get("event") == "monitor" and isinstance(event.get("pairs"), list):
             geometry_curve.append((step, [p for p in event["pairs"] if isinstance(p, dict)]))
-    return RunRecord(run.path, run.variant, run.seed, _task_key(run), scores, run.summary.geometry, curve, geometry_curve)
+    return RunRecord(
+        run.path, run.variant, run.seed, _task_key(run), scores, run.summary.geometry, curve, geometry_curve
+    )
 
 
 def load_runs(paths: Sequence[str], warnings: list[str] | None = None) -> list[RunRecord]:
@@ -381,8 +394,10 @@ def load_runs(paths: Sequence[str], warnings: list[str] | None = None) -> list[R
         records.append(_record(run))
     if bad:
         raise KdgeoError(
-            f"cannot read {len(bad)} summary file{'s' if len(bad) > 1 else ''}: " + "; ".join(bad)
-            + ". The run may have been cut short or the file edited by hand: re-run it, restore the file, or leave that run out."
+            f"cannot read {len(bad)} summary file{'s' if len(bad) > 1 else ''}: "
+            + "; ".join(bad)
+            + ". The run may have been cut short or the file edited by hand: re-run it, restore the file, or leave "
+            "that run out."
         )
     records.sort(key=lambda r: (r.variant, r.seed is None, r.seed if r.seed is not None else 0, str(r.path)))
     return records
@@ -402,7 +417,9 @@ def _check_tasks(runs: list[RunRecord], warnings: list[str]) -> TaskKey:
         merged[name] = next(iter(known)) if len(known) == 1 else None
         lacking = [r for r in runs if getattr(r.task, name) is None]
         if known and lacking and name not in ("config", "eval_dataset", "max_eval_samples"):
-            warnings.append(f"{len(lacking)} run(s) do not record {name} (e.g. {lacking[0].path}); assumed to match the others")
+            warnings.append(
+                f"{len(lacking)} run(s) do not record {name} (e.g. {lacking[0].path}); assumed to match the others"
+            )
     if differing:
         groups: dict[str, list[str]] = {}
         for r in runs:
@@ -410,8 +427,8 @@ def _check_tasks(runs: list[RunRecord], warnings: list[str]) -> TaskKey:
             groups.setdefault(key, []).append(str(r.path))
         listing = " | ".join(f"{key}: {', '.join(paths)}" for key, paths in groups.items())
         raise KdgeoError(
-            f"these are runs of different tasks (they differ in {', '.join(differing)}), so their scores cannot be compared: "
-            f"{listing}. Compare runs of one task at a time: pass only the run directories of that task."
+            f"these are runs of different tasks (they differ in {', '.join(differing)}), so their scores cannot be "
+            f"compared: {listing}. Compare runs of one task at a time: pass only the run directories of that task."
         )
     return TaskKey(**merged)
 
@@ -431,7 +448,9 @@ def _check_metrics(runs: list[RunRecord], metrics: list[str], defaulted_for: str
         every = sorted(set.union(*[r.metrics_available() for r in runs]))
         near = difflib.get_close_matches(metric, every, n=1)
         hint = f" (did you mean '{near[0]}'?)" if near and near[0] != metric else ""
-        shown = ", ".join(str(r.path) for r in lacking[:5]) + (f" and {len(lacking) - 5} more" if len(lacking) > 5 else "")
+        shown = ", ".join(str(r.path) for r in lacking[:5]) + (
+            f" and {len(lacking) - 5} more" if len(lacking) > 5 else ""
+        )
         chosen = f" (the default for {defaulted_for} runs)" if defaulted_for else ""
         problems.append(
             f"metric '{metric}'{hint}{chosen} is missing (or null) in {len(lacking)} of {len(runs)} runs: {shown}. "
@@ -454,13 +473,24 @@ def _pick_baseline(variants: list[str], wanted: str | None) -> str:
         return folded[0]
     near = difflib.get_close_matches(wanted, variants, n=1)
     hint = f" Did you mean '{near[0]}'?" if near else ""
-    raise KdgeoError(f"baseline variant '{wanted}' is not among the runs; their variants are: {', '.join(variants)}.{hint} Pass one of them with --baseline.")
+    raise KdgeoError(
+        f"baseline variant '{wanted}' is not among the runs; their variants are: {', '.join(variants)}.{hint} Pass "
+        "one of them with --baseline."
+    )
 
 
 # ---- comparing ---------------------------------------------------------------------------------
 
 
-def _versus(variant: str, baseline: str, rows: dict[str, list[RunRecord]], metric: str, test: str) -> tuple[VersusBaseline, stats.TestResult]:
+def _present(value: float | None, metric: str) -> float:
+    """A run's value of ``metric`` where one is known to exist: the metric check refuses runs without it."""
+    assert value is not None, f"a run has no {metric}; the metric check should have refused it"
+    return value
+
+
+def _versus(
+    variant: str, baseline: str, rows: dict[str, list[RunRecord]], metric: str, test: str
+) -> tuple[VersusBaseline, stats.TestResult]:
     a_runs, b_runs = rows[variant], rows[baseline]
     a_seeds, b_seeds = [r.seed for r in a_runs], [r.seed for r in b_runs]
     reason = ""
@@ -473,29 +503,35 @@ def _versus(variant: str, baseline: str, rows: dict[str, list[RunRecord]], metri
     if not reason:
         by_a = {r.seed: r.value(metric) for r in a_runs}
         by_b = {r.seed: r.value(metric) for r in b_runs}
-        seeds = sorted(by_a)  # type: ignore[type-var]
-        a = [float(by_a[s]) for s in seeds]  # type: ignore[arg-type]
-        b = [float(by_b[s]) for s in seeds]  # type: ignore[arg-type]
+        seeds = sorted(s for s in by_a if s is not None)  # all of them: an unknown seed set `reason` above
+        a = [float(_present(by_a[s], metric)) for s in seeds]
+        b = [float(_present(by_b[s], metric)) for s in seeds]
         tests = (stats.paired_t(a, b), stats.wilcoxon(a, b), stats.permutation_paired(a, b))
         diff, lo, hi = stats.mean_difference_ci(a, b, paired=True)
         pairing, n = f"paired over {len(seeds)} seed{'s' if len(seeds) != 1 else ''}", len(seeds)
     else:
-        a = [float(r.value(metric)) for r in a_runs]  # type: ignore[arg-type]
-        b = [float(r.value(metric)) for r in b_runs]  # type: ignore[arg-type]
+        a = [float(_present(r.value(metric), metric)) for r in a_runs]
+        b = [float(_present(r.value(metric), metric)) for r in b_runs]
         tests = (stats.welch_t(a, b), stats.mann_whitney(a, b), stats.permutation_unpaired(a, b))
         diff, lo, hi = stats.mean_difference_ci(a, b, paired=False)
         pairing, n = reason, len(a) + len(b)
     chosen = tests[TESTS.index(test)]
-    partial = VersusBaseline(variant, baseline, not reason, pairing, n, diff, lo, hi, *tests, chosen.p_value, math.nan, "n.s.")
+    partial = VersusBaseline(
+        variant, baseline, not reason, pairing, n, diff, lo, hi, *tests, chosen.p_value, math.nan, "n.s."
+    )
     return partial, chosen
 
 
-def _compare_metric(metric: str, by_variant: dict[str, list[RunRecord]], baseline: str, args: CompareArgs, runs: list[RunRecord]) -> MetricComparison:
+def _compare_metric(
+    metric: str, by_variant: dict[str, list[RunRecord]], baseline: str, args: CompareArgs, runs: list[RunRecord]
+) -> MetricComparison:
     hib = higher_is_better(metric)
     variant_stats = []
     for name, recs in by_variant.items():
-        values = [float(r.value(metric)) for r in recs]  # type: ignore[arg-type]
-        variant_stats.append(VariantStats(name, values, [r.seed for r in recs], [str(r.path) for r in recs], stats.describe(values)))
+        values = [float(_present(r.value(metric), metric)) for r in recs]
+        variant_stats.append(
+            VariantStats(name, values, [r.seed for r in recs], [str(r.path) for r in recs], stats.describe(values))
+        )
     others = [v for v in by_variant if v != baseline]
     partial = [_versus(v, baseline, by_variant, metric, args.test) for v in others]
     adjusted = stats.holm([chosen.p_value for _, chosen in partial])
@@ -509,15 +545,18 @@ def _compare_metric(metric: str, by_variant: dict[str, list[RunRecord]], baselin
         if chosen.note:
             notes.append(f"{row.variant}: {chosen.method}: {chosen.note}")
         if not row.paired:
-            notes.append(f"{row.variant} vs {baseline}: {row.pairing}; used Welch t, Mann-Whitney U and a two-sample permutation test on all runs")
+            notes.append(
+                f"{row.variant} vs {baseline}: {row.pairing}; used Welch t, Mann-Whitney U and a two-sample "
+                "permutation test on all runs"
+            )
     if others and len(others) > 1:
         notes.append(f"Holm-adjusted over {len(others)} comparisons with {baseline}")
     correlation = None
     if metric != "procrustes":
-        points = [(r.geometry_value("procrustes"), r.value(metric)) for r in runs]
-        points = [(x, y) for x, y in points if x is not None and y is not None]
+        measured = [(r.geometry_value("procrustes"), r.value(metric)) for r in runs]
+        points = [(x, y) for x, y in measured if x is not None and y is not None]
         if len(points) >= 3:
-            correlation = stats.spearman([x for x, _ in points], [y for _, y in points])  # type: ignore[misc]
+            correlation = stats.spearman([x for x, _ in points], [y for _, y in points])
     return MetricComparison(metric, hib, variant_stats, versus, correlation, notes)
 
 
@@ -525,7 +564,8 @@ def _geometry_rows(by_variant: dict[str, list[RunRecord]], metric: str) -> list[
     rows = []
     for name, recs in by_variant.items():
         score_values = [r.value(metric) for r in recs]
-        score = sum(score_values) / len(score_values) if score_values and None not in score_values else None  # type: ignore[arg-type]
+        present = [v for v in score_values if v is not None]
+        score = sum(present) / len(present) if present and len(present) == len(score_values) else None
         pairs: dict[tuple[str, str], list[dict[str, Any]]] = {}
         order: list[tuple[Any, Any]] = []
         for r in recs:
@@ -539,8 +579,8 @@ def _geometry_rows(by_variant: dict[str, list[RunRecord]], metric: str) -> list[
             measured = pairs[(str(s), str(t))]
             values: dict[str, float | None] = {}
             for m in GEOMETRY_METRICS:
-                xs = [_number(p.get(m)) for p in measured]
-                xs = [x for x in xs if x is not None]
+                found = [_number(p.get(m)) for p in measured]
+                xs = [x for x in found if x is not None]
                 values[m] = sum(xs) / len(xs) if xs else None
             rows.append(GeometryRow(name, s, t, len(measured), values, score))
     return rows
@@ -553,13 +593,15 @@ def compare(args: CompareArgs) -> CompareResult:
     runs of different tasks, a metric some runs lack, an unknown baseline, a bad alpha or test.
     """
     if args.test not in TESTS:
-        raise KdgeoError(f"test '{args.test}' is not one of {', '.join(TESTS)}; pass --test t, wilcoxon or permutation.")
+        raise KdgeoError(
+            f"test '{args.test}' is not one of {', '.join(TESTS)}; pass --test t, wilcoxon or permutation."
+        )
     if not (isinstance(args.alpha, (int, float)) and 0 < args.alpha < 1):
         raise KdgeoError(f"alpha = {args.alpha} must be between 0 and 1 (exclusive), e.g. --alpha 0.05.")
     if args.metric is not None and not args.metrics:
         raise KdgeoError(
-            f"no metric in --metric {args.metric!r}; pass one, e.g. --metric accuracy (or rougeL, perplexity, macro_f1, "
-            "mcc, procrustes, cka, gram, ...), or leave --metric out for the task's default."
+            f"no metric in --metric {args.metric!r}; pass one, e.g. --metric accuracy (or rougeL, perplexity, "
+            "macro_f1, mcc, procrustes, cka, gram, ...), or leave --metric out for the task's default."
         )
     warnings: list[str] = []
     runs = load_runs(args.runs, warnings)
@@ -578,7 +620,9 @@ def compare(args: CompareArgs) -> CompareResult:
     comparisons = [_compare_metric(m, by_variant, baseline, args, runs) for m in metrics]
     notes: list[str] = []
     if chosen is not None:
-        notes.append(f"metric {chosen}: the default for {task.task or 'classification'} runs; choose others with --metric")
+        notes.append(
+            f"metric {chosen}: the default for {task.task or 'classification'} runs; choose others with --metric"
+        )
     if len(variants) == 1:
         notes.append(f"only one variant ({baseline}): nothing to test against a baseline")
     if any(len(recs) == 1 for recs in by_variant.values()):
@@ -587,7 +631,8 @@ def compare(args: CompareArgs) -> CompareResult:
     worse = [(c.metric, v.variant) for c in comparisons for v in c.versus if v.verdict == "worse"]
     exit_code = 1 if args.fail_if_worse and worse else 0
     if args.fail_if_worse and worse:
-        notes.append("significantly worse than the baseline: " + ", ".join(f"{v} on {m}" for m, v in worse) + " (exit code 1)")
+        notes.append(
+            "significantly worse than the baseline: " + ", ".join(f"{v} on {m}" for m, v in worse) + " (exit code 1)"
+        )
     geometry = _geometry_rows(by_variant, metrics[0])
     return CompareResult(args, runs, task, ordered, baseline, comparisons, geometry, notes, warnings, exit_code, chosen)
-

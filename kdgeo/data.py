@@ -9,9 +9,10 @@ not exist, an empty dataset, labels out of range) raise :class:`~kdgeo.errors.Da
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -44,8 +45,11 @@ def load_split(ref: str, config: str | None, split: str, where: str = "data.data
     if ref.startswith(BUILTIN_PREFIX):
         name = ref[len(BUILTIN_PREFIX) :]
         if name != "wordnet-supersenses":
-            raise DataError(f"{where} = '{ref}': no such built-in dataset; built-ins are: "
-                            + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_DATASETS) + ".")
+            raise DataError(
+                f"{where} = '{ref}': no such built-in dataset; built-ins are: "
+                + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_DATASETS)
+                + "."
+            )
         from kdgeo import demo
 
         if split not in demo.SPLIT_FILES:
@@ -67,7 +71,9 @@ def load_split(ref: str, config: str | None, split: str, where: str = "data.data
         return datasets.load_dataset(ref, config, split=split)
     except ValueError as err:
         msg = _first_line(err)
-        raise DataError(f"{where} = '{ref}' (config {config!r}, split '{split}'): {msg}. Check the config and split names.") from None
+        raise DataError(
+            f"{where} = '{ref}' (config {config!r}, split '{split}'): {msg}. Check the config and split names."
+        ) from None
     except Exception as err:  # network, missing dataset, auth: all user-fixable
         cache = _unwritable_cache()
         if cache is not None:
@@ -193,9 +199,13 @@ def _json_problem(path: Path) -> str | None:
         try:
             value = json.loads(line)
         except json.JSONDecodeError as err:
-            return f"line {number}, column {err.colno}: {err.msg} (each line of a JSON Lines file must be one JSON object)"
+            return (
+                f"line {number}, column {err.colno}: {err.msg} (each line of a JSON Lines file must be one JSON object)"
+            )
         if not isinstance(value, dict):
-            return f"line {number} holds a JSON {type(value).__name__}, not an object (each line must be one JSON object)"
+            return (
+                f"line {number} holds a JSON {type(value).__name__}, not an object (each line must be one JSON object)"
+            )
     return None
 
 
@@ -273,17 +283,21 @@ def infer_labels(ds: Any, label_column: str, where: str) -> LabelInfo:
         distinct = len(set(ints))
         if ints and (max(ints) + 1 > 100_000 or max(ints) + 1 > 2 * distinct + 100):
             raise DataError(
-                f"{where}: column '{label_column}' has {distinct} distinct integer labels but the largest is {max(ints)}; "
-                "labels must be 0..num_labels-1. Renumber them, or store class names as strings (mapped in sorted order)."
+                f"{where}: column '{label_column}' has {distinct} distinct integer labels but the largest is "
+                f"{max(ints)}; labels must be 0..num_labels-1. Renumber them, or store class names as strings "
+                "(mapped in sorted order)."
             )
         if min(ints) < 0:
             raise DataError(
-                f"{where}: column '{label_column}' has negative labels (e.g. {min(ints)}); labels must be 0..num_labels-1 "
-                "(an unlabelled test split uses -1: train and evaluate on labelled splits)."
+                f"{where}: column '{label_column}' has negative labels (e.g. {min(ints)}); labels must be "
+                "0..num_labels-1 (an unlabelled test split uses -1: train and evaluate on labelled splits)."
             )
         return LabelInfo(names=[str(i) for i in range(max(ints) + 1)])
     kinds = sorted({type(v).__name__ for v in values})
-    raise DataError(f"{where}: column '{label_column}' holds {', '.join(kinds)} values; labels must be integers or class-name strings.")
+    raise DataError(
+        f"{where}: column '{label_column}' holds {', '.join(kinds)} values; labels must be integers or class-name "
+        "strings."
+    )
 
 
 def labels_as_ids(ds: Any, label_column: str, info: LabelInfo, where: str) -> list[int]:
@@ -299,7 +313,9 @@ def labels_as_ids(ds: Any, label_column: str, info: LabelInfo, where: str) -> li
             out.append(info.string_to_id[value])
             continue
         if value is None or isinstance(value, str) or not float(value).is_integer():
-            raise DataError(f"{where}: row {row} has label {value!r}; labels must be integers 0..{info.num_labels - 1}.")
+            raise DataError(
+                f"{where}: row {row} has label {value!r}; labels must be integers 0..{info.num_labels - 1}."
+            )
         label = int(value)
         if not 0 <= label < info.num_labels:
             raise DataError(
@@ -315,8 +331,8 @@ def texts_of(ds: Any, column: str, where: str) -> list[str]:
     for row, value in enumerate(values):
         if not isinstance(value, str):
             raise DataError(
-                f"{where}: row {row} of column '{column}' is {type(value).__name__} ({value!r}), not text. Point the text "
-                "column setting at a column of strings, or fill the empty rows."
+                f"{where}: row {row} of column '{column}' is {type(value).__name__} ({value!r}), not text. Point the "
+                "text column setting at a column of strings, or fill the empty rows."
             )
     return list(values)
 
@@ -359,7 +375,7 @@ class TextSplit:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def subset(self, indices: Sequence[int]) -> "TextSplit":
+    def subset(self, indices: Sequence[int]) -> TextSplit:
         encs = {
             role: Encoded(
                 input_ids=[e.input_ids[i] for i in indices],
@@ -372,7 +388,13 @@ class TextSplit:
         labels = [self.labels[i] for i in indices] if self.labels is not None else None
         pair_texts = [self.pair_texts[i] for i in indices] if self.pair_texts is not None else None
         responses = [self.responses[i] for i in indices] if self.responses is not None else None
-        return TextSplit(texts=[self.texts[i] for i in indices], labels=labels, encodings=encs, pair_texts=pair_texts, responses=responses)
+        return TextSplit(
+            texts=[self.texts[i] for i in indices],
+            labels=labels,
+            encodings=encs,
+            pair_texts=pair_texts,
+            responses=responses,
+        )
 
 
 def _pad(seqs: list[list[int]], value: int) -> Tensor:
@@ -395,7 +417,9 @@ def collate(split: TextSplit, indices: Sequence[int]) -> dict[str, Any]:
             inputs["token_type_ids"] = _pad([enc.token_type_ids[i] for i in indices], 0)
         batch[role] = inputs
         if enc.response_start is not None:
-            marks = [[0] * enc.response_start[i] + [1] * (len(enc.input_ids[i]) - enc.response_start[i]) for i in indices]
+            marks = [
+                [0] * enc.response_start[i] + [1] * (len(enc.input_ids[i]) - enc.response_start[i]) for i in indices
+            ]
             batch.setdefault("response_mask", {})[role] = _pad(marks, 0)  # (B, T)
     if split.labels is not None:
         batch["labels"] = torch.tensor([split.labels[i] for i in indices], dtype=torch.long)  # (B,)
@@ -424,7 +448,7 @@ def batch_indices(
     if lengths is None:
         return [order[i : i + batch_size] for i in range(0, n, batch_size)]
     window = GROUP_WINDOW * batch_size
-    batches = []
+    batches: list[list[int]] = []
     for start in range(0, n, window):
         chunk = sorted(order[start : start + window], key=lambda i: (lengths[i], i))
         batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
@@ -441,7 +465,12 @@ def lengths_of(split: TextSplit) -> list[int]:
 
 
 def iterate_batches(
-    split: TextSplit, batch_size: int, shuffle: bool = False, seed: int = 0, epoch: int = 0, group_by_length: bool = False
+    split: TextSplit,
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    epoch: int = 0,
+    group_by_length: bool = False,
 ) -> Iterator[dict[str, Any]]:
     lengths = lengths_of(split) if group_by_length else None
     for idx in batch_indices(len(split), batch_size, shuffle, seed, epoch, lengths):
@@ -473,7 +502,9 @@ def loader_workers(setting: int | str, device: torch.device, processes: int = 1)
     return max(0, min(4, cores // max(processes, 1) - 1))
 
 
-def prefetch_batches(split: TextSplit, batches: Sequence[Sequence[int]], workers: int, pin_memory: bool = False) -> Iterator[dict[str, Any]]:
+def prefetch_batches(
+    split: TextSplit, batches: Sequence[Sequence[int]], workers: int, pin_memory: bool = False
+) -> Iterator[dict[str, Any]]:
     """Collated batches in the given order; with ``workers`` > 0, collated ahead in worker
     processes by a torch DataLoader (same batches, same order: the indices are fixed here)."""
     if workers <= 0 or not batches:
@@ -482,10 +513,17 @@ def prefetch_batches(split: TextSplit, batches: Sequence[Sequence[int]], workers
         return
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(
-        [list(b) for b in batches], batch_size=None, shuffle=False, num_workers=workers, collate_fn=_Collate(split),
-        pin_memory=pin_memory, prefetch_factor=2, worker_init_fn=_ignore_stop_signals,
-        generator=torch.Generator(),  # its own: creating the iterator must not draw from the global RNG (bitwise resume)
+    loader: DataLoader[list[int]] = DataLoader(
+        [list(b) for b in batches],  # type: ignore[arg-type]  # torch's stub wants a Dataset; any indexable works
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_Collate(split),
+        pin_memory=pin_memory,
+        prefetch_factor=2,
+        worker_init_fn=_ignore_stop_signals,
+        # its own generator: creating the iterator must not draw from the global RNG (bitwise resume)
+        generator=torch.Generator(),
     )
     yield from loader
 

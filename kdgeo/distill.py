@@ -20,12 +20,13 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from types import FrameType
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -68,13 +69,19 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
     if resume:
         run_dir = _check_resumable(Path(spec.output.dir).expanduser() / run_name, spec)
     else:
-        run_dir = distributed.on_main(lambda: rundir.prepare_run_dir(spec.output.dir, run_name, spec.output.overwrite), dist)
+        run_dir = distributed.on_main(
+            lambda: rundir.prepare_run_dir(spec.output.dir, run_name, spec.output.overwrite), dist
+        )
     # Found now, not after a teacher fine-tune or a cache build that took an hour.
     if spec.teacher.finetune is not None:
-        rundir.check_writable_dir(spec.output.teacher_cache, "output.teacher_cache", "the fine-tuned teacher is cached there")
+        rundir.check_writable_dir(
+            spec.output.teacher_cache, "output.teacher_cache", "the fine-tuned teacher is cached there"
+        )
     if spec.output.teacher_outputs:
         rundir.check_writable_dir(
-            spec.output.teacher_outputs_dir, "output.teacher_outputs_dir", "output.teacher_outputs = true writes the teacher's outputs there"
+            spec.output.teacher_outputs_dir,
+            "output.teacher_outputs_dir",
+            "output.teacher_outputs = true writes the teacher's outputs there",
         )
 
     plan = make_plan(spec, dist.world_size, dist.enabled and t.gather_features, emit)
@@ -83,8 +90,17 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
     state = run.start(resume, lambda: _write_run_files(run_dir, spec))
     with _stop_on_signals() as stop:
         state = train(
-            run.student, run.objective, run.optimizer, run.scheduler, run.scaler, run.batches(), run.step_loss(),
-            run.loop_config(), state, run.hooks(stop), dist,
+            run.student,
+            run.objective,
+            run.optimizer,
+            run.scheduler,
+            run.scaler,
+            run.batches(),
+            run.step_loss(),
+            run.loop_config(),
+            state,
+            run.hooks(stop),
+            dist,
         )
     summary = run.finish(state, wall_start)
     return DistillResult(run_dir=run_dir, summary=summary)
@@ -95,12 +111,17 @@ def _check_launch(spec: RunSpec, device: torch.device, dist: distributed.Dist) -
     if spec.train.precision == "fp16" and device.type != "cuda":
         raise KdgeoError('train.precision = "fp16" needs a CUDA device; use "bf16" or "fp32" on CPU (or "auto").')
     fsdp = dist.enabled and spec.train.distributed == "fsdp"
-    if fsdp and autocast_dtype(spec.train.precision, device) == torch.float16 and any(l.kind == "projection" for l in spec.losses):
+    if (
+        fsdp
+        and autocast_dtype(spec.train.precision, device) == torch.float16
+        and any(l.kind == "projection" for l in spec.losses)
+    ):
         # The fp16 gradient scaler unscales all gradients in one foreach call, which cannot mix
         # the student's sharded (DTensor) gradients with the projection maps' plain ones.
         raise KdgeoError(
-            'train.distributed = "fsdp" with fp16 autocast and a projection loss is not supported: use train.precision = '
-            '"bf16" (no gradient scaler), train.distributed = "ddp", or a loss without learned maps (procrustes, gram, cka).'
+            'train.distributed = "fsdp" with fp16 autocast and a projection loss is not supported: use '
+            'train.precision = "bf16" (no gradient scaler), train.distributed = "ddp", or a loss without learned '
+            "maps (procrustes, gram, cka)."
         )
 
 
@@ -133,7 +154,9 @@ def _stop_on_signals() -> Iterator[_StopFlag]:
 class _Run:
     """One distillation run being built, trained and finished: the objects the loop's hooks share."""
 
-    def __init__(self, plan: DistillPlan, dist: distributed.Dist, device: torch.device, run_dir: Path, emit: Progress) -> None:
+    def __init__(
+        self, plan: DistillPlan, dist: distributed.Dist, device: torch.device, run_dir: Path, emit: Progress
+    ) -> None:
         self.plan, self.dist, self.device, self.run_dir, self.emit = plan, dist, device, run_dir, emit
         precision = plan.training.precision
         self.amp = autocast_dtype(precision, device)
@@ -156,8 +179,15 @@ class _Run:
         self.teacher = teacher_mod.prepare(plan, dist, device, self.amp, self.param_dtype, self.emit)
         self.model = build_student(plan, self.teacher.model, device, self.param_dtype)  # the user's module
         self.monitor = MonitorBatch(
-            self.teacher.model, plan.evals, plan.monitor_samples, plan.task, plan.rows, plan.t_widths,
-            f"the teacher {plan.teacher_ref.ref}", device, self.amp,
+            self.teacher.model,
+            plan.evals,
+            plan.monitor_samples,
+            plan.task,
+            plan.rows,
+            plan.t_widths,
+            f"the teacher {plan.teacher_ref.ref}",
+            device,
+            self.amp,
         )
         self.pairs = list(plan.pairs) if not plan.probe_pairs else self._probe_pairs()
         if few := few_rows_warning(plan, tuple(self.pairs), dist.world_size):
@@ -165,8 +195,12 @@ class _Run:
         self.monitor.fix_pairs(self.pairs)
         self._build_training()
         self.eval_settings = EvalSettings(
-            plan.task.eval_batch_size(plan.training.batch_size), device, self.amp, plan.generation,
-            plan.generation_max_samples, plan.generate_every_eval,
+            plan.task.eval_batch_size(plan.training.batch_size),
+            device,
+            self.amp,
+            plan.generation,
+            plan.generation_max_samples,
+            plan.generate_every_eval,
         )
         self._teacher_outputs()
         self._score_teacher()
@@ -199,7 +233,11 @@ class _Run:
                 )
             # Without a logit loss, the head (and layers above the deepest pair) get no gradient.
             self.student = distributed.wrap_student(
-                self.model, dist, self.device, tr.strategy, find_unused_parameters=not (plan.loss_kinds & {"ce", "kd"}),
+                self.model,
+                dist,
+                self.device,
+                tr.strategy,
+                find_unused_parameters=not (plan.loss_kinds & {"ce", "kd"}),
             )
         groups = param_groups(self.student.named_parameters(), tr.lr, tr.weight_decay)
         if len(self.objective.projections):
@@ -219,7 +257,10 @@ class _Run:
         if not plan.output.teacher_outputs or not (obj.needs_teacher_logits or need_hidden):
             return
         payload = {
-            "format": 1, "task": plan.task.name, "teacher": plan.teacher_ref.ref, "revision": plan.teacher_ref.revision,
+            "format": 1,
+            "task": plan.task.name,
+            "teacher": plan.teacher_ref.ref,
+            "revision": plan.teacher_ref.revision,
             "teacher_files": fingerprint_model(ModelRef(self.teacher.source)),
             "finetune": (self.teacher.finetune or {}).get("key"),
             "data": {k: v for k, v in plan.data.items() if k not in ("eval_split", "eval_dataset", "max_eval_samples")},
@@ -229,7 +270,9 @@ class _Run:
         }
         t_idx = [t for _, t in self.pairs]
         layout = OutputPlan(
-            causal_lm=plan.task.per_token_logits, rows=plan.rows, layers=tuple(t_idx) if need_hidden else (),
+            task=plan.task,
+            rows=plan.rows,
+            layers=tuple(t_idx) if need_hidden else (),
             widths=tuple(plan.t_widths[t] for t in t_idx) if need_hidden else (),
             logit_width=plan.task.cached_logit_width(self.teacher.model) if obj.needs_teacher_logits else None,
         )
@@ -237,8 +280,19 @@ class _Run:
         dtype, batch = plan.output.teacher_outputs_dtype, max(64, plan.training.batch_size)
 
         def ensure(emit: Progress, build: bool = True) -> TeacherOutputs:
-            return ensure_teacher_outputs(root, payload, layout, self.teacher.model, plan.train, dtype, batch, self.device,
-                                          self.amp, emit, build=build)
+            return ensure_teacher_outputs(
+                root,
+                payload,
+                layout,
+                self.teacher.model,
+                plan.train,
+                dtype,
+                batch,
+                self.device,
+                self.amp,
+                emit,
+                build=build,
+            )
 
         if self.fsdp:
             # A sharded teacher's forward needs every rank; build the entry in one process (or under ddp) first.
@@ -256,7 +310,12 @@ class _Run:
         if note:
             self.emit(Stage(note))
         self.teacher_scores, self.teacher_preds = plan.task.evaluate(
-            self.teacher.model, plan.t_tok, plan.evals, "teacher", self.eval_settings, final=True,
+            self.teacher.model,
+            plan.t_tok,
+            plan.evals,
+            "teacher",
+            self.eval_settings,
+            final=True,
         )
 
     # ---- the loop's inputs and hooks --------------------------------------------------------
@@ -271,12 +330,20 @@ class _Run:
             self.record(events.Resume(step=state.step, checkpoint=str(self.resumed_from)))
             return state
         plan = self.plan
-        self.record(events.Start(
-            run_dir=str(self.run_dir), total_steps=plan.steps.total, steps_per_epoch=plan.steps.steps_per_epoch,
-            train_samples=len(plan.train), eval_samples=len(plan.evals), pairs=[list(p) for p in self.pairs],
-            device=str(self.device), precision=self.precision, teacher_scores=self.teacher_scores,
-            losses=[t.kind for t in plan.terms],
-        ))
+        self.record(
+            events.Start(
+                run_dir=str(self.run_dir),
+                total_steps=plan.steps.total,
+                steps_per_epoch=plan.steps.steps_per_epoch,
+                train_samples=len(plan.train),
+                eval_samples=len(plan.evals),
+                pairs=[list(p) for p in self.pairs],
+                device=str(self.device),
+                precision=self.precision,
+                teacher_scores=self.teacher_scores,
+                losses=[t.kind for t in plan.terms],
+            )
+        )
         state = TrainState()
         state.last_monitor = self.measure(0) if self.pairs else []
         return state
@@ -296,15 +363,18 @@ class _Run:
         here = (dist.world_size, plan.training.strategy if dist.enabled else "ddp")
         if saved != here:
             raise KdgeoError(
-                f"{self.resumed_from} was written by {saved[0]} process(es) ({saved[1]}); this run has {here[0]} ({here[1]}). The "
-                "global batch is batch_size x processes and the optimizer state is laid out per strategy: resume with the same "
-                f"launch (torchrun --nproc-per-node {saved[0]} and train.distributed = \"{saved[1]}\"; no torchrun for 1 process)."
+                f"{self.resumed_from} was written by {saved[0]} process(es) ({saved[1]}); this run has {here[0]} "
+                f"({here[1]}). The global batch is batch_size x processes and the optimizer state is laid out per "
+                f"strategy: resume with the same launch (torchrun --nproc-per-node {saved[0]} and train.distributed "
+                f'= "{saved[1]}"; no torchrun for 1 process).'
             )
         loaders: dict[str, Any] = {}
         if self.fsdp:
             loaders = {
                 "load_student": lambda sd: distributed.load_full_state_dict(self.student, sd, dist),
-                "load_optimizer": lambda st: distributed.load_full_optimizer_state(self._trained(), self.optimizer, st, dist),
+                "load_optimizer": lambda st: distributed.load_full_optimizer_state(
+                    self._trained(), self.optimizer, st, dist
+                ),
             }
         saved_state = checkpoint.load_checkpoint(
             self.resumed_from, distributed.unwrap(self.student), self.objective, self.optimizer, self.device, **loaders
@@ -323,9 +393,13 @@ class _Run:
     def batches(self) -> TrainBatches:
         plan, tr = self.plan, self.plan.training
         return TrainBatches(
-            split=plan.train, global_batch=plan.steps.global_batch, seed=plan.seed,
-            lengths=data_mod.lengths_of(plan.train) if plan.group_by_length else None, min_rows=plan.steps.min_rows,
-            gathered=plan.steps.gathered, weights=plan.task.example_weights(plan.train),
+            split=plan.train,
+            global_batch=plan.steps.global_batch,
+            seed=plan.seed,
+            lengths=data_mod.lengths_of(plan.train) if plan.group_by_length else None,
+            min_rows=plan.steps.min_rows,
+            gathered=plan.steps.gathered,
+            weights=plan.task.example_weights(plan.train),
             workers=data_mod.loader_workers(tr.loader_workers, self.device, self.dist.world_size),
             pin_memory=self.device.type == "cuda",
         )
@@ -333,21 +407,42 @@ class _Run:
     def step_loss(self) -> StepLoss:
         plan = self.plan
         return StepLoss(
-            self.student, self.teacher.model, self.objective, plan.task, tuple(self.pairs), plan.rows, self.device,
-            self.amp, self.param_dtype, self.cached, getattr(plan.task, "logit_width", None), plan.steps.gathered, self.dist,
+            self.student,
+            self.teacher.model,
+            self.objective,
+            plan.task,
+            tuple(self.pairs),
+            plan.rows,
+            self.device,
+            self.amp,
+            self.param_dtype,
+            self.cached,
+            getattr(plan.task, "logit_width", None),
+            plan.steps.gathered,
+            self.dist,
         )
 
     def loop_config(self) -> LoopConfig:
         tr = self.plan.training
         return LoopConfig(
-            total_steps=self.plan.steps.total, grad_accum=tr.grad_accum, max_grad_norm=tr.max_grad_norm,
-            log_every=tr.log_every, monitor_every=self.plan.monitor_every if self.pairs else 0, eval_every=tr.eval_every,
-            checkpoint_every=tr.checkpoint_every, on_nonfinite=tr.on_nonfinite, fsdp=self.fsdp, run_dir=str(self.run_dir),
+            total_steps=self.plan.steps.total,
+            grad_accum=tr.grad_accum,
+            max_grad_norm=tr.max_grad_norm,
+            log_every=tr.log_every,
+            monitor_every=self.plan.monitor_every if self.pairs else 0,
+            eval_every=tr.eval_every,
+            checkpoint_every=tr.checkpoint_every,
+            on_nonfinite=tr.on_nonfinite,
+            fsdp=self.fsdp,
+            run_dir=str(self.run_dir),
         )
 
     def hooks(self, stop: _StopFlag) -> Hooks:
         return Hooks(
-            record=self.record, monitor=self.measure, evaluate=self.evaluate, checkpoint=self.save_checkpoint,
+            record=self.record,
+            monitor=self.measure,
+            evaluate=self.evaluate,
+            checkpoint=self.save_checkpoint,
             stop_signal=lambda: stop.signum,
         )
 
@@ -380,16 +475,23 @@ class _Run:
     def save_checkpoint(self, state: TrainState, extra_keep: int = 0) -> Path:
         dist, tr = self.dist, self.plan.training
         saved = {
-            "step": state.step, "total_steps": self.plan.steps.total, "loop": state.to_dict(),
-            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "step": state.step,
+            "total_steps": self.plan.steps.total,
+            "loop": state.to_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "metrics_lines": self.lines,  # metrics.jsonl is cut back to this on resume
-            "world_size": dist.world_size, "strategy": tr.strategy if dist.enabled else "ddp",
+            "world_size": dist.world_size,
+            "strategy": tr.strategy if dist.enabled else "ddp",
         }
         extra: dict[str, Any] = {}
         if dist.enabled:
             per_rank = distributed.gather_objects(checkpoint.rng_states(), dist)
             rng = {f"rank{r}.{k}": v for r, states in enumerate(per_rank) for k, v in states.items()}
-            extra["rng"] = {**{k: v.clone() for k, v in per_rank[0].items()}, **rng}  # plain keys: rank 0, as one process writes
+            extra["rng"] = {
+                **{k: v.clone() for k, v in per_rank[0].items()},
+                **rng,
+            }  # plain keys: rank 0, as one process writes
             if self.fsdp:  # collectives: every rank takes part, rank 0 receives the full tensors
                 extra["student_state"] = distributed.full_state_dict(self.student, dist)
                 extra["optimizer_state"] = distributed.full_optimizer_state(self._trained(), self.optimizer, dist)
@@ -397,7 +499,8 @@ class _Run:
         path = distributed.on_main(
             lambda: checkpoint.save_checkpoint(
                 self.run_dir, state.step, self.model, self.objective, self.optimizer, saved, keep, **extra
-            ), dist,
+            ),
+            dist,
         )
         self.record(events.Checkpoint(step=state.step, path=str(path)))
         return path
@@ -431,38 +534,63 @@ class _Run:
                 save_model_dir(self.model, self.plan.s_tok, student_dir, state_dict=full)
             except SAVE_ERRORS as err:
                 raise OutputError(
-                    f"cannot save the student to {student_dir}: {getattr(err, 'strerror', None) or err}. metrics.jsonl and the "
-                    "checkpoints hold the run so far: free some space and run the same command with --resume."
+                    f"cannot save the student to {student_dir}: {getattr(err, 'strerror', None) or err}. "
+                    "metrics.jsonl and the checkpoints hold the run so far: free some space and run the same "
+                    "command with --resume."
                 ) from None
 
         distributed.on_main(save, self.dist)
         return student_dir
 
     def _summary(
-        self, state: TrainState, last_monitor: list[dict[str, float]], scores: dict[str, float], student_dir: Path | None,
+        self,
+        state: TrainState,
+        last_monitor: list[dict[str, float]],
+        scores: dict[str, float],
+        student_dir: Path | None,
         wall_start: float,
     ) -> RunSummary:
         plan, dist, step = self.plan, self.dist, state.step
         return RunSummary(
-            format_version=rundir.FORMAT_VERSION, name=plan.name, variant=plan.variant,
-            data=plan.task.summary_data(plan.data, plan.train, plan.evals), run_dir=str(self.run_dir),
-            task=plan.task.name, seed=plan.seed, teacher=plan.teacher_ref.ref, teacher_path=self.teacher.source,
-            teacher_finetune=self.teacher.finetune, student_init=plan.student_init, student_layers=plan.s_layers,
-            student_width=plan.s_widths[0], student_widths=list(plan.s_widths),
+            format_version=rundir.FORMAT_VERSION,
+            name=plan.name,
+            variant=plan.variant,
+            data=plan.task.summary_data(plan.data, plan.train, plan.evals),
+            run_dir=str(self.run_dir),
+            task=plan.task.name,
+            seed=plan.seed,
+            teacher=plan.teacher_ref.ref,
+            teacher_path=self.teacher.source,
+            teacher_finetune=self.teacher.finetune,
+            student_init=plan.student_init,
+            student_layers=plan.s_layers,
+            student_width=plan.s_widths[0],
+            student_widths=list(plan.s_widths),
             student_parameters=sum(p.numel() for p in self.student.parameters()),
             teacher_parameters=sum(p.numel() for p in self.teacher.model.parameters()),
             copied_teacher_layers=list(plan.copied_layers) if plan.copied_layers is not None else None,
             student_dir=str(student_dir) if student_dir else None,
-            losses=[{"kind": t.kind, "weight": t.weight} for t in plan.terms], pairs=[list(p) for p in self.pairs],
-            rows=plan.rows, label_names=list(plan.task.label_names) or None, steps=step,
-            epochs=round(step / plan.steps.steps_per_epoch, 4), train_samples=len(plan.train), eval_samples=len(plan.evals),
-            scores=scores, teacher_scores=self.teacher_scores, geometry=last_monitor,
-            skipped_steps_nonfinite=state.skipped_nonfinite, skipped_steps_fp16_overflow=state.skipped_scaler,
+            losses=[{"kind": t.kind, "weight": t.weight} for t in plan.terms],
+            pairs=[list(p) for p in self.pairs],
+            rows=plan.rows,
+            label_names=list(plan.task.label_names) or None,
+            steps=step,
+            epochs=round(step / plan.steps.steps_per_epoch, 4),
+            train_samples=len(plan.train),
+            eval_samples=len(plan.evals),
+            scores=scores,
+            teacher_scores=self.teacher_scores,
+            geometry=last_monitor,
+            skipped_steps_nonfinite=state.skipped_nonfinite,
+            skipped_steps_fp16_overflow=state.skipped_scaler,
             resumed_from=str(self.resumed_from) if self.resumed_from else None,
             teacher_outputs=str(self.cached.path) if self.cached is not None else None,
-            wall_seconds=time.perf_counter() - wall_start, train_seconds=state.train_seconds,
-            samples_per_s=state.samples_seen / max(state.train_seconds, 1e-9), device=str(self.device),
-            precision=self.precision, versions=_versions(),
+            wall_seconds=time.perf_counter() - wall_start,
+            train_seconds=state.train_seconds,
+            samples_per_s=state.samples_seen / max(state.train_seconds, 1e-9),
+            device=str(self.device),
+            precision=self.precision,
+            versions=_versions(),
             processes=dist.world_size if dist.enabled else None,
             distributed=plan.training.strategy if dist.enabled else None,
             gather_features=plan.training.gather_features if dist.enabled else None,
@@ -472,14 +600,20 @@ class _Run:
 def _versions() -> dict[str, str]:
     import transformers
 
-    return {"kdgeo": __version__, "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+    return {
+        "kdgeo": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _check_resumable(run_dir: Path, spec: RunSpec) -> Path:
     """A run can be resumed when it exists, has not finished, and its spec changes nothing that matters."""
     if not (run_dir / rundir.SPEC_JSON).exists():
         raise KdgeoError(
-            f"nothing to resume: {run_dir} is not a kdgeo run directory (no {rundir.SPEC_JSON}). Run without --resume to start it."
+            f"nothing to resume: {run_dir} is not a kdgeo run directory (no {rundir.SPEC_JSON}). Run without "
+            "--resume to start it."
         )
     if (run_dir / rundir.SUMMARY).exists():
         raise KdgeoError(f"{run_dir} has already finished (summary.json exists); there is nothing to resume.")
@@ -487,8 +621,8 @@ def _check_resumable(run_dir: Path, spec: RunSpec) -> Path:
     if marker.get("format_version") != rundir.FORMAT_VERSION:
         raise KdgeoError(
             f"{run_dir} was written by kdgeo {marker.get('kdgeo', 'of an unknown version')} (run format "
-            f"{marker.get('format_version', 'unknown')}); this kdgeo ({__version__}) writes format {rundir.FORMAT_VERSION} and "
-            "cannot resume it. Start a new run."
+            f"{marker.get('format_version', 'unknown')}); this kdgeo ({__version__}) writes format "
+            f"{rundir.FORMAT_VERSION} and cannot resume it. Start a new run."
         )
     saved = rundir.read_json(run_dir / rundir.SPEC_JSON)
     current = spec.model_dump(mode="json", exclude_none=True)
@@ -497,7 +631,8 @@ def _check_resumable(run_dir: Path, spec: RunSpec) -> Path:
         lines = "; ".join(f"{k}: run has {a!r}, spec now has {b!r}" for k, a, b in diffs[:12])
         raise KdgeoError(
             f"cannot resume {run_dir}: the spec differs from the run's in fields that change the results ({lines}). "
-            "Undo those changes (or pass the run directory itself as SPEC), or start a new run under another output.name."
+            "Undo those changes (or pass the run directory itself as SPEC), or start a new run under another "
+            "output.name."
         )
     return run_dir
 

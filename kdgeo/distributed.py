@@ -48,13 +48,16 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
 from kdgeo.errors import KdgeoError
 from kdgeo.models import find_layer_list
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
 
 Strategy = Literal["ddp", "fsdp"]
 
@@ -117,9 +120,9 @@ def from_environment() -> Dist:
     if rank is None or local_rank is None:
         missing = [name for name, value in (("RANK", rank), ("LOCAL_RANK", local_rank)) if value is None]
         raise KdgeoError(
-            f"WORLD_SIZE={world} is set but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: kdgeo's "
-            "multi-process mode expects torchrun's environment. Launch with `torchrun --nproc-per-node N -m kdgeo "
-            "distill SPEC`, or unset WORLD_SIZE for a single process."
+            f"WORLD_SIZE={world} is set but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: "
+            "kdgeo's multi-process mode expects torchrun's environment. Launch with `torchrun --nproc-per-node N -m "
+            "kdgeo distill SPEC`, or unset WORLD_SIZE for a single process."
         )
     if world < 1 or not 0 <= rank < world or local_rank < 0:
         raise KdgeoError(
@@ -148,7 +151,9 @@ def _choose_device(env: Dist, device_setting: str, setting: str) -> torch.device
         )
     cuda = torch.cuda.is_available()
     if asked is not None and asked.type == "cuda" and not cuda:
-        raise KdgeoError(f"{setting} = 'cuda' was asked for, but CUDA is not available here; set {setting} to cpu (or auto).")
+        raise KdgeoError(
+            f"{setting} = 'cuda' was asked for, but CUDA is not available here; set {setting} to cpu (or auto)."
+        )
     if (asked is not None and asked.type == "cpu") or not cuda:
         return torch.device("cpu")
     count = torch.cuda.device_count()
@@ -162,7 +167,9 @@ def _choose_device(env: Dist, device_setting: str, setting: str) -> torch.device
     return torch.device("cuda", env.local_rank)
 
 
-def setup(device_setting: str, setting: str = "train.device", timeout: timedelta = DEFAULT_TIMEOUT) -> tuple[Dist, torch.device]:
+def setup(
+    device_setting: str, setting: str = "train.device", timeout: timedelta = DEFAULT_TIMEOUT
+) -> tuple[Dist, torch.device]:
     """Initialise the process group when launched by torchrun; return this rank's Dist and device.
 
     Without torchrun (or with one process) nothing is initialised and the device is resolved as
@@ -178,11 +185,16 @@ def setup(device_setting: str, setting: str = "train.device", timeout: timedelta
     import torch.distributed as tdist
 
     if not tdist.is_available():
-        raise KdgeoError("this PyTorch build has no torch.distributed; install a standard PyTorch build to train with torchrun.")
+        raise KdgeoError(
+            "this PyTorch build has no torch.distributed; install a standard PyTorch build to train with torchrun."
+        )
     device = _choose_device(env, device_setting, setting)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl" and not tdist.is_nccl_available():
-        raise KdgeoError(f"this PyTorch build has no NCCL, which multi-GPU training needs; set {setting} = 'cpu' or install a CUDA build with NCCL.")
+        raise KdgeoError(
+            f"this PyTorch build has no NCCL, which multi-GPU training needs; set {setting} = 'cpu' or install a "
+            "CUDA build with NCCL."
+        )
     if device.type == "cuda":
         torch.cuda.set_device(device)  # before init, so nccl binds each process to its own GPU
     if not tdist.is_initialized():
@@ -346,7 +358,10 @@ def average_gradients(params: Iterable[nn.Parameter], dist: Dist) -> None:
     dtype = torch.float32
     for p in params:
         dtype = torch.promote_types(dtype, p.dtype)
-    flat = [p.grad.reshape(-1).to(dtype) if p.grad is not None else torch.zeros(p.numel(), dtype=dtype, device=device) for p in params]
+    flat = [
+        p.grad.reshape(-1).to(dtype) if p.grad is not None else torch.zeros(p.numel(), dtype=dtype, device=device)
+        for p in params
+    ]
     present = torch.tensor([float(p.grad is not None) for p in params], dtype=dtype, device=device)
     buf = torch.cat(flat + [present])
     tdist.all_reduce(buf, op=tdist.ReduceOp.SUM)
@@ -404,7 +419,11 @@ class StepAgreement:
 
 
 def reduce_step(
-    parts: dict[str, float], nonfinite: bool, stop: bool, unwrapped: Iterable[nn.Parameter], dist: Dist,
+    parts: dict[str, float],
+    nonfinite: bool,
+    stop: bool,
+    unwrapped: Iterable[nn.Parameter],
+    dist: Dist,
 ) -> StepAgreement:
     """One collective for the step's bookkeeping and one for the gradients no wrapper averages
     (``unwrapped``: the objective's projections). One process: the inputs as they are."""
@@ -476,7 +495,9 @@ def wrap_student(
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=find_unused_parameters
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=find_unused_parameters,
         )
     return _fully_shard_blocks(model, device, dist)
 
@@ -536,10 +557,10 @@ def maybe_no_sync(model: nn.Module, sync: bool) -> Iterator[None]:
 # ---- full state dicts (checkpoints, saving) ----------------------------------------------------
 
 
-def _full_options(**extra: bool) -> Any:
+def _full_options(cpu_offload: bool = False) -> StateDictOptions:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(full_state_dict=True, **extra)
+    return StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload)
 
 
 def full_state_dict(model: nn.Module, dist: Dist) -> dict[str, Any]:
@@ -582,7 +603,9 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, dis
     return optimizer.state_dict()
 
 
-def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], dist: Dist) -> None:
+def load_full_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], dist: Dist
+) -> None:
     """Load what :func:`full_optimizer_state` returned; under FSDP2 every rank passes the full state."""
     if is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict

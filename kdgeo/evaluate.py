@@ -27,7 +27,14 @@ from kdgeo.spec import DataSpec, RunSpec, validate_spec
 
 
 @torch.no_grad()  # not inference_mode: FSDP reuses buffers made here in training forwards
-def predict(model: nn.Module, split: data_mod.TextSplit, role: str, batch_size: int, device: torch.device, amp: torch.dtype | None) -> list[int]:
+def predict(
+    model: nn.Module,
+    split: data_mod.TextSplit,
+    role: str,
+    batch_size: int,
+    device: torch.device,
+    amp: torch.dtype | None,
+) -> list[int]:
     """Arg-max class of every example, in order."""
     was_training = model.training
     model.eval()
@@ -41,8 +48,16 @@ def predict(model: nn.Module, split: data_mod.TextSplit, role: str, batch_size: 
     return preds
 
 
-def score(model: nn.Module, split: data_mod.TextSplit, num_labels: int, role: str, batch_size: int, device: torch.device,
-          amp: torch.dtype | None, reference: list[int] | None = None) -> tuple[dict[str, float], list[int]]:
+def score(
+    model: nn.Module,
+    split: data_mod.TextSplit,
+    num_labels: int,
+    role: str,
+    batch_size: int,
+    device: torch.device,
+    amp: torch.dtype | None,
+    reference: list[int] | None = None,
+) -> tuple[dict[str, float], list[int]]:
     preds = predict(model, split, role, batch_size, device, amp)
     assert split.labels is not None
     scores = classification_scores(split.labels, preds, num_labels)
@@ -84,13 +99,21 @@ class EvalResult:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "model": self.model, "dataset": self.dataset, "split": self.split, "samples": self.samples,
-            "num_labels": self.num_labels, "scores": self.scores, "teacher": self.teacher,
-            "teacher_scores": self.teacher_scores, "seconds": self.seconds, **self.meta,
+            "model": self.model,
+            "dataset": self.dataset,
+            "split": self.split,
+            "samples": self.samples,
+            "num_labels": self.num_labels,
+            "scores": self.scores,
+            "teacher": self.teacher,
+            "teacher_scores": self.teacher_scores,
+            "seconds": self.seconds,
+            **self.meta,
         }
 
 
-DEFAULT_DATA = DataSpec.model_construct()
+# model_construct leaves `dataset` unset on purpose; pydantic's mypy plugin types it like __init__
+DEFAULT_DATA = DataSpec.model_construct()  # type: ignore[call-arg]
 """Every default of a spec's [data] table (``dataset`` has none: a plain model needs --data). What
 `kdgeo eval` falls back to for a model that is not a run, so that eval and the spec cannot drift apart."""
 
@@ -159,8 +182,10 @@ def run_eval(args: EvalArgs, progress: Progress | None = None) -> EvalResult:
     if dataset is None:
         raise DataError(f"no dataset to evaluate {args.model} on: give --data (a run directory supplies its own).")
     # A run's own evaluation file has no hub configuration; its hub dataset does.
-    config = args.config if args.config is not None else (
-        run_data.config if own_data and not run_data.eval_dataset else None
+    config = (
+        args.config
+        if args.config is not None
+        else (run_data.config if own_data and not run_data.eval_dataset else None)
     )
     split = args.split or run_data.eval_split
     text_col = args.text_column or run_data.text_column
@@ -173,9 +198,13 @@ def run_eval(args: EvalArgs, progress: Progress | None = None) -> EvalResult:
 
     where = f"--data {dataset}"
     ds = data_mod.load_split(dataset, config, split, where="--data")
-    data_mod.check_columns(ds, {"text_column": text_col, "text_pair_column": pair_col, "label_column": label_col}, where, setting="--{key}")
+    data_mod.check_columns(
+        ds, {"text_column": text_col, "text_pair_column": pair_col, "label_column": label_col}, where, setting="--{key}"
+    )
     # A run evaluated on its own data uses its own evaluation cap, so the scores match summary.json.
-    max_samples = args.max_samples if args.max_samples is not None else (run_data.max_eval_samples if own_data else None)
+    max_samples = (
+        args.max_samples if args.max_samples is not None else (run_data.max_eval_samples if own_data else None)
+    )
     if max_samples is not None:
         ds = ds.select(range(min(max_samples, len(ds))))
     info = data_mod.infer_labels(ds, label_col, where)
@@ -202,7 +231,10 @@ def run_eval(args: EvalArgs, progress: Progress | None = None) -> EvalResult:
         info = data_mod.LabelInfo(names=[str(i) for i in range(num_labels)])
     labels = data_mod.labels_as_ids(ds, label_col, info, where)
     if info.num_labels != num_labels:
-        raise DataError(f"{where}: the data has {info.num_labels} classes but the model {args.model} predicts {num_labels}; evaluate it on data of its own task.")
+        raise DataError(
+            f"{where}: the data has {info.num_labels} classes but the model {args.model} predicts {num_labels}; "
+            "evaluate it on data of its own task."
+        )
     texts = data_mod.texts_of(ds, text_col, where)
     pairs = data_mod.texts_of(ds, pair_col, where) if pair_col else None
     split_data = data_mod.TextSplit(texts=texts, labels=labels)
@@ -212,7 +244,10 @@ def run_eval(args: EvalArgs, progress: Progress | None = None) -> EvalResult:
     start = time.perf_counter()
     loaded = load_classifier(student_ref, num_labels)
     if not loaded.has_trained_head:
-        raise ModelLoadError(f"{args.model} has no trained classification head for {num_labels} labels (freshly initialised: {', '.join(loaded.new_keys[:3])}); evaluate a fine-tuned model or a kdgeo run.")
+        raise ModelLoadError(
+            f"{args.model} has no trained classification head for {num_labels} labels (freshly initialised: "
+            f"{', '.join(loaded.new_keys[:3])}); evaluate a fine-tuned model or a kdgeo run."
+        )
     align_pad_token(loaded.model, s_tok)
     model = loaded.model.to(device)
     teacher_scores = None
@@ -223,14 +258,24 @@ def run_eval(args: EvalArgs, progress: Progress | None = None) -> EvalResult:
         split_data.encodings["teacher"] = data_mod.encode(t_tok, texts, pairs, max_length)
         t_loaded = load_classifier(t_ref, num_labels)
         if not t_loaded.has_trained_head:
-            raise ModelLoadError(f"teacher {teacher_ref} has no trained classification head for {num_labels} labels; give the fine-tuned teacher (a run's summary.json names it).")
+            raise ModelLoadError(
+                f"teacher {teacher_ref} has no trained classification head for {num_labels} labels; give the "
+                "fine-tuned teacher (a run's summary.json names it)."
+            )
         align_pad_token(t_loaded.model, t_tok)
         teacher = t_loaded.model.to(device)
         teacher_scores, teacher_preds = score(teacher, split_data, num_labels, "teacher", args.batch_size, device, amp)
         del teacher
     scores, _ = score(model, split_data, num_labels, "student", args.batch_size, device, amp, reference=teacher_preds)
     return EvalResult(
-        model=args.model, dataset=dataset, split=split, samples=len(texts), num_labels=num_labels, scores=scores,
-        teacher=teacher_ref, teacher_scores=teacher_scores, seconds=time.perf_counter() - start,
+        model=args.model,
+        dataset=dataset,
+        split=split,
+        samples=len(texts),
+        num_labels=num_labels,
+        scores=scores,
+        teacher=teacher_ref,
+        teacher_scores=teacher_scores,
+        seconds=time.perf_counter() - start,
         meta={"device": str(device), "label_names": info.names},
     )

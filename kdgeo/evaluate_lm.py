@@ -54,15 +54,29 @@ def split_scores(
     enc = split.encodings[role]
     prompts, responses = lm_data.prompt_ids(enc), lm_data.response_ids(enc)
     nll, count = response_nll(model, prompts, responses, enc.pad_id, batch_size, device, amp)
-    scores = {"perplexity": perplexity(nll, count), "response_nll": nll / max(count, 1), "response_tokens": float(count)}
+    scores = {
+        "perplexity": perplexity(nll, count),
+        "response_nll": nll / max(count, 1),
+        "response_tokens": float(count),
+    }
     if gen is None:
         return scores, None
     assert split.responses is not None
     k = len(prompts) if gen_samples is None else min(gen_samples, len(prompts))
     eos = stop_tokens(model, tokenizer)
     new_ids = generate(
-        model, enc.pad_id, eos, prompts[:k], gen.max_new_tokens, gen.batch_size, device, amp,
-        do_sample=gen.do_sample, temperature=gen.temperature, top_p=gen.top_p, seed=gen.seed,
+        model,
+        enc.pad_id,
+        eos,
+        prompts[:k],
+        gen.max_new_tokens,
+        gen.batch_size,
+        device,
+        amp,
+        do_sample=gen.do_sample,
+        temperature=gen.temperature,
+        top_p=gen.top_p,
+        seed=gen.seed,
     )
     predictions = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in new_ids]
     scores["rougeL"] = rouge_l(predictions, split.responses[:k])
@@ -190,9 +204,9 @@ def plan_lm_eval(args: LMEvalArgs, target: EvalTarget) -> LMEvalPlan:
     return LMEvalPlan(
         dataset=dataset,
         # A run's own evaluation file has no hub configuration; its hub dataset does.
-        config=args.config if args.config is not None else (
-            data.config if own_data and not data.eval_dataset else None
-        ),
+        config=args.config
+        if args.config is not None
+        else (data.config if own_data and not data.eval_dataset else None),
         split=args.split or data.eval_split,
         own_data=own_data,
         columns={
@@ -269,7 +283,12 @@ def run_lm_eval(args: LMEvalArgs, progress: Progress | None = None) -> dict[str,
         tokenizers["run teacher"] = run_teacher  # the run kept only examples both of its tokenizers kept
     # One split for every model: the same prompts, the same references, line for line.
     split, notes = lm_data.build_split(
-        examples, plan.prompt_format, tokenizers, plan.max_length, plan.max_prompt_length, plan.long_examples,
+        examples,
+        plan.prompt_format,
+        tokenizers,
+        plan.max_length,
+        plan.max_prompt_length,
+        plan.long_examples,
         f"--data {plan.dataset}",
     )
     for note in notes:
@@ -277,27 +296,41 @@ def run_lm_eval(args: LMEvalArgs, progress: Progress | None = None) -> dict[str,
     results: dict[str, Any] = {}
     texts: dict[str, Any] = {}
     start = time.perf_counter()
-    for role, path, name in models:
+    for role, _path, name in models:
         ref, cfg, tok = loaded[role]
         _check_positions(cfg, split, role, name, gen.max_new_tokens)
         emit(Stage(f"generating responses with {name} for {min(len(split), plan.gen_samples or len(split))} prompts"))
         model = load_causal_lm(ref).to(device)
         scores, predictions = split_scores(model, tok, split, role, gen, plan.nll_batch, device, amp, plan.gen_samples)
         results[role] = {"model": name, "scores": scores, "samples": len(split)}
-        texts[role] = {"prompts": [lm_data_prompt(tok, p) for p in lm_data.prompt_ids(split.encodings[role])],
-                       "references": split.responses or [], "predictions": predictions or []}
+        texts[role] = {
+            "prompts": [lm_data_prompt(tok, p) for p in lm_data.prompt_ids(split.encodings[role])],
+            "references": split.responses or [],
+            "predictions": predictions or [],
+        }
         del model
     return {
-        "task": "causal-lm", "model": args.model, "dataset": plan.dataset, "split": plan.split, "results": results,
+        "task": "causal-lm",
+        "model": args.model,
+        "dataset": plan.dataset,
+        "split": plan.split,
+        "results": results,
         # prompts fitted into max_prompt_length without looking at the reference; counts per tokenizer
         "prompts": {
-            "max_prompt_length": plan.max_prompt_length, "max_length": plan.max_length, "truncation": split.truncation,
+            "max_prompt_length": plan.max_prompt_length,
+            "max_length": plan.max_length,
+            "truncation": split.truncation,
         },
         "generation": {
-            "max_new_tokens": gen.max_new_tokens, "do_sample": gen.do_sample, "temperature": gen.temperature,
-            "top_p": gen.top_p, "seed": gen.seed,
+            "max_new_tokens": gen.max_new_tokens,
+            "do_sample": gen.do_sample,
+            "temperature": gen.temperature,
+            "top_p": gen.top_p,
+            "seed": gen.seed,
         },
-        "device": str(device), "seconds": time.perf_counter() - start, "texts": texts,
+        "device": str(device),
+        "seconds": time.perf_counter() - start,
+        "texts": texts,
     }
 
 

@@ -10,8 +10,9 @@ names (a :class:`Step`'s loss values sit beside its other fields). No torch here
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Union
+from typing import Any, ClassVar, Union
 
 
 @dataclass(frozen=True)
@@ -153,15 +154,41 @@ class ProbeProgress:
 
 
 Event = Union[
-    Stage, RunWarning, FinetuneStep, Start, Resume, Step, Monitor, NonFinite, Eval, Checkpoint, Done, RunFailed,
-    ProbeLoading, ProbeStart, ProbeProgress,
+    Stage,
+    RunWarning,
+    FinetuneStep,
+    Start,
+    Resume,
+    Step,
+    Monitor,
+    NonFinite,
+    Eval,
+    Checkpoint,
+    Done,
+    RunFailed,
+    ProbeLoading,
+    ProbeStart,
+    ProbeProgress,
 ]
 Progress = Callable[[Event], None]
 """A progress callback: the views in :mod:`kdgeo.report`, or any function a caller passes."""
 
 RUN_EVENTS: dict[str, type] = {
     cls.kind: cls
-    for cls in (Stage, RunWarning, FinetuneStep, Start, Resume, Step, Monitor, NonFinite, Eval, Checkpoint, Done, RunFailed)
+    for cls in (
+        Stage,
+        RunWarning,
+        FinetuneStep,
+        Start,
+        Resume,
+        Step,
+        Monitor,
+        NonFinite,
+        Eval,
+        Checkpoint,
+        Done,
+        RunFailed,
+    )
 }
 """The kinds of a distill run (metrics.jsonl) by name; the probe's own kinds reuse "start"."""
 

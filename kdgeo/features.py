@@ -7,7 +7,8 @@ output, i = output of layer i). A feature matrix has one row per non-padding tok
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -69,7 +70,7 @@ def resolve_layer_pairs(
         raise LayerMapError(
             f"{where}: impossible layer pair(s): {'; '.join(problems)}. Indices are hidden-state indices "
             f"(0 = embeddings, i = output of layer i): the student has {student_layers} layers and the teacher "
-            f"{teacher_layers}. Use pairs = \"uniform\" or indices in range."
+            f'{teacher_layers}. Use pairs = "uniform" or indices in range.'
         )
     if len(set(out)) != len(out):
         raise LayerMapError(f"{where}: the same layer pair is listed twice in {list(pairs)}; list each pair once.")
@@ -118,16 +119,16 @@ def suggest_layer_map(table: Tensor, higher_is_better: bool, include_embeddings:
     return [(students[i], teachers[chosen[i]]) for i in range(n_s)]
 
 
-def check_tokenizers_agree(teacher_tok: object, student_tok: object, texts: Sequence[str], hint: str) -> None:
+def check_tokenizers_agree(teacher_tok: Any, student_tok: Any, texts: Sequence[str], hint: str) -> None:
     """Token-level rows pair token k of the teacher with token k of the student; they must match.
 
     Raises TokenizerMismatchError quoting the first text the two tokenizers split differently.
     """
     for text in texts:
-        t_ids = teacher_tok(text, truncation=True, max_length=512)["input_ids"]  # type: ignore[operator]
-        s_ids = student_tok(text, truncation=True, max_length=512)["input_ids"]  # type: ignore[operator]
-        t_tokens = teacher_tok.convert_ids_to_tokens(t_ids)  # type: ignore[attr-defined]
-        s_tokens = student_tok.convert_ids_to_tokens(s_ids)  # type: ignore[attr-defined]
+        t_ids = teacher_tok(text, truncation=True, max_length=512)["input_ids"]
+        s_ids = student_tok(text, truncation=True, max_length=512)["input_ids"]
+        t_tokens = teacher_tok.convert_ids_to_tokens(t_ids)
+        s_tokens = student_tok.convert_ids_to_tokens(s_ids)
         if t_tokens != s_tokens:
             short = text if len(text) <= 60 else text[:57] + "..."
             raise TokenizerMismatchError(

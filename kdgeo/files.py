@@ -37,8 +37,10 @@ def describe_os_error(err: OSError, path: str | os.PathLike[str]) -> str:
         long_parts = [p for p in str(path).split(os.sep) if len(p.encode("utf-8", "surrogateescape")) > NAME_MAX_BYTES]
         if long_parts:
             size = len(long_parts[0].encode("utf-8", "surrogateescape"))
-            return (f"the path component '{_short(long_parts[0])}' is {size} bytes long, more than the "
-                    f"{NAME_MAX_BYTES} bytes a file or directory name may have; use a shorter name")
+            return (
+                f"the path component '{_short(long_parts[0])}' is {size} bytes long, more than the "
+                f"{NAME_MAX_BYTES} bytes a file or directory name may have; use a shorter name"
+            )
         return "the path is longer than the file system allows; use a shorter path"
     if err.errno == errno.ELOOP:
         return "it is a loop of symbolic links; point it at a real file or directory"
@@ -90,9 +92,11 @@ def utf8_position(data: bytes, err: UnicodeDecodeError, first_line: int = 1) -> 
 def _utf8_message(label: str, data: bytes, err: UnicodeDecodeError, first_line: int = 1) -> str:
     line, column = utf8_position(data, err, first_line)
     bad = data[err.start : min(err.end, err.start + 4)]
-    return (f"{label}: line {line}, column {column} is not UTF-8 text (byte{'s' if len(bad) > 1 else ''} "
-            f"{' '.join(f'0x{b:02x}' for b in bad)}); save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`) "
-            "or fix that line.")
+    return (
+        f"{label}: line {line}, column {column} is not UTF-8 text (byte{'s' if len(bad) > 1 else ''} "
+        f"{' '.join(f'0x{b:02x}' for b in bad)}); save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`) "
+        "or fix that line."
+    )
 
 
 def check_utf8(path: str | os.PathLike[str], label: str, error: type[KdgeoError] = KdgeoError) -> None:

@@ -23,8 +23,9 @@ from __future__ import annotations
 import hashlib
 import inspect
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -96,7 +97,7 @@ def _check_prompts(prompts: Sequence[Sequence[int]]) -> None:
 def _length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Indices sorted by length (stable), cut into batches: rows of similar length pad little."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    return [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,13 +113,16 @@ def _row_generators(indices: Sequence[int], seed: int) -> list[torch.Generator]:
     The pair is hashed to 32 bits because the CPU Mersenne Twister keeps only the low 32 bits of
     its seed: packing (seed << 32 | index) would silently ignore ``seed``.
     """
+
     def row_seed(i: int) -> int:
         return int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=4).digest(), "little")
 
     return [torch.Generator().manual_seed(row_seed(i)) for i in indices]
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, generators: Sequence[torch.Generator]) -> torch.Tensor:
+def _sample(
+    logits: torch.Tensor, temperature: float, top_p: float, generators: Sequence[torch.Generator]
+) -> torch.Tensor:
     """Draw one token per row from softmax(logits / temperature) restricted to the top-p nucleus.
 
     Nucleus (Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration"): sort the
@@ -145,7 +149,9 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generators: 
     return sorted_ids.gather(-1, pos).squeeze(-1)  # (B,)
 
 
-def _check_generation_args(max_new_tokens: int, batch_size: int, do_sample: bool, temperature: float, top_p: float) -> None:
+def _check_generation_args(
+    max_new_tokens: int, batch_size: int, do_sample: bool, temperature: float, top_p: float
+) -> None:
     problems = []
     if max_new_tokens < 0:
         problems.append(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -182,9 +188,10 @@ def generate(
     ``tokenizer_pad_id`` (attention mask 0 there, positions cumsum(mask) - 1 clipped at 0). The
     loop runs one prefill pass, then one cached pass per new token with the mask extended by a 1.
     A row stops at ``eos_id`` (or any of several: chat models end a turn with their own token)
-    or after ``max_new_tokens`` tokens; a batch stops when every row
-    has. Runs under ``torch.no_grad`` (not inference mode: FSDP reuses its buffers in training) and autocast to ``amp`` when given, and restores
-    ``model.training``. Raises ValueError on an empty prompt or invalid decoding arguments.
+    or after ``max_new_tokens`` tokens; a batch stops when every row has. Runs under
+    ``torch.no_grad`` (not inference mode: FSDP reuses its buffers in training) and autocast to
+    ``amp`` when given, and restores ``model.training``. Raises ValueError on an empty prompt or
+    invalid decoding arguments.
     """
     _check_prompts(prompts)
     _check_generation_args(max_new_tokens, batch_size, do_sample, temperature, top_p)
@@ -197,9 +204,20 @@ def generate(
     try:
         with torch.no_grad(), autocast(device, amp):
             for idx in _length_batches([len(p) for p in prompts], batch_size):
-                new = _generate_batch(model, [prompts[i] for i in idx], tokenizer_pad_id, eos_id, max_new_tokens,
-                                      device, cache_kw, takes_positions, keep_kw,
-                                      _row_generators(idx, seed) if do_sample else None, temperature, top_p)
+                new = _generate_batch(
+                    model,
+                    [prompts[i] for i in idx],
+                    tokenizer_pad_id,
+                    eos_id,
+                    max_new_tokens,
+                    device,
+                    cache_kw,
+                    takes_positions,
+                    keep_kw,
+                    _row_generators(idx, seed) if do_sample else None,
+                    temperature,
+                    top_p,
+                )
                 for i, ids in zip(idx, new):
                     results[i] = ids
     finally:
@@ -226,8 +244,8 @@ def _generate_batch(
     input_ids = torch.full((b, width), pad_id, dtype=torch.long)  # (B, L)
     mask = torch.zeros((b, width), dtype=torch.long)  # (B, L)
     for i, r in enumerate(rows):
-        input_ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
+        input_ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r) :] = 1
     input_ids, mask = input_ids.to(device), mask.to(device)
     # pads get position 0 (clipped -1): any valid index works, the mask hides them
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L)
@@ -289,7 +307,8 @@ def response_nll(
     log-softmax and the sum is accumulated in float64. Prompt tokens are never targets; rows with
     an empty response contribute nothing (and are not run). This is a token-level sum: MiniLLM's
     ``lm_loss`` (Gu et al. 2024) averages per-row means instead, which weights short answers more.
-    Runs under ``torch.no_grad`` (not inference mode: FSDP reuses its buffers in training) and autocast to ``amp`` when given; restores ``model.training``.
+    Runs under ``torch.no_grad`` (not inference mode: FSDP reuses its buffers in training) and
+    autocast to ``amp`` when given; restores ``model.training``.
     """
     if len(prompts) != len(responses):
         raise ValueError(f"prompts and responses differ in length ({len(prompts)} vs {len(responses)})")
@@ -308,8 +327,15 @@ def response_nll(
             lengths = [len(prompts[i]) + len(responses[i]) for i in scored]
             for batch in _length_batches(lengths, batch_size):
                 rows = [scored[k] for k in batch]
-                nll, n = _response_nll_batch(model, [prompts[i] for i in rows], [responses[i] for i in rows],
-                                             pad_id, device, amp, takes_positions)
+                nll, n = _response_nll_batch(
+                    model,
+                    [prompts[i] for i in rows],
+                    [responses[i] for i in rows],
+                    pad_id,
+                    device,
+                    amp,
+                    takes_positions,
+                )
                 total += nll
                 count += n
     finally:
@@ -337,7 +363,7 @@ def _response_nll_batch(
         n = len(p) + len(r)
         input_ids[i, :n] = torch.tensor(list(p) + list(r), dtype=torch.long)
         mask[i, :n] = 1
-        target[i, len(p) - 1:n - 1] = True
+        target[i, len(p) - 1 : n - 1] = True
     input_ids, mask, target = input_ids.to(device), mask.to(device), target.to(device)
     kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask, "use_cache": False}
     if takes_positions:
@@ -387,8 +413,9 @@ def rouge_l(predictions: list[str], references: list[str]) -> float:
     except ImportError as err:  # an optional dependency: only instruction (causal-LM) evaluation needs it
         raise ImportError("ROUGE-L needs the `rouge-score` package: pip install rouge-score") from err
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    total = math.fsum(scorer.score(target=ref, prediction=pred)["rougeL"].fmeasure
-                      for pred, ref in zip(predictions, references))
+    total = math.fsum(
+        scorer.score(target=ref, prediction=pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)
+    )
     return 100.0 * total / len(predictions)
 
 
@@ -420,11 +447,24 @@ def lm_scores(
     only has to be a valid id); generation stops at ``tokenizer.eos_token_id``.
     """
     if not len(prompts) == len(responses) == len(references):
-        raise ValueError(f"prompts, responses and references differ in length "
-                         f"({len(prompts)}, {len(responses)}, {len(references)})")
+        raise ValueError(
+            f"prompts, responses and references differ in length ({len(prompts)}, {len(responses)}, {len(references)})"
+        )
     pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
-    generated = generate(model, pad_id, tokenizer.eos_token_id, prompts, args.max_new_tokens, args.batch_size, device,
-                         amp, do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    generated = generate(
+        model,
+        pad_id,
+        tokenizer.eos_token_id,
+        prompts,
+        args.max_new_tokens,
+        args.batch_size,
+        device,
+        amp,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
     predictions = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in generated]
     nll, count = response_nll(model, prompts, responses, pad_id, args.batch_size, device, amp)
     scores = {

@@ -67,7 +67,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import Literal
+from typing import Any, Literal, TypedDict
 
 import torch
 from torch import Tensor
@@ -123,20 +123,21 @@ def _ieee_fp32_matmul() -> Iterator[None]:
     are mixed, so we save/set/restore through the new API when it exists (this leaves a user's
     legacy-API state readable exactly as before) and through the legacy one otherwise.
     """
-    saved: list[tuple[object, str]] = []
-    backends = [getattr(getattr(torch.backends, b, None), "matmul", None) for b in ("cuda", "mkldnn")]
+    # Any: the knobs are looked up by name because older torch builds lack them
+    saved: list[tuple[Any, str]] = []
+    backends: list[Any] = [getattr(getattr(torch.backends, b, None), "matmul", None) for b in ("cuda", "mkldnn")]
     new_api = all(m is not None and hasattr(m, "fp32_precision") for m in backends)
     if new_api:
         for m in backends:
-            old = m.fp32_precision  # type: ignore[union-attr]
+            old = m.fp32_precision
             if old != "ieee":
                 saved.append((m, old))
-                m.fp32_precision = "ieee"  # type: ignore[union-attr]
+                m.fp32_precision = "ieee"
         try:
             yield
         finally:
             for m, old in reversed(saved):
-                m.fp32_precision = old  # type: ignore[attr-defined]
+                m.fp32_precision = old
         return
     old_prec = torch.get_float32_matmul_precision()
     old_tf32 = torch.backends.cuda.matmul.allow_tf32
@@ -154,9 +155,7 @@ def _full_precision(device_type: str) -> Iterator[None]:
     """Autocast off and IEEE float32 matmuls for the enclosed forward computation."""
     is_available = getattr(torch.amp, "is_autocast_available", None)
     if is_available is None or is_available(device_type):
-        no_autocast: contextlib.AbstractContextManager[object] = torch.autocast(
-            device_type=device_type, enabled=False
-        )
+        no_autocast: contextlib.AbstractContextManager[object] = torch.autocast(device_type=device_type, enabled=False)
     else:
         no_autocast = contextlib.nullcontext()
     with no_autocast, _ieee_fp32_matmul():
@@ -186,9 +185,7 @@ def _check_pair(x: Tensor, y: Tensor, fn: str, same_width: bool = False) -> None
     _check_matrix(x, f"{fn}: x")
     _check_matrix(y, f"{fn}: y")
     if x.shape[0] != y.shape[0]:
-        raise ValueError(
-            f"{fn}: x and y must have the same rows (samples), got {x.shape[0]} and {y.shape[0]}"
-        )
+        raise ValueError(f"{fn}: x and y must have the same rows (samples), got {x.shape[0]} and {y.shape[0]}")
     if same_width and x.shape[1] != y.shape[1]:
         raise ValueError(
             f"{fn}: needs equal widths, got d_x={x.shape[1]} and d_y={y.shape[1]}; use a learned "
@@ -582,7 +579,9 @@ def pair_metrics(x: Tensor, y: Tensor) -> dict[str, float]:
         rho = _rho(xn, yn, "auto")
         xx, yy, xy = _fro_terms(xn, yn, "auto")
         cka_value = _safe_div(xy, _safe_sqrt(xx * yy)).clamp(0.0, 1.0)
-        values = torch.stack([(2.0 - 2.0 * rho).clamp(0.0, 2.0), cka_value, (xx + yy - 2.0 * xy).clamp_min(0.0)])  # (3,)
+        values = torch.stack(
+            [(2.0 - 2.0 * rho).clamp(0.0, 2.0), cka_value, (xx + yy - 2.0 * xy).clamp_min(0.0)]
+        )  # (3,)
         procrustes, cka_v, gram = _nan_unless_finite(values, x, y).tolist()
         return {"procrustes": procrustes, "cka": cka_v, "gram": gram}
 
@@ -629,6 +628,13 @@ def _mean_and_center64(x: Tensor) -> tuple[Tensor, Tensor]:
     r = x - m1  # (n, D)
     m2 = r.mean(dim=0)  # (D,) rounding residue of the first pass
     return m1 + m2, r - m2
+
+
+class _TensorKwargs(TypedDict):
+    """``dtype`` / ``device`` keywords for ``torch.zeros``, typed so its overloads still match."""
+
+    dtype: torch.dtype
+    device: torch.device
 
 
 class CrossLayerAccumulator:
@@ -688,7 +694,7 @@ class CrossLayerAccumulator:
         self._off_s = _offsets(self.student_widths)
         d_t, d_s = self._off_t[-1], self._off_s[-1]
         n_t, n_s = len(self.teacher_widths), len(self.student_widths)
-        f64 = {"dtype": torch.float64, "device": self.device}
+        f64: _TensorKwargs = {"dtype": torch.float64, "device": self.device}
         self._n = 0
         self._mean_t = torch.zeros(d_t, **f64)  # (D_t,)
         self._mean_s = torch.zeros(d_s, **f64)  # (D_s,)
@@ -728,9 +734,7 @@ class CrossLayerAccumulator:
             if not isinstance(f, Tensor):
                 raise TypeError(f"update: {side} layer {i} is a {type(f).__name__}, expected a Tensor")
             if f.ndim != 2 or f.shape[1] != w:
-                raise ValueError(
-                    f"update: {side} layer {i} has shape {tuple(f.shape)}, expected (n_b, {w})"
-                )
+                raise ValueError(f"update: {side} layer {i} has shape {tuple(f.shape)}, expected (n_b, {w})")
 
     # -- accumulation -------------------------------------------------------------------------
 

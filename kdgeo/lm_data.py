@@ -31,8 +31,9 @@ always dropped and counted: it would contribute nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import torch
 
@@ -82,7 +83,12 @@ class TruncationReport:
     """Indices (into the split before encoding) of the examples kept, in order."""
 
     COUNTS: ClassVar[tuple[str, ...]] = (
-        "contexts_cut", "instructions_cut", "dropped_long_prompt", "responses_cut", "dropped_long", "dropped_empty",
+        "contexts_cut",
+        "instructions_cut",
+        "dropped_long_prompt",
+        "responses_cut",
+        "dropped_long",
+        "dropped_empty",
     )
 
     def counts(self) -> dict[str, int]:
@@ -114,13 +120,17 @@ def format_prompt(tokenizer: Any, fmt: PromptFormat, instruction: str, context: 
     """The text the model sees before the response."""
     if fmt.chat_template:
         content = instruction if not context else f"{instruction}\n\n{context}"
-        return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
     if context:
         return fmt.context_template.format(prompt=instruction, context=context)
     return fmt.template.format(prompt=instruction)
 
 
-def read_examples(ds: Any, prompt_column: str, response_column: str, context_column: str | None, where: str) -> LMExamples:
+def read_examples(
+    ds: Any, prompt_column: str, response_column: str, context_column: str | None, where: str
+) -> LMExamples:
     """Instructions, optional contexts and responses as strings (a DataError names a bad row)."""
     instructions = data_mod.texts_of(ds, prompt_column, where)
     responses = data_mod.texts_of(ds, response_column, where)
@@ -129,7 +139,9 @@ def read_examples(ds: Any, prompt_column: str, response_column: str, context_col
         contexts = ["" if v is None else v for v in ds[context_column]]
         for row, value in enumerate(contexts):
             if not isinstance(value, str):
-                raise DataError(f"{where}: row {row} of column '{context_column}' is {type(value).__name__} ({value!r}), not text.")
+                raise DataError(
+                    f"{where}: row {row} of column '{context_column}' is {type(value).__name__} ({value!r}), not text."
+                )
     for row, text in enumerate(instructions):
         if not text.strip():
             raise DataError(
@@ -142,8 +154,8 @@ def read_examples(ds: Any, prompt_column: str, response_column: str, context_col
 def _check_chat_template(tokenizer: Any, fmt: PromptFormat, where: str) -> None:
     if fmt.chat_template and not getattr(tokenizer, "chat_template", None):
         raise DataError(
-            f"{where}: data.chat_template = true, but the tokenizer has no chat template. Set data.chat_template = false "
-            "to use data.template, or use a chat model's tokenizer."
+            f"{where}: data.chat_template = true, but the tokenizer has no chat template. Set data.chat_template = "
+            "false to use data.template, or use a chat model's tokenizer."
         )
 
 
@@ -230,12 +242,14 @@ def encode_lm(
     examples, their prompt texts, and a report (``report.kept`` lists them).
     """
     if not 0 < max_prompt_length < max_length:
-        raise ValueError(f"max_prompt_length {max_prompt_length} must be between 1 and max_length - 1 ({max_length - 1})")
+        raise ValueError(
+            f"max_prompt_length {max_prompt_length} must be between 1 and max_length - 1 ({max_length - 1})"
+        )
     _check_chat_template(tokenizer, fmt, where)
     r_ids = tokenizer(list(examples.responses), add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
-    contexts = examples.contexts or [None] * len(examples.instructions)
+    contexts: Sequence[str | None] = examples.contexts or [None] * len(examples.instructions)
     report = TruncationReport(max_prompt_length=max_prompt_length, max_length=max_length)
     input_ids: list[list[int]] = []
     starts: list[int] = []
@@ -266,7 +280,7 @@ def encode_lm(
             if long_examples == "error":
                 raise DataError(
                     f"{where}: row {row} is {len(p)} prompt + {len(r)} response tokens, longer than data.max_length = "
-                    f"{max_length}. Raise data.max_length, or set data.long_examples = \"truncate\" (cut the "
+                    f'{max_length}. Raise data.max_length, or set data.long_examples = "truncate" (cut the '
                     'response\'s end) or "drop".'
                 )
             if long_examples == "drop":
@@ -321,8 +335,12 @@ def build_split(
         )
     first_texts, _, first_rep = encoded[id(next(iter(tokenizers.values())))]
     first_position = {row: k for k, row in enumerate(first_rep.kept)}
-    split = data_mod.TextSplit(texts=[first_texts[first_position[i]] for i in kept], labels=None,
-                               responses=[examples.responses[i] for i in kept], truncation={})
+    split = data_mod.TextSplit(
+        texts=[first_texts[first_position[i]] for i in kept],
+        labels=None,
+        responses=[examples.responses[i] for i in kept],
+        truncation={},
+    )
     notes = []
     roles_of: dict[int, list[str]] = {}
     for role, tok in tokenizers.items():
@@ -333,7 +351,9 @@ def build_split(
         picked = [position[i] for i in kept]
         assert enc.response_start is not None
         subs[key] = data_mod.Encoded(
-            input_ids=[list(enc.input_ids[k]) for k in picked], token_type_ids=None, pad_id=enc.pad_id,
+            input_ids=[list(enc.input_ids[k]) for k in picked],
+            token_type_ids=None,
+            pad_id=enc.pad_id,
             response_start=[enc.response_start[k] for k in picked],
         )
         for role in roles_of[key]:
@@ -353,16 +373,24 @@ def _align_cut_responses(encodings: list[data_mod.Encoded]) -> None:
     tokens still pair one by one."""
     if len(encodings) < 2:
         return
+    starts_of: list[list[int]] = []
+    for e in encodings:
+        assert e.response_start is not None  # build_split's encodings always mark where the response starts
+        starts_of.append(e.response_start)
     for k in range(len(encodings[0].input_ids)):
-        starts = [e.response_start[k] for e in encodings]  # type: ignore[index]
+        starts = [s[k] for s in starts_of]
         responses = [e.input_ids[k][s:] for e, s in zip(encodings, starts)]
         shortest = min(len(r) for r in responses)
-        if any(len(r) != shortest for r in responses) and all(r[:shortest] == responses[0][:shortest] for r in responses):
+        if any(len(r) != shortest for r in responses) and all(
+            r[:shortest] == responses[0][:shortest] for r in responses
+        ):
             for e, s in zip(encodings, starts):
                 e.input_ids[k] = e.input_ids[k][: s + shortest]
 
 
-def response_predictions(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def response_predictions(
+    logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The causal LM's predictions of response tokens, and those tokens.
 
     Position j predicts token j + 1, so the predictions that count are at positions j with

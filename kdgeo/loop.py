@@ -15,9 +15,10 @@ from __future__ import annotations
 import dataclasses
 import signal
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -80,8 +81,14 @@ class LoopConfig:
 
 
 def epoch_batches(
-    n: int, global_batch: int, world: int, seed: int, epoch: int, lengths: list[int] | None,
-    min_rows: int = 1, gathered: bool = False,
+    n: int,
+    global_batch: int,
+    world: int,
+    seed: int,
+    epoch: int,
+    lengths: list[int] | None,
+    min_rows: int = 1,
+    gathered: bool = False,
 ) -> list[list[int]]:
     """One epoch's global micro-batches (the same on every rank). Under torchrun a last batch
     with fewer examples than processes is left out, since every process needs at least one.
@@ -115,11 +122,20 @@ class TrainBatches:
 
     def epoch(self, epoch: int, dist: distributed.Dist) -> list[list[int]]:
         return epoch_batches(
-            len(self.split), self.global_batch, dist.world_size, self.seed, epoch, self.lengths, self.min_rows, self.gathered
+            len(self.split),
+            self.global_batch,
+            dist.world_size,
+            self.seed,
+            epoch,
+            self.lengths,
+            self.min_rows,
+            self.gathered,
         )
 
     def stream(self, micro: list[list[int]], dist: distributed.Dist) -> Iterator[dict[str, Any]]:
-        return data_mod.prefetch_batches(self.split, [distributed.shard(b, dist) for b in micro], self.workers, self.pin_memory)
+        return data_mod.prefetch_batches(
+            self.split, [distributed.shard(b, dist) for b in micro], self.workers, self.pin_memory
+        )
 
     def weight(self, indices: list[int]) -> int:
         return sum(self.weights[i] for i in indices)
@@ -196,7 +212,12 @@ def train(
             state.next_micro = first + len(group)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            _count(state, time.perf_counter() - t0, sum(len(b) for b in group), None if (dist.enabled and nonfinite) else parts)
+            _count(
+                state,
+                time.perf_counter() - t0,
+                sum(len(b) for b in group),
+                None if (dist.enabled and nonfinite) else parts,
+            )
             epoch_pos = round(state.epoch + min(1.0, state.next_micro / len(micro)), 4)
             _after_step(state, epoch_pos, scheduler, cfg, hooks)
             if not dist.enabled:
@@ -219,8 +240,13 @@ def train(
 
 
 def _accumulate(
-    student: nn.Module, group: list[list[int]], stream: Iterator[dict[str, Any]], batches: TrainBatches,
-    loss_fn: LossFn, scaler: torch.amp.GradScaler, dist: distributed.Dist,
+    student: nn.Module,
+    group: list[list[int]],
+    stream: Iterator[dict[str, Any]],
+    batches: TrainBatches,
+    loss_fn: LossFn,
+    scaler: torch.amp.GradScaler,
+    dist: distributed.Dist,
 ) -> tuple[dict[str, float], list[str]]:
     """Forward and backward of the step's micro-batches; returns the logged loss values (this
     process's share of the step mean) and the names of non-finite terms (empty when all finite)."""
@@ -231,7 +257,9 @@ def _accumulate(
     for k, global_idx in enumerate(group):
         batch = next(stream)
         local = batch["index"].tolist()  # == distributed.shard(global_idx, dist)
-        shares = distributed.micro_shares(batches.weight(local), batches.weight(global_idx), step_weight, dist, batches.gathered)
+        shares = distributed.micro_shares(
+            batches.weight(local), batches.weight(global_idx), step_weight, dist, batches.gathered
+        )
         with distributed.maybe_no_sync(student, sync=k == len(group) - 1):
             logit_loss, feature_loss, terms = loss_fn(batch)
             loss = logit_loss + feature_loss
@@ -250,8 +278,12 @@ def _accumulate(
 
 
 def _clip(
-    student: nn.Module, objective: Objective, params: list[torch.Tensor], scaler: torch.amp.GradScaler,
-    optimizer: torch.optim.Optimizer, cfg: LoopConfig,
+    student: nn.Module,
+    objective: Objective,
+    params: list[torch.Tensor],
+    scaler: torch.amp.GradScaler,
+    optimizer: torch.optim.Optimizer,
+    cfg: LoopConfig,
 ) -> list[str]:
     """Unscale and clip the gradients to ``max_grad_norm``; a non-finite norm of finite losses is
     reported like a non-finite loss (the fp16 scaler handles its own overflows)."""
@@ -275,16 +307,18 @@ def _update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, stat
         state.skipped_scaler += 1  # fp16 overflow: the scaler skipped this update
 
 
-def _skip_update(optimizer: torch.optim.Optimizer, state: TrainState, nonfinite: list[str], cfg: LoopConfig, hooks: Hooks) -> None:
+def _skip_update(
+    optimizer: torch.optim.Optimizer, state: TrainState, nonfinite: list[str], cfg: LoopConfig, hooks: Hooks
+) -> None:
     """A step with NaN/inf: abort with the state before it saved, or skip its update."""
     optimizer.zero_grad(set_to_none=True)
     if cfg.on_nonfinite == "abort":
         path = hooks.checkpoint(state, 0)
         raise KdgeoError(
-            f"non-finite value at step {state.step + 1} (epoch {state.epoch + 1}) in {', '.join(nonfinite)} (a name like "
-            f"procrustes/2-6 is the loss term and its student-teacher layer pair). The state before this step is saved in "
-            f"{path}. Resume past it with --resume --set train.on_nonfinite=skip, or start a new run with a lower "
-            'train.lr or precision "fp32" (and check the data).'
+            f"non-finite value at step {state.step + 1} (epoch {state.epoch + 1}) in {', '.join(nonfinite)} (a name "
+            "like procrustes/2-6 is the loss term and its student-teacher layer pair). The state before this step "
+            f"is saved in {path}. Resume past it with --resume --set train.on_nonfinite=skip, or start a new run "
+            'with a lower train.lr or precision "fp32" (and check the data).'
         )
     state.skipped_nonfinite += 1
     hooks.record(NonFinite(step=state.step + 1, terms=nonfinite, action="skipped"))
@@ -303,17 +337,26 @@ def _count(state: TrainState, seconds: float, samples: int, parts: dict[str, flo
 
 
 def _after_step(
-    state: TrainState, epoch_pos: float, scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: LoopConfig, hooks: Hooks,
+    state: TrainState,
+    epoch_pos: float,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    cfg: LoopConfig,
+    hooks: Hooks,
 ) -> None:
     """Log the window's means, run the monitor and evaluate when their intervals say so (the
     final step's measurements belong to the run's end, not here)."""
     step, last = state.step, state.step == cfg.total_steps
     if step % cfg.log_every == 0 or last:
-        hooks.record(Step(
-            step=step, total_steps=cfg.total_steps, epoch=epoch_pos, lr=float(scheduler.get_last_lr()[0]),
-            samples_per_s=state.window_samples / max(state.window_time, 1e-9),
-            losses={k: v / max(state.window_n, 1) for k, v in state.window.items()},
-        ))
+        hooks.record(
+            Step(
+                step=step,
+                total_steps=cfg.total_steps,
+                epoch=epoch_pos,
+                lr=float(scheduler.get_last_lr()[0]),
+                samples_per_s=state.window_samples / max(state.window_time, 1e-9),
+                losses={k: v / max(state.window_n, 1) for k, v in state.window.items()},
+            )
+        )
         state.window, state.window_n, state.window_samples, state.window_time = {}, 0, 0, 0.0
     if cfg.monitor_every and step % cfg.monitor_every == 0 and not last:
         state.last_monitor = hooks.monitor(step)
@@ -329,5 +372,7 @@ def _interrupt(state: TrainState, cfg: LoopConfig, hooks: Hooks) -> None:
     signum = signum if signum is not None else int(signal.SIGTERM)  # another process's signal
     raise RunInterrupted(
         f"{signal.Signals(signum).name} at step {state.step} of {cfg.total_steps}: checkpoint written to {path}.",
-        exit_code=128 + signum, run_dir=cfg.run_dir, step=state.step,
+        exit_code=128 + signum,
+        run_dir=cfg.run_dir,
+        step=state.step,
     )

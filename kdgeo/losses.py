@@ -32,8 +32,9 @@ To change a loss, change its ``case`` in :meth:`Objective.grouped` (logit terms)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -82,7 +83,9 @@ class LossTerm:
         return cls(kind=loss.kind, weight=loss.weight, **options)
 
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float, direction: str = "forward", mix: float = 0.5) -> Tensor:
+def kd_loss(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float, direction: str = "forward", mix: float = 0.5
+) -> Tensor:
     """T^2 * KL between p_t = softmax(z_t / T) and p_s = softmax(z_s / T), summed over classes
     (or the vocabulary), averaged over rows:
 
@@ -97,18 +100,20 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float, 
     log_p_s = F.log_softmax(student_logits.to(dtype) / t, dim=-1)  # (N, C)
     log_p_t = F.log_softmax(teacher_logits.to(dtype) / t, dim=-1)  # (N, C)
     n = max(log_p_s.shape[0], 1)
-    forward = reverse = None
-    if direction in ("forward", "mixed"):
-        forward = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
-    if direction in ("reverse", "mixed"):
-        reverse = (log_p_s.exp() * (log_p_s - log_p_t)).sum() / n
+
+    def forward() -> Tensor:
+        return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+
+    def reverse() -> Tensor:
+        return (log_p_s.exp() * (log_p_s - log_p_t)).sum() / n
+
     match direction:
         case "forward":
-            value = forward
+            value = forward()
         case "reverse":
-            value = reverse
+            value = reverse()
         case "mixed":
-            value = mix * forward + (1.0 - mix) * reverse
+            value = mix * forward() + (1.0 - mix) * reverse()
         case _:
             raise ValueError(f"unknown kd direction {direction!r}")
     return value * (t * t)
@@ -120,7 +125,9 @@ class Objective(nn.Module):
     ``pairs`` are (student, teacher) hidden-state indices; ``widths`` are (d_s, d_t) per pair.
     """
 
-    def __init__(self, terms: Sequence[LossTerm], pairs: Sequence[tuple[int, int]], widths: Sequence[tuple[int, int]]) -> None:
+    def __init__(
+        self, terms: Sequence[LossTerm], pairs: Sequence[tuple[int, int]], widths: Sequence[tuple[int, int]]
+    ) -> None:
         super().__init__()
         self.terms = list(terms)
         self.pairs = list(pairs)
@@ -144,7 +151,9 @@ class Objective(nn.Module):
     def needs_teacher_logits(self) -> bool:
         return any(t.kind == "kd" for t in self.terms)
 
-    def feature_term(self, kind: str, term: LossTerm, teacher: Sequence[Tensor], student: Sequence[Tensor]) -> list[Tensor]:
+    def feature_term(
+        self, kind: str, term: LossTerm, teacher: Sequence[Tensor], student: Sequence[Tensor]
+    ) -> list[Tensor]:
         """The term's value for each layer pair: teacher[k] (n, d_t), student[k] (n, d_s)."""
         values = []
         for k, (x, y) in enumerate(zip(teacher, student)):
@@ -157,6 +166,7 @@ class Objective(nn.Module):
                     values.append(1.0 - geometry.cka(x, y))
                 case "projection":
                     proj = self.projections[k]
+                    assert isinstance(proj, nn.Linear)  # __init__ fills projections with Linear maps only
                     mapped = proj(y.to(proj.weight.dtype))  # (n, d_t)
                     dtype = geometry.compute_dtype(mapped, x)
                     values.append(F.mse_loss(mapped.to(dtype), x.to(dtype)))

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def confusion(gold: Sequence[int], pred: Sequence[int], num_labels: int) -> list[list[int]]:

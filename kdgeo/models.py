@@ -16,9 +16,10 @@ import copy
 import importlib.util
 import os
 import shutil
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -80,9 +81,13 @@ def _check_model_dir(path: Path, ref: str) -> None:
 
     label = f"Model '{ref}'"
     if not files.exists(path, label, ModelLoadError):  # a name over 255 bytes or a link loop fails here, named
-        raise ModelLoadError(f"Model '{ref}': no such directory ({path}). Check the path, or give a Hugging Face hub id.")
+        raise ModelLoadError(
+            f"Model '{ref}': no such directory ({path}). Check the path, or give a Hugging Face hub id."
+        )
     if not files.is_dir(path, label, ModelLoadError):
-        raise ModelLoadError(f"Model '{ref}': {path} is a file; give the directory that holds config.json and the weights.")
+        raise ModelLoadError(
+            f"Model '{ref}': {path} is a file; give the directory that holds config.json and the weights."
+        )
     if not files.exists(path / "config.json", label, ModelLoadError):
         held = ", ".join(sorted(p.name for p in path.iterdir())[:12]) or "nothing"
         hint = ""
@@ -134,8 +139,21 @@ def _hub_kwargs(ref: ModelRef) -> dict[str, Any]:
 
 
 CONFIG_SIZES = (
-    "num_hidden_layers", "n_layer", "num_layers", "hidden_size", "n_embd", "d_model", "word_embed_proj_dim",
-    "num_attention_heads", "n_head", "intermediate_size", "ffn_dim", "n_inner", "max_position_embeddings", "n_positions", "vocab_size",
+    "num_hidden_layers",
+    "n_layer",
+    "num_layers",
+    "hidden_size",
+    "n_embd",
+    "d_model",
+    "word_embed_proj_dim",
+    "num_attention_heads",
+    "n_head",
+    "intermediate_size",
+    "ffn_dim",
+    "n_inner",
+    "max_position_embeddings",
+    "n_positions",
+    "vocab_size",
 )
 """config.json fields kdgeo or the model's constructor reads as sizes: each must be a positive integer when present."""
 
@@ -160,7 +178,10 @@ def _check_config_file(path: Path, ref: str) -> None:
             "or re-save the model with save_pretrained."
         ) from None
     if not isinstance(data, dict):
-        raise ModelLoadError(f"Model '{ref}': {path} holds a JSON {type(data).__name__}, not an object; restore it, or re-save the model with save_pretrained.")
+        raise ModelLoadError(
+            f"Model '{ref}': {path} holds a JSON {type(data).__name__}, not an object; restore it, or re-save the "
+            "model with save_pretrained."
+        )
     for field in CONFIG_SIZES:
         value = data.get(field)
         if field in data and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -169,7 +190,8 @@ def _check_config_file(path: Path, ref: str) -> None:
                 continue
             raise ModelLoadError(
                 f"Model '{ref}': {path} sets \"{field}\": {json.dumps(value)}; it must be a positive integer "
-                f"(e.g. \"{field}\": {4 if 'layer' in field else 64}). Fix the file, or re-save the model with save_pretrained."
+                f'(e.g. "{field}": {4 if "layer" in field else 64}). Fix the file, or re-save the model with '
+                "save_pretrained."
             )
 
 
@@ -221,13 +243,20 @@ def load_tokenizer(ref: ModelRef, shared_with: str | None = None) -> Any:
             held = ", ".join(sorted(p.name for p in where.iterdir())[:12]) if where.is_dir() else ""
         except OSError:
             held = ""
-        missing = (f"none of the tokenizer files {', '.join(expected)} is in {where} (it holds: {held or 'nothing'})"
-                   if where.is_dir() else "its tokenizer files hold no vocabulary")
-        shared = f" {shared_with} uses the teacher's tokenizer, so the teacher's directory must hold it." if shared_with else ""
+        missing = (
+            f"none of the tokenizer files {', '.join(expected)} is in {where} (it holds: {held or 'nothing'})"
+            if where.is_dir()
+            else "its tokenizer files hold no vocabulary"
+        )
+        shared = (
+            f" {shared_with} uses the teacher's tokenizer, so the teacher's directory must hold it."
+            if shared_with
+            else ""
+        )
         raise ModelLoadError(
             f"Model '{ref.ref}' has no tokenizer: {missing}. transformers would make a {type(tok).__name__} of only "
-            f"{len(tok)} special token(s) from it, which encodes no word.{shared} Copy the tokenizer of the model it came "
-            "from into the directory (AutoTokenizer.from_pretrained(source).save_pretrained(directory))."
+            f"{len(tok)} special token(s) from it, which encodes no word.{shared} Copy the tokenizer of the model it "
+            "came from into the directory (AutoTokenizer.from_pretrained(source).save_pretrained(directory))."
         )
     if tok.pad_token is None:
         # GPT-2 style tokenizers ship without a pad token; padding is masked out everywhere.
@@ -303,13 +332,27 @@ def load_classifier(ref: ModelRef, num_labels: int, label_names: Sequence[str] |
     if body:
         shown = ", ".join(body[:5]) + (", ..." if len(body) > 5 else "")
         raise ModelLoadError(
-            f"Model '{ref.ref}': {len(body)} weights of its body did not load from the checkpoint ({shown}); its config "
-            "does not match its weights. Re-save the model with save_pretrained, or give the right directory."
+            f"Model '{ref.ref}': {len(body)} weights of its body did not load from the checkpoint ({shown}); its "
+            "config does not match its weights. Re-save the model with save_pretrained, or give the right directory."
         )
     return LoadedClassifier(model=model, has_trained_head=not new_keys, new_keys=new_keys)
 
 
-ENCODER_TYPES = frozenset({"bert", "roberta", "distilbert", "electra", "xlm-roberta", "albert", "mpnet", "deberta", "deberta-v2", "camembert", "ernie"})
+ENCODER_TYPES = frozenset(
+    {
+        "bert",
+        "roberta",
+        "distilbert",
+        "electra",
+        "xlm-roberta",
+        "albert",
+        "mpnet",
+        "deberta",
+        "deberta-v2",
+        "camembert",
+        "ernie",
+    }
+)
 
 
 def check_decoder(config: Any, ref: str, setting: str) -> None:
@@ -319,7 +362,8 @@ def check_decoder(config: Any, ref: str, setting: str) -> None:
         raise ModelLoadError(
             f"{setting} = '{ref}' is a {model_type or type(config).__name__} model, "
             f"{'an encoder-decoder' if getattr(config, 'is_encoder_decoder', False) else 'a bidirectional encoder'}; "
-            'task = "causal-lm" needs a decoder language model (OPT, GPT-2, Llama, ...). Use task = "classification" for encoders.'
+            'task = "causal-lm" needs a decoder language model (OPT, GPT-2, Llama, ...). Use task = '
+            '"classification" for encoders.'
         )
 
 
@@ -367,25 +411,33 @@ def load_causal_lm(ref: ModelRef, dtype: torch.dtype | None = None) -> nn.Module
     if dtype is not None:
         kwargs["dtype"] = dtype
     location = ref.location
+    model: nn.Module
+    info: dict[str, Any]
     try:
         with quiet_transformers():
-            model, info = AutoModelForCausalLM.from_pretrained(location, output_loading_info=True, **kwargs)
+            # output_loading_info=True returns (model, info); transformers' annotation only knows the model
+            model, info = AutoModelForCausalLM.from_pretrained(  # type: ignore[misc]
+                location, output_loading_info=True, **kwargs
+            )
     except Exception as err:  # OSError, ValueError (no causal-LM class for this config), SafetensorError, ...
         raise _load_error(ref, "causal language model", err) from None
     missing = sorted(set(info.get("missing_keys", []) or []))
     if missing:
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
         raise ModelLoadError(
-            f"Model '{ref.ref}': {len(missing)} weights did not load from the checkpoint ({shown}); it is not a complete "
-            "causal language model. Give a model saved with its language-modelling head (AutoModelForCausalLM)."
+            f"Model '{ref.ref}': {len(missing)} weights did not load from the checkpoint ({shown}); it is not a "
+            "complete causal language model. Give a model saved with its language-modelling head "
+            "(AutoModelForCausalLM)."
         )
     return model
 
 
 def align_pad_token(model: nn.Module, tokenizer: Any) -> None:
     """Decoder classifiers (GPT-2, Llama) find the last real token through config.pad_token_id."""
-    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    # Any: a transformers config's attributes differ per architecture (torch would type it Tensor | Module)
+    config: Any = model.config
+    if getattr(config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        config.pad_token_id = tokenizer.pad_token_id
 
 
 def num_layers(model_or_config: Any) -> int:
@@ -395,9 +447,14 @@ def num_layers(model_or_config: Any) -> int:
         value = getattr(config, name, None)
         if isinstance(value, int) and not isinstance(value, bool):
             if value < 1:
-                raise ModelLoadError(f"A {type(config).__name__} with {name} = {value}: a model needs at least one layer; fix its config.json.")
+                raise ModelLoadError(
+                    f"A {type(config).__name__} with {name} = {value}: a model needs at least one layer; fix its "
+                    "config.json."
+                )
             return value
-    raise ModelLoadError(f"Cannot tell how many layers a {type(config).__name__} has (no num_hidden_layers in its config).")
+    raise ModelLoadError(
+        f"Cannot tell how many layers a {type(config).__name__} has (no num_hidden_layers in its config)."
+    )
 
 
 def hidden_width(model_or_config: Any) -> int:
@@ -406,7 +463,9 @@ def hidden_width(model_or_config: Any) -> int:
         value = getattr(config, name, None)
         if isinstance(value, int) and not isinstance(value, bool):
             if value < 1:
-                raise ModelLoadError(f"A {type(config).__name__} with {name} = {value}: the width must be positive; fix its config.json.")
+                raise ModelLoadError(
+                    f"A {type(config).__name__} with {name} = {value}: the width must be positive; fix its config.json."
+                )
             return value
     raise ModelLoadError(f"Cannot tell the hidden width of a {type(config).__name__} (no hidden_size in its config).")
 
@@ -436,9 +495,9 @@ def check_hidden_widths(hidden_states: Sequence[torch.Tensor], expected: Sequenc
     found = [int(h.shape[-1]) for h in hidden_states]
     if found != list(expected):
         raise ModelLoadError(
-            f"{who}: its hidden states are {found} wide (index 0 = embeddings), but its config implies {list(expected)}; "
-            "kdgeo does not know this architecture's per-layer widths. Use a model whose hidden states keep one width "
-            "(BERT, GPT-2, Llama, ...) or an OPT model."
+            f"{who}: its hidden states are {found} wide (index 0 = embeddings), but its config implies "
+            f"{list(expected)}; kdgeo does not know this architecture's per-layer widths. Use a model whose hidden "
+            "states keep one width (BERT, GPT-2, Llama, ...) or an OPT model."
         )
 
 
@@ -473,7 +532,7 @@ def find_layer_list(model: nn.Module) -> nn.ModuleList | None:
 
 
 def _replace_module(root: nn.Module, target: nn.Module, new: nn.Module) -> None:
-    for name, module in root.named_modules():
+    for module in root.modules():
         for child_name, child in module.named_children():
             if child is target:
                 setattr(module, child_name, new)
@@ -518,9 +577,11 @@ def student_from_teacher_layers(teacher: nn.Module, layers: Sequence[int]) -> nn
         # Decoder blocks carry their position for the KV cache; renumber the copies.
         for module in block.modules():
             if isinstance(getattr(module, "layer_idx", None), int):
-                module.layer_idx = new_index
+                # Module.__setattr__ takes any value; torch's stub only allows Tensor | Module
+                module.layer_idx = new_index  # type: ignore[assignment]
     _replace_module(student, blocks, kept)
-    config = student.config
+    # Any: a transformers config's attributes differ per architecture (torch would type it Tensor | Module)
+    config: Any = student.config
     config.num_hidden_layers = len(kept)
     if isinstance(getattr(config, "layer_types", None), list) and len(config.layer_types) == total:
         config.layer_types = [config.layer_types[i] for i in layers]
@@ -534,7 +595,9 @@ _ARCH_ALIASES = {
 }
 
 
-def student_config(teacher_config: Any, overrides: dict[str, int], num_labels: int | None = None, causal_lm: bool = False) -> Any:
+def student_config(
+    teacher_config: Any, overrides: dict[str, int], num_labels: int | None = None, causal_lm: bool = False
+) -> Any:
     """The config of a student built fresh from the teacher's: a copy with ``overrides`` applied
     (and, for a classifier, ``num_labels``; None leaves the teacher's, e.g. to read the widths)."""
     config = copy.deepcopy(teacher_config)
@@ -550,7 +613,9 @@ def student_config(teacher_config: Any, overrides: dict[str, int], num_labels: i
     return config
 
 
-def student_from_config(teacher_config: Any, overrides: dict[str, int], num_labels: int, seed: int, causal_lm: bool = False) -> nn.Module:
+def student_from_config(
+    teacher_config: Any, overrides: dict[str, int], num_labels: int, seed: int, causal_lm: bool = False
+) -> nn.Module:
     """A freshly initialised classifier (or causal LM) from the teacher's config with ``overrides`` applied."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -569,7 +634,10 @@ def check_max_length(config: Any, max_length: int, setting: str, who: str) -> No
     """Longer inputs than the position embeddings hold fail deep inside the model: refuse them here."""
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if isinstance(limit, int) and max_length > limit:
-        raise ModelLoadError(f"{setting} = {max_length} is longer than {who} accepts ({limit} positions); set {setting} to at most {limit}.")
+        raise ModelLoadError(
+            f"{setting} = {max_length} is longer than {who} accepts ({limit} positions); set {setting} to at most "
+            f"{limit}."
+        )
 
 
 def fingerprint_model(ref: ModelRef) -> str:
@@ -592,7 +660,13 @@ SAVE_ERRORS = (OSError, RuntimeError, SafetensorError)
 """What saving weights raises on a full or read-only disk (torch.save and safetensors do not use OSError)."""
 
 
-def save_model_dir(model: nn.Module, tokenizer: Any, dest: Path, extra: dict[str, str] | None = None, state_dict: dict[str, Any] | None = None) -> None:
+def save_model_dir(
+    model: nn.Module,
+    tokenizer: Any,
+    dest: Path,
+    extra: dict[str, str] | None = None,
+    state_dict: dict[str, Any] | None = None,
+) -> None:
     """``save_pretrained`` (safetensors) + tokenizer into ``dest`` atomically: written into a
     temporary sibling, then renamed over ``dest``, so a crash never leaves it half-written.
     ``extra`` maps file names to text written beside them; ``state_dict`` replaces the model's
@@ -603,9 +677,10 @@ def save_model_dir(model: nn.Module, tokenizer: Any, dest: Path, extra: dict[str
         shutil.rmtree(tmp, ignore_errors=True)
         with quiet_transformers():
             if state_dict is not None:
-                model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+                # a transformers model's method; torch's stub types unknown Module attributes as Tensor | Module
+                model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)  # type: ignore[operator]
             else:
-                model.save_pretrained(tmp, safe_serialization=True)
+                model.save_pretrained(tmp, safe_serialization=True)  # type: ignore[operator]  # as above
             tokenizer.save_pretrained(tmp)
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")

@@ -10,7 +10,8 @@ With ``features.pairs = "probe"`` the same batch chooses the layer map before tr
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,8 +32,16 @@ class MonitorBatch:
     teacher's feature rows of the chosen pairs."""
 
     def __init__(
-        self, teacher: nn.Module, evals: data_mod.TextSplit, samples: int, task: Task, rows: Rows,
-        t_widths: Sequence[int], who: str, device: torch.device, amp: torch.dtype | None,
+        self,
+        teacher: nn.Module,
+        evals: data_mod.TextSplit,
+        samples: int,
+        task: Task,
+        rows: Rows,
+        t_widths: Sequence[int],
+        who: str,
+        device: torch.device,
+        amp: torch.dtype | None,
     ) -> None:
         self.rows, self.device, self.amp = rows, device, amp
         batch = data_mod.collate(evals, list(range(min(samples, len(evals)))))
@@ -56,7 +65,9 @@ class MonitorBatch:
         model.train(was)
         return hidden
 
-    def probe_pairs(self, student: nn.Module, s_widths: Sequence[int], t_widths: Sequence[int], equal_width: bool) -> list[tuple[int, int]]:
+    def probe_pairs(
+        self, student: nn.Module, s_widths: Sequence[int], t_widths: Sequence[int], equal_width: bool
+    ) -> list[tuple[int, int]]:
         """The monotone layer map of best Procrustes similarity between the models' hidden states
         on this batch (``equal_width``: only equally wide indices may pair, for mse / cosine)."""
         s_hidden = self.student_hidden(student)  # L_s+1 x (B, T, d_s[j])
@@ -70,8 +81,9 @@ class MonitorBatch:
         except geometry.NonFiniteFeatures as err:
             raise KdgeoError(
                 f'features.pairs = "probe": the {err.side} produced NaN or inf hidden states (index '
-                f"{', '.join(map(str, err.layers))}; 0 = embeddings) on the monitor batch, so no layer map can be chosen. "
-                'Check its weights; with train.precision "bf16"/"fp16" try "fp32", or give features.pairs explicitly.'
+                f"{', '.join(map(str, err.layers))}; 0 = embeddings) on the monitor batch, so no layer map can be "
+                'chosen. Check its weights; with train.precision "bf16"/"fp16" try "fp32", or give features.pairs '
+                "explicitly."
             ) from None
         table = acc.compute("procrustes").cpu()  # (L_t+1, L_s+1)
         if equal_width:

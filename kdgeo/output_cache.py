@@ -68,7 +68,13 @@ _DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
     "float16": (torch.float16, np.dtype("<f2")),
     "bfloat16": (torch.bfloat16, np.dtype("<u2")),
 }
-_DTYPE_ALIASES = {"float16": "float16", "fp16": "float16", "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+_DTYPE_ALIASES = {
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+}
 _OFFSET_DTYPE = np.dtype("<i8")
 # Keys and field names become file names: no separators, no dots in keys (so a key can never look
 # like a "<key>.tmp-<pid>" build directory).
@@ -100,7 +106,10 @@ def cache_key(payload: Mapping[str, Any], chars: int = KEY_CHARS, compact: bool 
 def _json_default(value: Any) -> Any:
     if isinstance(value, (torch.dtype, Path)):
         return str(value)
-    raise TypeError(f"cache_key: {type(value).__name__} is not JSON-serializable; pass plain values (str, int, float, bool, list, dict)")
+    raise TypeError(
+        f"cache_key: {type(value).__name__} is not JSON-serializable; pass plain values (str, int, float, bool, "
+        "list, dict)"
+    )
 
 
 def estimate_bytes(
@@ -144,7 +153,9 @@ def format_bytes(n: int | float) -> str:
 class _FieldWriter:
     """One field's shards and offsets, written as examples arrive."""
 
-    def __init__(self, directory: Path, name: str, width: int, n_examples: int, np_dtype: np.dtype, shard_bytes: int) -> None:
+    def __init__(
+        self, directory: Path, name: str, width: int, n_examples: int, np_dtype: np.dtype, shard_bytes: int
+    ) -> None:
         self.directory = directory
         self.name = name
         self.width = width
@@ -169,7 +180,7 @@ class _FieldWriter:
         if self._fh is None:
             self._fh = open(self.directory / self._shard_name(len(self.shards)), "xb")
             self._hash = hashlib.sha256()
-        data = memoryview(block).cast("B")  # the array's bytes, no copy
+        data = block.data.cast("B")  # the array's bytes, no copy (`.data` is memoryview(block))
         self._fh.write(data)
         self._hash.update(data)
         self._rows += rows
@@ -205,7 +216,9 @@ class _FieldWriter:
             os.fsync(fh.fileno())
         finally:
             fh.close()
-        self.shards.append({"file": Path(fh.name).name, "rows": self._rows, "bytes": self._bytes, "sha256": self._hash.hexdigest()})
+        self.shards.append(
+            {"file": Path(fh.name).name, "rows": self._rows, "bytes": self._bytes, "sha256": self._hash.hexdigest()}
+        )
         self._rows = self._bytes = 0
 
 
@@ -239,7 +252,9 @@ class CacheWriter:
     ) -> None:
         _check_key(key)
         if cache_key(payload) != key:
-            raise ValueError(f"key {key!r} is not cache_key(payload) = {cache_key(payload)!r}; pass the key made from this payload")
+            raise ValueError(
+                f"key {key!r} is not cache_key(payload) = {cache_key(payload)!r}; pass the key made from this payload"
+            )
         if not fields:
             raise ValueError("CacheWriter needs at least one field")
         for name, width in fields.items():
@@ -273,7 +288,8 @@ class CacheWriter:
         except OSError as err:
             self._fail(err)
         self._fields = {
-            name: _FieldWriter(self.tmp, name, width, self.n_examples, np_dtype, shard_bytes) for name, width in self._widths.items()
+            name: _FieldWriter(self.tmp, name, width, self.n_examples, np_dtype, shard_bytes)
+            for name, width in self._widths.items()
         }
 
     # -- context manager -----------------------------------------------------------------
@@ -281,7 +297,9 @@ class CacheWriter:
     def __enter__(self) -> CacheWriter:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if self._state != "open":
             return
         self.abort()
@@ -311,7 +329,9 @@ class CacheWriter:
         missing = sorted(set(self._widths) - set(arrays))
         extra = sorted(set(arrays) - set(self._widths))
         if missing or extra:
-            raise ValueError(f"example {index}: fields missing {missing}, unexpected {extra}; the writer has {sorted(self._widths)}")
+            raise ValueError(
+                f"example {index}: fields missing {missing}, unexpected {extra}; the writer has {sorted(self._widths)}"
+            )
         blocks = {name: self._encode(name, index, arrays[name]) for name in self._widths}
         try:
             for name, block in blocks.items():
@@ -375,7 +395,9 @@ class CacheWriter:
         width = self._widths[name]
         tensor = torch.as_tensor(value).detach()
         if tensor.ndim != 2 or tensor.shape[1] != width:
-            raise ValueError(f"example {index}, field {name!r}: expected a (rows, {width}) tensor, got shape {tuple(tensor.shape)}")
+            raise ValueError(
+                f"example {index}, field {name!r}: expected a (rows, {width}) tensor, got shape {tuple(tensor.shape)}"
+            )
         tensor = tensor.to("cpu")
         stored = tensor.to(self._torch_dtype).contiguous()  # (rows, width)
         overflow = torch.isinf(stored) & torch.isfinite(tensor)  # (rows, width)
@@ -389,15 +411,17 @@ class CacheWriter:
     def _overflow_message(self, name: str, index: int, largest: float) -> str:
         if self.dtype == "float16":
             return (
-                f"the teacher-output cache cannot store field {name!r} of example {index} in float16: it holds values up to "
-                f"{largest:.6g} in magnitude, beyond float16's largest finite value {FP16_MAX:g}, and they would be stored as "
-                "inf. Build the cache in bfloat16 instead: the same 2 bytes per value with float32's range, at 8 significant "
-                "bits instead of 11 (the cache key includes the dtype, so this makes a new entry)."
+                f"the teacher-output cache cannot store field {name!r} of example {index} in float16: it holds "
+                f"values up to {largest:.6g} in magnitude, beyond float16's largest finite value {FP16_MAX:g}, and "
+                "they would be stored as inf. Build the cache in bfloat16 instead: the same 2 bytes per value with "
+                "float32's range, at 8 significant bits instead of 11 (the cache key includes the dtype, so this "
+                "makes a new entry)."
             )
         return (
-            f"the teacher-output cache cannot store field {name!r} of example {index} in bfloat16: it holds values up to "
-            f"{largest:.6g} in magnitude, beyond bfloat16's range (about 3.39e38), so they would be stored as inf. The "
-            "teacher's outputs are numerically broken; check the teacher (run it in float32) before caching."
+            f"the teacher-output cache cannot store field {name!r} of example {index} in bfloat16: it holds values "
+            f"up to {largest:.6g} in magnitude, beyond bfloat16's range (about 3.39e38), so they would be stored as "
+            "inf. The teacher's outputs are numerically broken; check the teacher (run it in float32) before "
+            "caching."
         )
 
     def _manifest(self) -> dict[str, Any]:
@@ -433,16 +457,22 @@ class CacheWriter:
         where = f"{self.setting} = '{self.root}'" if self.setting else f"{self.root}"
         choose = f"set {self.setting} to" if self.setting else "choose"
         if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            written = sum(s["bytes"] for f in self._fields.values() for s in f.shards) + sum(f._bytes for f in self._fields.values())
+            written = sum(s["bytes"] for f in self._fields.values() for s in f.shards) + sum(
+                f._bytes for f in self._fields.values()
+            )
             fix = (
-                f"The disk is full (or a quota or file-size limit was hit) after {format_bytes(written)} of this entry; "
-                f"free some space or {choose} a directory on a disk with room. Nothing of this entry was kept."
+                f"The disk is full (or a quota or file-size limit was hit) after {format_bytes(written)} of this "
+                f"entry; free some space or {choose} a directory on a disk with room. Nothing of this entry was kept."
             )
         elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             fix = f"It is not writable; {choose} a writable directory. Nothing of this entry was kept."
         else:
-            fix = f"{choose[0].upper()}{choose[1:]} a writable directory with free space. Nothing of this entry was kept."
-        raise OutputError(f"{where}: cannot write the teacher-output cache entry {self.key} ({reason}). {fix}") from None
+            fix = (
+                f"{choose[0].upper()}{choose[1:]} a writable directory with free space. Nothing of this entry was kept."
+            )
+        raise OutputError(
+            f"{where}: cannot write the teacher-output cache entry {self.key} ({reason}). {fix}"
+        ) from None
 
 
 def clean_stale_builds(root: str | Path) -> list[Path]:
@@ -452,7 +482,7 @@ def clean_stale_builds(root: str | Path) -> list[Path]:
     directory between machines that build at the same time.
     """
     root = Path(root)
-    removed = []
+    removed: list[Path] = []
     try:
         children = list(root.iterdir())
     except OSError:
@@ -490,7 +520,8 @@ class CacheEntryError(OutputError):
         self.status = status
         self.reason = reason
         super().__init__(
-            f"the teacher-output cache entry {path} is {status}: {reason}. Delete that directory and the next run rebuilds it."
+            f"the teacher-output cache entry {path} is {status}: {reason}. Delete that directory and the next run "
+            "rebuilds it."
         )
 
 
@@ -506,6 +537,8 @@ def open_entry(root: str | Path, key: str) -> CacheReader | None:
         return None
     if status != "ok":
         raise CacheEntryError(path, status, reason)
+    # _check returns both whenever the status is "ok"
+    assert manifest is not None and offsets is not None
     return CacheReader(path, manifest, offsets)
 
 
@@ -521,7 +554,9 @@ def remove_entry(root: str | Path, key: str) -> bool:
         else:
             path.unlink()
     except OSError as err:
-        raise OutputError(f"cannot delete the teacher-output cache entry {path} ({err.strerror or err}); delete it by hand.") from None
+        raise OutputError(
+            f"cannot delete the teacher-output cache entry {path} ({err.strerror or err}); delete it by hand."
+        ) from None
     return True
 
 
@@ -547,7 +582,9 @@ class CacheReader:
         self._shard_files = {name: [path / s["file"] for s in f["shards"]] for name, f in manifest["fields"].items()}
         self._shard_rows = {name: [int(s["rows"]) for s in f["shards"]] for name, f in manifest["fields"].items()}
         # Global row where each shard starts. Examples never straddle shards, so one lookup finds an example.
-        self._shard_starts = {name: np.cumsum([0, *rows[:-1]], dtype=np.int64) for name, rows in self._shard_rows.items()}  # (n_shards,)
+        self._shard_starts = {
+            name: np.cumsum([0, *rows[:-1]], dtype=np.int64) for name, rows in self._shard_rows.items()
+        }  # (n_shards,)
         self._maps: dict[tuple[str, int], np.memmap] = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -581,7 +618,9 @@ class CacheReader:
             return torch.zeros(0, width)  # (0, width)
         k = int(np.searchsorted(self._shard_starts[name], start, side="right")) - 1
         local = start - int(self._shard_starts[name][k])
-        block = np.array(self._map(name, k)[local : local + stop - start])  # (rows_i, width), a copy: the map is read-only
+        block = np.array(
+            self._map(name, k)[local : local + stop - start]
+        )  # (rows_i, width), a copy: the map is read-only
         if self.dtype == "bfloat16":
             return torch.from_numpy(block.view(np.int16)).view(torch.bfloat16).float()  # (rows_i, width)
         return torch.from_numpy(block).float()  # (rows_i, width)
@@ -599,7 +638,9 @@ class CacheReader:
         mm = self._maps.get((name, k))
         if mm is None:
             shape = (self._shard_rows[name][k], self.fields[name])
-            mm = np.memmap(self._shard_files[name][k], dtype=self._np_dtype, mode="r", shape=shape)  # (rows_in_shard, width)
+            mm = np.memmap(
+                self._shard_files[name][k], dtype=self._np_dtype, mode="r", shape=shape
+            )  # (rows_in_shard, width)
             self._maps[(name, k)] = mm
         return mm
 
@@ -626,12 +667,27 @@ def _check(root: Path, key: str) -> tuple[Status, str, dict[str, Any] | None, di
         return "corrupt", f"{MANIFEST} is not a JSON object", None, None
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
-        return "stale", f"it was written in cache format {version!r}; this kdgeo reads format {FORMAT_VERSION}", None, None
+        return (
+            "stale",
+            f"it was written in cache format {version!r}; this kdgeo reads format {FORMAT_VERSION}",
+            None,
+            None,
+        )
     if manifest.get("key") != key:
-        return "stale", f"its manifest is for key {manifest.get('key')!r}, not {key!r} (the directory was renamed or copied)", None, None
+        return (
+            "stale",
+            f"its manifest is for key {manifest.get('key')!r}, not {key!r} (the directory was renamed or copied)",
+            None,
+            None,
+        )
     try:
         if cache_key(manifest["payload"]) != key:
-            return "stale", f"its key payload hashes to {cache_key(manifest['payload'])!r}, not {key!r} (the manifest was edited)", None, None
+            return (
+                "stale",
+                f"its key payload hashes to {cache_key(manifest['payload'])!r}, not {key!r} (the manifest was edited)",
+                None,
+                None,
+            )
         if manifest.get("complete") is not True:
             return "corrupt", f"{MANIFEST} does not mark the entry complete", None, None
         problem, offsets = _check_fields(entry, manifest)
@@ -665,13 +721,21 @@ def _check_fields(entry: Path, manifest: Mapping[str, Any]) -> tuple[str | None,
             if problem:
                 return f"field {name!r}: {problem}", {}
             if shard["bytes"] != shard["rows"] * width * itemsize:
-                return f"field {name!r}: shard {shard['file']} lists {shard['rows']} rows of width {width} but {shard['bytes']} bytes", {}
+                return (
+                    f"field {name!r}: shard {shard['file']} lists {shard['rows']} rows of width {width} but "
+                    f"{shard['bytes']} bytes",
+                    {},
+                )
             shard_rows.append(int(shard["rows"]))
         path, problem = _listed_file(entry, field["offsets_file"], field["offsets_bytes"])
         if problem:
             return f"field {name!r}: {problem}", {}
         if field["offsets_bytes"] != (n + 1) * _OFFSET_DTYPE.itemsize:
-            return f"field {name!r}: the offsets file has {field['offsets_bytes']} bytes, not (n_examples + 1) * 8 = {(n + 1) * 8}", {}
+            return (
+                f"field {name!r}: the offsets file has {field['offsets_bytes']} bytes, not (n_examples + 1) * 8 = "
+                f"{(n + 1) * 8}",
+                {},
+            )
         offsets = np.fromfile(path, dtype=_OFFSET_DTYPE)  # (n + 1,)
         starts = np.cumsum([0, *shard_rows])  # (n_shards + 1,)
         if offsets[0] != 0 or np.any(np.diff(offsets) < 0) or offsets[-1] != starts[-1]:
@@ -723,4 +787,3 @@ def _pid_alive(pid: int) -> bool:
     except OSError:  # EPERM: it exists, owned by someone else
         return True
     return True
-

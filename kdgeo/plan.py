@@ -22,17 +22,25 @@ import torch
 
 from kdgeo import data as data_mod
 from kdgeo import geometry
+from kdgeo.distributed import Strategy
 from kdgeo.errors import DataError, KdgeoError, LayerMapError
 from kdgeo.events import Progress, Stage
 from kdgeo.features import resolve_layer_pairs
 from kdgeo.generation import GenerationArgs
-from kdgeo.distributed import Strategy
 from kdgeo.kinds import EQUAL_WIDTH_KINDS, FEATURE_KINDS, GEOMETRY_LOSSES, MIN_GEOMETRY_ROWS, Rows
 from kdgeo.loop import epoch_batches
 from kdgeo.losses import LossTerm
 from kdgeo.models import (
-    ModelRef, check_cls_rows, check_max_length, default_layer_choice, hidden_width, hidden_widths, load_config,
-    load_tokenizer, num_layers, student_config,
+    ModelRef,
+    check_cls_rows,
+    check_max_length,
+    default_layer_choice,
+    hidden_width,
+    hidden_widths,
+    load_config,
+    load_tokenizer,
+    num_layers,
+    student_config,
 )
 from kdgeo.spec import RunSpec
 from kdgeo.tasks import TASKS, Preflight, Task
@@ -170,11 +178,21 @@ def make_plan(spec: RunSpec, world: int, gathered: bool, emit: Progress) -> Dist
     _check_model_limits(spec, t_cfg, s_cfg if s_ref is not None else None)
     terms = tuple(LossTerm.from_spec(loss) for loss in spec.losses)
     kinds = frozenset(t.kind for t in terms)
-    loaded = task_cls.load(Preflight(
-        data=spec.data, t_tok=t_tok, s_tok=s_tok, t_cfg=t_cfg, s_cfg=s_cfg if s_ref is not None else None,
-        teacher=spec.teacher.model, student=spec.student.model or "", loss_kinds=kinds, rows=spec.features.rows,
-        max_new_tokens=spec.generate.max_new_tokens, emit=emit,
-    ))
+    loaded = task_cls.load(
+        Preflight(
+            data=spec.data,
+            t_tok=t_tok,
+            s_tok=s_tok,
+            t_cfg=t_cfg,
+            s_cfg=s_cfg if s_ref is not None else None,
+            teacher=spec.teacher.model,
+            student=spec.student.model or "",
+            loss_kinds=kinds,
+            rows=spec.features.rows,
+            max_new_tokens=spec.generate.max_new_tokens,
+            emit=emit,
+        )
+    )
     train, evals = loaded.train, loaded.evals
     if spec.features.rows != "tokens" and len(evals) < MIN_GEOMETRY_ROWS:
         # The spec checks monitor.samples; a smaller evaluation split caps the monitor batch below it.
@@ -193,19 +211,45 @@ def make_plan(spec: RunSpec, world: int, gathered: bool, emit: Progress) -> Dist
         check_equal_widths(kinds, candidates, s_widths, t_widths, probe_pairs)
     steps = _count_steps(spec, len(train), kinds, world, gathered, emit)
     return DistillPlan(
-        name=spec.name, variant=spec.variant or spec.name, task=loaded.task, seed=spec.seed,
-        teacher_ref=teacher_ref, student_ref=s_ref, student_init=init, t_cfg=t_cfg, s_cfg=s_cfg, t_tok=t_tok, s_tok=s_tok,
-        t_widths=tuple(t_widths), s_widths=tuple(s_widths), copied_layers=copied,
-        arch_overrides=tuple(_arch_overrides(spec).items()), train=train, evals=evals, rows=spec.features.rows,
-        pairs=pairs, probe_pairs=probe_pairs, terms=terms, data=spec.data.model_dump(mode="json"),
-        group_by_length=spec.data.group_by_length, finetune=_finetune_args(spec),
-        finetune_force=bool(spec.teacher.finetune and spec.teacher.finetune.force), training=_train_args(spec),
-        steps=steps, monitor_every=spec.monitor.every, monitor_samples=spec.monitor.samples,
-        monitor_metrics=tuple(spec.monitor.metrics), generation=_generation_args(spec),
-        generation_max_samples=spec.generate.max_samples, generate_every_eval=spec.generate.every_eval,
+        name=spec.name,
+        variant=spec.variant or spec.name,
+        task=loaded.task,
+        seed=spec.seed,
+        teacher_ref=teacher_ref,
+        student_ref=s_ref,
+        student_init=init,
+        t_cfg=t_cfg,
+        s_cfg=s_cfg,
+        t_tok=t_tok,
+        s_tok=s_tok,
+        t_widths=tuple(t_widths),
+        s_widths=tuple(s_widths),
+        copied_layers=copied,
+        arch_overrides=tuple(_arch_overrides(spec).items()),
+        train=train,
+        evals=evals,
+        rows=spec.features.rows,
+        pairs=pairs,
+        probe_pairs=probe_pairs,
+        terms=terms,
+        data=spec.data.model_dump(mode="json"),
+        group_by_length=spec.data.group_by_length,
+        finetune=_finetune_args(spec),
+        finetune_force=bool(spec.teacher.finetune and spec.teacher.finetune.force),
+        training=_train_args(spec),
+        steps=steps,
+        monitor_every=spec.monitor.every,
+        monitor_samples=spec.monitor.samples,
+        monitor_metrics=tuple(spec.monitor.metrics),
+        generation=_generation_args(spec),
+        generation_max_samples=spec.generate.max_samples,
+        generate_every_eval=spec.generate.every_eval,
         output=OutputArgs(
-            spec.output.teacher_cache, spec.output.save_student, spec.output.teacher_outputs,
-            spec.output.teacher_outputs_dir, spec.output.teacher_outputs_dtype,
+            spec.output.teacher_cache,
+            spec.output.save_student,
+            spec.output.teacher_outputs,
+            spec.output.teacher_outputs_dir,
+            spec.output.teacher_outputs_dtype,
         ),
     )
 
@@ -231,11 +275,23 @@ def _generation_args(spec: RunSpec) -> GenerationArgs | None:
 def _train_args(spec: RunSpec) -> TrainArgs:
     t = spec.train
     return TrainArgs(
-        batch_size=t.batch_size, grad_accum=t.grad_accum, lr=t.lr, projection_lr=t.projection_lr,
-        weight_decay=t.weight_decay, warmup_ratio=t.warmup_ratio, schedule=t.schedule, max_grad_norm=t.max_grad_norm,
-        precision=t.precision, log_every=t.log_every, eval_every=t.eval_every, checkpoint_every=t.checkpoint_every,
-        keep_checkpoints=t.keep_checkpoints, strategy=t.distributed, loader_workers=t.loader_workers,
-        gather_features=t.gather_features, on_nonfinite=t.on_nonfinite,
+        batch_size=t.batch_size,
+        grad_accum=t.grad_accum,
+        lr=t.lr,
+        projection_lr=t.projection_lr,
+        weight_decay=t.weight_decay,
+        warmup_ratio=t.warmup_ratio,
+        schedule=t.schedule,
+        max_grad_norm=t.max_grad_norm,
+        precision=t.precision,
+        log_every=t.log_every,
+        eval_every=t.eval_every,
+        checkpoint_every=t.checkpoint_every,
+        keep_checkpoints=t.keep_checkpoints,
+        strategy=t.distributed,
+        loader_workers=t.loader_workers,
+        gather_features=t.gather_features,
+        on_nonfinite=t.on_nonfinite,
     )
 
 
@@ -267,7 +323,8 @@ def _student_plan(spec: RunSpec, t_cfg: Any) -> tuple[list[int], Any, tuple[int,
     if width % heads:
         raise KdgeoError(
             f"student.arch: hidden_size {width} is not divisible by num_attention_heads {heads} (taken from "
-            f"{'the teacher' if 'num_attention_heads' not in overrides else 'student.arch'}); set student.arch.num_attention_heads to a divisor."
+            f"{'the teacher' if 'num_attention_heads' not in overrides else 'student.arch'}); set "
+            "student.arch.num_attention_heads to a divisor."
         )
     # An OPT student keeps the teacher's projected last entry unless student.arch sets hidden_size.
     return hidden_widths(student_config(t_cfg, overrides)), t_cfg, None, None
@@ -286,7 +343,11 @@ def _check_model_limits(spec: RunSpec, t_cfg: Any, s_cfg: Any | None) -> None:
 
 
 def check_equal_widths(
-    kinds: frozenset[str] | set[str], pairs: Any, s_widths: Any, t_widths: Any, probe: bool,
+    kinds: frozenset[str] | set[str],
+    pairs: Any,
+    s_widths: Any,
+    t_widths: Any,
+    probe: bool,
 ) -> None:
     """mse and cosine compare features element by element: each paired student and teacher
     hidden-state index must be equally wide. Widths are per index (an OPT model with
@@ -316,7 +377,9 @@ def check_equal_widths(
         )
 
 
-def _count_steps(spec: RunSpec, n_train: int, kinds: frozenset[str], world: int, gathered: bool, emit: Progress) -> Steps:
+def _count_steps(
+    spec: RunSpec, n_train: int, kinds: frozenset[str], world: int, gathered: bool, emit: Progress
+) -> Steps:
     """Batches per epoch and optimizer steps; refuses data too small to give any batch."""
     t = spec.train
     global_batch = t.batch_size * world  # batch_size is per process
@@ -339,10 +402,12 @@ def _count_steps(spec: RunSpec, n_train: int, kinds: frozenset[str], world: int,
         )
     left_out = n_train - sum(len(b) for b in first)
     if pooled_geometry and left_out:
-        emit(Stage(
-            f"{left_out} training example(s) per epoch left out: the last batch would give a geometry loss fewer than "
-            f"{MIN_GEOMETRY_ROWS} pooled rows (the reshuffled epochs still use them)"
-        ))
+        emit(
+            Stage(
+                f"{left_out} training example(s) per epoch left out: the last batch would give a geometry loss fewer "
+                f"than {MIN_GEOMETRY_ROWS} pooled rows (the reshuffled epochs still use them)"
+            )
+        )
     steps_per_epoch = math.ceil(len(first) / t.grad_accum)
     total = t.max_steps or max(1, int(round(t.epochs * steps_per_epoch)))
     return Steps(global_batch, min_rows, gathered, steps_per_epoch, total, left_out)
@@ -372,10 +437,12 @@ def few_rows_warning(plan: DistillPlan, pairs: LayerPairs, world: int) -> str | 
     tr = plan.training
     batch = tr.batch_size * (world if tr.gather_features else 1)
     if plan.rows == "tokens":
-        enc = plan.train.encodings["student"]
-        starts = enc.response_start or [0] * len(enc.input_ids)
-        per_example = sum(len(ids) - b for ids, b in zip(enc.input_ids, starts)) / max(len(enc.input_ids), 1)
-        n, how = int(batch * per_example), f"about {int(batch * per_example)} token rows ({batch} examples x {per_example:.1f} tokens)"
+        rows = plan.task.token_rows(plan.train.encodings["student"])
+        per_example = sum(rows) / max(len(rows), 1)
+        n, how = (
+            int(batch * per_example),
+            f"about {int(batch * per_example)} token rows ({batch} examples x {per_example:.1f} tokens)",
+        )
     else:
         n, how = batch, f"{batch} pooled rows (one per example)"
     t_widths, s_widths = plan.t_widths, plan.s_widths
@@ -385,9 +452,11 @@ def few_rows_warning(plan: DistillPlan, pairs: LayerPairs, world: int) -> str | 
         return None
     chance = chance_procrustes(n, d_t, d_s)
     return (
-        f"each geometry loss term sees {how} per micro-batch, fewer than the widths it compares ({d_t} and {d_s} for pair "
-        f"{widest[0]}-{widest[1]}). With so few rows Procrustes, Gram and CKA values are biased toward alignment: independent "
-        f"random features of these shapes already give D^2 = {chance:.3f} (unrelated = 2). Raise train.batch_size"
+        f"each geometry loss term sees {how} per micro-batch, fewer than the widths it compares ({d_t} and {d_s} for "
+        f"pair {widest[0]}-{widest[1]}). With so few rows Procrustes, Gram and CKA values are biased toward "
+        f"alignment: independent random features of these shapes already give D^2 = {chance:.3f} (unrelated = 2). "
+        "Raise train.batch_size"
         + ('; use features.rows = "tokens"' if plan.rows != "tokens" else "")
-        + ("; or set train.gather_features = true" if world > 1 and not tr.gather_features else "") + "."
+        + ("; or set train.gather_features = true" if world > 1 and not tr.gather_features else "")
+        + "."
     )

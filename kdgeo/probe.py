@@ -10,8 +10,9 @@ maximises total similarity.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -22,8 +23,15 @@ from kdgeo.events import ProbeLoading, ProbeProgress, ProbeStart, Progress, igno
 from kdgeo.features import LayerPair, check_tokenizers_agree, select_rows, suggest_layer_map
 from kdgeo.kinds import AutocastPrecision, Rows, higher_is_better
 from kdgeo.models import (
-    ModelRef, check_cls_rows, check_hidden_widths, check_max_length, hidden_widths, load_config, load_encoder,
-    load_tokenizer, num_layers,
+    ModelRef,
+    check_cls_rows,
+    check_hidden_widths,
+    check_max_length,
+    hidden_widths,
+    load_config,
+    load_encoder,
+    load_tokenizer,
+    num_layers,
 )
 from kdgeo.runtime import autocast, autocast_dtype, resolve_device
 
@@ -102,7 +110,9 @@ def run_probe(args: ProbeArgs, progress: Progress | None = None) -> ProbeResult:
     t_layers, s_layers = num_layers(t_cfg), num_layers(s_cfg)
     t_tok, s_tok = load_tokenizer(args.teacher), load_tokenizer(args.student)
     ds = data_mod.load_split(args.dataset, args.config, args.split, where="--data")
-    data_mod.check_columns(ds, {"text_column": args.text_column}, where=f"--data {args.dataset}", setting="--text-column")
+    data_mod.check_columns(
+        ds, {"text_column": args.text_column}, where=f"--data {args.dataset}", setting="--text-column"
+    )
     check_max_length(t_cfg, args.max_length, "--max-length", f"the teacher {args.teacher.ref}")
     check_max_length(s_cfg, args.max_length, "--max-length", f"the student {args.student.ref}")
     if args.max_samples is not None:
@@ -144,14 +154,17 @@ def run_probe(args: ProbeArgs, progress: Progress | None = None) -> ProbeResult:
             except geometry.NonFiniteFeatures as err:
                 ref = args.teacher.ref if err.side == "teacher" else args.student.ref
                 raise KdgeoError(
-                    f"the {err.side} {ref} produced NaN or inf hidden states (index {', '.join(map(str, err.layers))}; "
-                    f"0 = embeddings) on the probe data (examples {done}..{done + len(batch['index']) - 1}), so no "
-                    "similarity can be measured. Check the model's weights; with --precision bf16/fp16 try --precision fp32."
+                    f"the {err.side} {ref} produced NaN or inf hidden states (index "
+                    f"{', '.join(map(str, err.layers))}; 0 = embeddings) on the probe data (examples "
+                    f"{done}..{done + len(batch['index']) - 1}), so no similarity can be measured. Check the model's "
+                    "weights; with --precision bf16/fp16 try --precision fp32."
                 ) from None
             done += len(batch["index"])
             emit(ProbeProgress(done=done, total=total))
     if acc.n < 3:
-        raise DataError(f"--data {args.dataset}: only {acc.n} feature rows; similarity needs at least 3 (use more samples).")
+        raise DataError(
+            f"--data {args.dataset}: only {acc.n} feature rows; similarity needs at least 3 (use more samples)."
+        )
     tables = {m: acc.compute(m).cpu() for m in args.metrics}  # each (L_t+1, L_s+1)
     map_metric = args.metrics[0]
     suggested = suggest_layer_map(tables[map_metric], higher_is_better(map_metric))
@@ -198,7 +211,9 @@ def plot_tables(result: ProbeResult, path: str) -> None:
             ax.plot(xs, ys, "o-", color="white", markeredgecolor="black", label="suggested map")
             ax.legend(loc="upper left", fontsize="small")
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    fig.suptitle(f"{result.teacher} vs {result.student} ({result.rows} rows, n={result.feature_rows})", fontsize="small")
+    fig.suptitle(
+        f"{result.teacher} vs {result.student} ({result.rows} rows, n={result.feature_rows})", fontsize="small"
+    )
     fig.tight_layout()
     try:
         fig.savefig(path, dpi=110)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -21,8 +22,22 @@ from rich.text import Text
 
 from kdgeo import events, kinds
 from kdgeo.events import (
-    Checkpoint, Done, Eval, Event, FinetuneStep, Monitor, NonFinite, ProbeLoading, ProbeProgress, ProbeStart, Resume,
-    RunFailed, RunWarning, Stage, Start, Step,
+    Checkpoint,
+    Done,
+    Eval,
+    Event,
+    FinetuneStep,
+    Monitor,
+    NonFinite,
+    ProbeLoading,
+    ProbeProgress,
+    ProbeStart,
+    Resume,
+    RunFailed,
+    RunWarning,
+    Stage,
+    Start,
+    Step,
 )
 
 Mode = Literal["rich", "plain", "quiet"]
@@ -110,8 +125,13 @@ class ProbeView:
     def _start(self, total: int) -> None:
         if self.mode == "rich":
             self._progress = Progress(
-                TextColumn("probing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                console=err_console, transient=True,
+                TextColumn("probing"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=err_console,
+                transient=True,
             )
             self._progress.start()
             self._task = self._progress.add_task("probe", total=total)
@@ -131,7 +151,9 @@ class ProbeView:
             self._progress = None
 
 
-def layer_table(title: str, values: Sequence[Sequence[float]], highlight: set[tuple[int, int]], higher_is_better: bool) -> Table:
+def layer_table(
+    title: str, values: Sequence[Sequence[float]], highlight: set[tuple[int, int]], higher_is_better: bool
+) -> Table:
     """Teacher layers as rows, student layers as columns; highlighted cells are the suggested map."""
     arrow = "higher = more similar" if higher_is_better else "lower = more similar"
     table = Table(title=Text(f"{title} ({arrow})"), title_justify="left")
@@ -154,7 +176,9 @@ def print_probe(result: Any) -> None:
     out_console.print(Text(f"suggested layer map (student->teacher, by {result.map_metric}): {mapping}"))
     pairs = "[" + ", ".join(f"[{s}, {t}]" for s, t in result.suggested_map) + "]"
     out_console.print(Text(f"as a run spec:  [features] pairs = {pairs}"))
-    out_console.print(Text(f"{result.samples} samples, {result.feature_rows} feature rows ({result.rows}), {result.seconds:.1f}s"))
+    out_console.print(
+        Text(f"{result.samples} samples, {result.feature_rows} feature rows ({result.rows}), {result.seconds:.1f}s")
+    )
 
 
 LOSS_ORDER = ("loss", "ce", "kd", "procrustes", "gram", "cka", "projection", "mse", "cosine")
@@ -223,8 +247,13 @@ class DistillView:
         from rich.live import Live
 
         self._progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=err_console,
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=err_console,
         )
         self._live = Live(self._render(), console=err_console, refresh_per_second=4, transient=False)
         self._live.start()
@@ -293,8 +322,10 @@ class DistillView:
             info(f"teacher fine-tuning step {event.step}/{event.total}  loss {fmt(event.loss)}", self.mode)
 
     def _start(self, event: Start) -> None:
-        line = (f"training: {event.total_steps} steps ({event.steps_per_epoch}/epoch) on {event.train_samples} examples, "
-                f"device {event.device}, precision {event.precision}, losses {' + '.join(event.losses)}")
+        line = (
+            f"training: {event.total_steps} steps ({event.steps_per_epoch}/epoch) on {event.train_samples} examples, "
+            f"device {event.device}, precision {event.precision}, losses {' + '.join(event.losses)}"
+        )
         if event.pairs:
             line += ", pairs " + ", ".join(f"{s}->{t}" for s, t in event.pairs)
         line += f"; teacher {scores_text(event.teacher_scores)}"
@@ -364,7 +395,10 @@ class DistillView:
 
 
 def print_eval(result: Any) -> None:
-    table = Table(title=Text(f"{result.model} on {result.dataset} [{result.split}], {result.samples} examples"), title_justify="left")
+    table = Table(
+        title=Text(f"{result.model} on {result.dataset} [{result.split}], {result.samples} examples"),
+        title_justify="left",
+    )
     table.add_column("model")
     keys = [k for k in SCORE_ORDER if k in result.scores]
     for k in keys:
@@ -378,7 +412,10 @@ def print_eval(result: Any) -> None:
 def print_lm_eval(result: dict[str, Any]) -> None:
     """Causal-LM evaluation: ROUGE-L and perplexity per model."""
     first = next(iter(result["results"].values()))
-    table = Table(title=Text(f"{result['model']} on {result['dataset']} [{result['split']}], {first['samples']} prompts"), title_justify="left")
+    table = Table(
+        title=Text(f"{result['model']} on {result['dataset']} [{result['split']}], {first['samples']} prompts"),
+        title_justify="left",
+    )
     keys = ("rougeL", "perplexity", "generated_tokens_mean")
     table.add_column("model")
     for k in keys:
@@ -403,5 +440,7 @@ def print_sweep(outcomes: Sequence[Any], json_lines: bool = False) -> None:
     (err_console if json_lines else out_console).print(table)
     failed = sum(o.status == "failed" for o in outcomes)
     if failed:
-        error(f"{failed} of {len(outcomes)} runs failed (see above); the others are complete. Fix the cause and run the "
-              "same command again: finished runs are skipped.")
+        error(
+            f"{failed} of {len(outcomes)} runs failed (see above); the others are complete. Fix the cause and run the "
+            "same command again: finished runs are skipped."
+        )

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,9 @@ def write_text_atomic(path: str | Path, text: str) -> None:
                 os.unlink(tmp)
             raise
     except OSError as err:
-        raise OutputError(f"cannot write {path}: {err.strerror or err}. Check the directory exists, is writable and has space.") from None
+        raise OutputError(
+            f"cannot write {path}: {err.strerror or err}. Check the directory exists, is writable and has space."
+        ) from None
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
@@ -105,7 +108,9 @@ def read_json(path: str | Path) -> dict[str, Any]:
         return json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as err:
         line, column = utf8_position(raw, err)
-        raise KdgeoError(f"{path} cannot be read as JSON: line {line}, column {column} is not UTF-8 text; restore the file.") from None
+        raise KdgeoError(
+            f"{path} cannot be read as JSON: line {line}, column {column} is not UTF-8 text; restore the file."
+        ) from None
     except json.JSONDecodeError as err:
         raise KdgeoError(f"{path} cannot be read as JSON ({err}).") from None
 
@@ -183,7 +188,8 @@ def prepare_run_dir(parent: str | Path, name: str, overwrite: bool) -> Path:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise OutputError(
-            f"output.dir = '{parent}': cannot create it ({err.strerror or err}); set output.dir (or --out) to a writable directory."
+            f"output.dir = '{parent}': cannot create it ({err.strerror or err}); set output.dir (or --out) to a "
+            "writable directory."
         ) from None
     # Resolved, so that a symbolic link named like the run cannot lead the writes elsewhere either.
     try:
@@ -196,7 +202,9 @@ def prepare_run_dir(parent: str | Path, name: str, overwrite: bool) -> Path:
             "choose another output.name."
         )
     if not os.access(parent, os.W_OK):
-        raise OutputError(f"output.dir = '{parent}' is not writable; set output.dir (or --out) to a writable directory.")
+        raise OutputError(
+            f"output.dir = '{parent}' is not writable; set output.dir (or --out) to a writable directory."
+        )
     if run.exists():
         if not overwrite:
             raise OutputError(
@@ -336,7 +344,12 @@ def _array(value: object) -> list[Any] | None:
 
 _CLASSIFICATION_KEYS = ("text_column", "label_column")
 _CAUSAL_LM_KEYS = (
-    "prompt_column", "response_column", "context_column", "max_prompt_length", "long_examples", "truncation",
+    "prompt_column",
+    "response_column",
+    "context_column",
+    "max_prompt_length",
+    "long_examples",
+    "truncation",
 )
 
 
@@ -365,9 +378,12 @@ class RunData:
     def from_dict(data: dict[str, Any]) -> RunData:
         """Read any ``data`` table (a summary's, or a spec's: unknown keys are ignored)."""
         common: dict[str, Any] = {
-            "dataset": _text(data.get("dataset")), "config": _text(data.get("config")),
-            "train_split": _text(data.get("train_split")), "eval_split": _text(data.get("eval_split")),
-            "eval_dataset": _text(data.get("eval_dataset")), "max_train_samples": as_int(data.get("max_train_samples")),
+            "dataset": _text(data.get("dataset")),
+            "config": _text(data.get("config")),
+            "train_split": _text(data.get("train_split")),
+            "eval_split": _text(data.get("eval_split")),
+            "eval_dataset": _text(data.get("eval_dataset")),
+            "max_train_samples": as_int(data.get("max_train_samples")),
             "max_eval_samples": as_int(data.get("max_eval_samples")),
         }
         if any(key in data for key in _CAUSAL_LM_KEYS):
@@ -377,7 +393,8 @@ class RunData:
                 response_column=_text(data.get("response_column")),
                 context_column=_text(data.get("context_column")),
                 max_prompt_length=as_int(data.get("max_prompt_length")),
-                long_examples=_text(data.get("long_examples")), truncation=_object(data.get("truncation")),
+                long_examples=_text(data.get("long_examples")),
+                truncation=_object(data.get("truncation")),
             )
         if any(key in data for key in _CLASSIFICATION_KEYS):
             return ClassificationData(
@@ -450,9 +467,9 @@ class RunSummary:
     epochs: float | None
     train_samples: int | None
     eval_samples: int | None
-    scores: dict[str, float | None]
+    scores: Mapping[str, float | None]
     """The student's final task scores (null: not finite)."""
-    teacher_scores: dict[str, float | None]
+    teacher_scores: Mapping[str, float | None]
     geometry: list[dict[str, Any]]
     """Final per-layer-pair geometry: {student, teacher, procrustes, cka, gram}."""
     skipped_steps_nonfinite: int
@@ -615,7 +632,8 @@ def read_run(path: str | Path) -> RunDirectory:
     has_spec, has_summary = files.is_file(spec_file, label), files.is_file(summary_file, label)
     if not (has_spec or has_summary):
         raise RunFileError(
-            run, f"is not a kdgeo run directory (it has no {SPEC_JSON} and no {SUMMARY})",
+            run,
+            f"is not a kdgeo run directory (it has no {SPEC_JSON} and no {SUMMARY})",
             f"{run} is not a kdgeo run directory (it has no {SPEC_JSON} and no {SUMMARY}); pass the directory "
             "`kdgeo distill` wrote (output.dir/output.name).",
         )

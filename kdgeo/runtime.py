@@ -29,9 +29,14 @@ def resolve_device(name: str, setting: str = "--device") -> torch.device:
     except RuntimeError:
         raise KdgeoError(f"{setting} '{name}' is not a device; use auto, cpu, cuda or cuda:N.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise KdgeoError(f"device '{name}' was asked for ({setting}), but CUDA is not available here; set {setting} to cpu (or auto).")
+        raise KdgeoError(
+            f"device '{name}' was asked for ({setting}), but CUDA is not available here; set {setting} to cpu (or "
+            "auto)."
+        )
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise KdgeoError(f"device '{name}' ({setting}) does not exist: this machine has {torch.cuda.device_count()} CUDA device(s).")
+        raise KdgeoError(
+            f"device '{name}' ({setting}) does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)."
+        )
     return device
 
 
@@ -67,7 +72,9 @@ def autocast(device: torch.device, amp: torch.dtype | None) -> torch.autocast:
     return torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None)
 
 
-def forward(model: nn.Module, inputs: dict[str, torch.Tensor], hidden: bool, amp: torch.dtype | None, device: torch.device) -> Any:
+def forward(
+    model: nn.Module, inputs: dict[str, torch.Tensor], hidden: bool, amp: torch.dtype | None, device: torch.device
+) -> Any:
     """``model(**inputs)`` under :func:`autocast`, with every hidden state when ``hidden``."""
     with autocast(device, amp):
         return model(**inputs, output_hidden_states=hidden)

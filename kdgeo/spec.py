@@ -155,7 +155,7 @@ class StudentArchSpec(_Strict):
     """Width of the feed-forward block."""
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> "StudentArchSpec":
+    def _heads_divide(self) -> StudentArchSpec:
         if self.hidden_size is not None and self.num_attention_heads is not None:
             if self.hidden_size % self.num_attention_heads:
                 raise ValueError(
@@ -190,14 +190,16 @@ class StudentSpec(_Strict):
     """For `init = "config"`: architecture overrides applied to the teacher's config."""
 
     @model_validator(mode="after")
-    def _init_fields(self) -> "StudentSpec":
+    def _init_fields(self) -> StudentSpec:
         problems = []
         if self.init == "pretrained" and not self.model:
             problems.append('init = "pretrained" needs `model` (a hub id or a local directory)')
         if self.init != "pretrained" and self.model:
             problems.append(f'`model` is only used with init = "pretrained" (init is "{self.init}")')
         if self.init != "teacher-layers" and (self.layers is not None or self.num_layers is not None):
-            problems.append(f'`layers` / `num_layers` are only used with init = "teacher-layers" (init is "{self.init}")')
+            problems.append(
+                f'`layers` / `num_layers` are only used with init = "teacher-layers" (init is "{self.init}")'
+            )
         if self.init != "config" and self.arch is not None:
             problems.append(f'[student.arch] is only used with init = "config" (init is "{self.init}")')
         if self.layers is not None:
@@ -223,7 +225,18 @@ DEFAULT_CONTEXT_TEMPLATE = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{prompt}\n\n### Input:\n{context}\n\n### Response:\n"
 )
-LM_DATA_FIELDS = frozenset({"prompt_column", "response_column", "context_column", "template", "context_template", "chat_template", "max_prompt_length", "long_examples"})
+LM_DATA_FIELDS = frozenset(
+    {
+        "prompt_column",
+        "response_column",
+        "context_column",
+        "template",
+        "context_template",
+        "chat_template",
+        "max_prompt_length",
+        "long_examples",
+    }
+)
 CLASSIFICATION_DATA_FIELDS = frozenset({"text_column", "text_pair_column", "label_column"})
 
 
@@ -295,7 +308,9 @@ class DataSpec(_Strict):
         try:
             found = [name for _, name, spec, conv in string.Formatter().parse(value) if name is not None]
         except ValueError as err:
-            raise ValueError(f"is not a valid template ({err}); write {{{{ and }}}} for literal braces, e.g. {example!r}") from None
+            raise ValueError(
+                f"is not a valid template ({err}); write {{{{ and }}}} for literal braces, e.g. {example!r}"
+            ) from None
         if set(found) != want or any(not name for name in found):
             shown = ", ".join("{" + n + "}" for n in found) or "no placeholder"
             raise ValueError(
@@ -573,7 +588,7 @@ class SweepSpec(_Strict):
     """Named override tables; empty = the spec itself as one variant named after `name`."""
 
     @model_validator(mode="after")
-    def _check(self) -> "SweepSpec":
+    def _check(self) -> SweepSpec:
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"`seeds` lists a seed twice: {self.seeds}")
         for name, overrides in self.variants.items():
@@ -629,20 +644,23 @@ class RunSpec(_Strict):
     """Set by a sweep: the variant this run belongs to (leave unset in your own specs)."""
 
     @model_validator(mode="after")
-    def _losses_unique(self) -> "RunSpec":
+    def _losses_unique(self) -> RunSpec:
         kinds = [loss.kind for loss in self.losses]
         dup = sorted({k for k in kinds if kinds.count(k) > 1})
         if dup:
-            raise ValueError(f"losses: each kind may appear once, found {', '.join(dup)} more than once; merge their weights")
+            raise ValueError(
+                f"losses: each kind may appear once, found {', '.join(dup)} more than once; merge their weights"
+            )
         return self
 
     @model_validator(mode="after")
-    def _task_fields(self) -> "RunSpec":
+    def _task_fields(self) -> RunSpec:
         """Settings of the other task are mistakes (they would be silently ignored): name them."""
         # A field counts as set when it differs from its default: resolved specs (spec.json,
         # spec.toml of a run) write every field out.
         data_set = {
-            name for name in self.data.model_fields_set
+            name
+            for name in self.data.model_fields_set
             if getattr(self.data, name) != DataSpec.model_fields[name].get_default(call_default_factory=True)
         }
         problems = []
@@ -650,7 +668,7 @@ class RunSpec(_Strict):
             wrong = sorted(data_set & CLASSIFICATION_DATA_FIELDS)
             if wrong:
                 problems.append(
-                    f"data: {', '.join(wrong)} are for task = \"classification\"; a causal-lm run reads "
+                    f'data: {", ".join(wrong)} are for task = "classification"; a causal-lm run reads '
                     "data.prompt_column and data.response_column (and optionally data.context_column)"
                 )
             if self.features.rows == "cls":
@@ -659,7 +677,9 @@ class RunSpec(_Strict):
                     'token) or "mean" (the mean over response tokens)'
                 )
             if self.data.chat_template and {"template", "context_template"} & data_set:
-                problems.append("data: chat_template = true replaces data.template / data.context_template; set one or the other")
+                problems.append(
+                    "data: chat_template = true replaces data.template / data.context_template; set one or the other"
+                )
             if self.data.max_prompt_length is not None and self.data.max_prompt_length >= self.data.max_length:
                 problems.append(
                     f"data.max_prompt_length = {self.data.max_prompt_length} leaves no room for the response in "
@@ -668,7 +688,9 @@ class RunSpec(_Strict):
         else:
             wrong = sorted(data_set & LM_DATA_FIELDS)
             if wrong:
-                problems.append(f'data: {", ".join(wrong)} are for task = "causal-lm" (this run is a classification run)')
+                problems.append(
+                    f'data: {", ".join(wrong)} are for task = "causal-lm" (this run is a classification run)'
+                )
             if self.generate != GenerateSpec():
                 problems.append('[generate] is for task = "causal-lm" (this run is a classification run)')
         if problems:
@@ -676,7 +698,7 @@ class RunSpec(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _rows_per_step(self) -> "RunSpec":
+    def _rows_per_step(self) -> RunSpec:
         """Pooled rows are one per example: a batch statistic over fewer than 3 of them means nothing.
 
         After centring, n rows span at most n - 1 dimensions. n = 1 leaves zero matrices, so the
@@ -728,18 +750,24 @@ def load_spec(path: str | Path, overrides: list[str] | None = None, preset: str 
             raise SpecError(source, [("", "is a directory; pass the path of a TOML run spec file")])
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise SpecError(source, [("", "file not found; pass the path of a TOML run spec (see examples.toml)")]) from None
+        raise SpecError(
+            source, [("", "file not found; pass the path of a TOML run spec (see examples.toml)")]
+        ) from None
     except OSError as err:  # a name over 255 bytes, a link loop, no permission
         raise SpecError(source, [("", f"cannot be read: {describe_os_error(err, path)}")]) from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         line, column = utf8_position(raw, err)
-        raise SpecError(source, [("", f"cannot be read: line {line}, column {column} is not UTF-8 text; save the spec as UTF-8")]) from None
+        raise SpecError(
+            source, [("", f"cannot be read: line {line}, column {column} is not UTF-8 text; save the spec as UTF-8")]
+        ) from None
     return parse_spec(text, source, overrides=overrides, preset=preset)
 
 
-def parse_spec(text: str, source: str = "<spec>", overrides: list[str] | None = None, preset: str | None = None) -> RunSpec:
+def parse_spec(
+    text: str, source: str = "<spec>", overrides: list[str] | None = None, preset: str | None = None
+) -> RunSpec:
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
@@ -780,10 +808,22 @@ def resolve_preset(raw: dict[str, Any], source: str, preset: str | None) -> dict
 
 
 RESUME_SAFE_FIELDS = (
-    "description", "monitor.every", "monitor.metrics", "train.log_every", "train.eval_every", "train.checkpoint_every",
-    "train.keep_checkpoints", "train.on_nonfinite", "train.loader_workers", "train.timeout_minutes", "output.overwrite", "output.save_student", "output.teacher_cache",
+    "description",
+    "monitor.every",
+    "monitor.metrics",
+    "train.log_every",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.on_nonfinite",
+    "train.loader_workers",
+    "train.timeout_minutes",
+    "output.overwrite",
+    "output.save_student",
+    "output.teacher_cache",
     "output.teacher_outputs_dir",
-    "output.dir", "output.name",  # where the run lives, not what it computes (a moved run resumes)
+    "output.dir",
+    "output.name",  # where the run lives, not what it computes (a moved run resumes)
 )
 """Fields a resumed run may change: they affect what is logged or kept, not the numbers."""
 
@@ -930,7 +970,13 @@ def _strip_union_tags(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     for i, part in enumerate(loc):
         if isinstance(part, str) and part.startswith(("function-", "tuple[", "literal[", "list[", "constrained-")):
             continue
-        if isinstance(part, str) and part in LOSS_CLASSES and i >= 2 and isinstance(loc[i - 1], int) and loc[i - 2] == "losses":
+        if (
+            isinstance(part, str)
+            and part in LOSS_CLASSES
+            and i >= 2
+            and isinstance(loc[i - 1], int)
+            and loc[i - 2] == "losses"
+        ):
             continue
         out.append(part)
     return tuple(out)
@@ -1054,7 +1100,7 @@ def format_validation_errors(err: ValidationError, raw: dict[str, Any]) -> list[
 def _loss_class_at(raw: dict[str, Any], index: int) -> type[BaseModel] | None:
     losses = raw.get("losses")
     if isinstance(losses, list) and index < len(losses) and isinstance(losses[index], dict):
-        return LOSS_CLASSES.get(losses[index].get("kind"))  # type: ignore[arg-type]
+        return LOSS_CLASSES.get(losses[index].get("kind"))
     return None
 
 

@@ -32,8 +32,8 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from scipy import stats as _st
@@ -86,7 +86,7 @@ class Correlation:
     note: str = ""
 
 
-def _array(values: Sequence[float], what: str = "values") -> np.ndarray:
+def _array(values: Sequence[float] | np.ndarray, what: str = "values") -> np.ndarray:
     arr = np.asarray(list(values), dtype=np.float64)
     if arr.ndim != 1:
         raise ValueError(f"{what} must be a flat list of numbers")
@@ -116,7 +116,7 @@ def _pair(a: Sequence[float], b: Sequence[float]) -> np.ndarray:
     return d
 
 
-def describe(values: Sequence[float], confidence: float = 0.95) -> Summary:
+def describe(values: Sequence[float] | np.ndarray, confidence: float = 0.95) -> Summary:
     """Mean, sample std and the t confidence interval of the mean.
 
     mean = (1/n) sum x_i;  s = sqrt( sum (x_i - mean)^2 / (n - 1) )  (ddof = 1);
@@ -136,7 +136,9 @@ def describe(values: Sequence[float], confidence: float = 0.95) -> Summary:
     return Summary(n, mean, std, mean - half, mean + half, confidence)
 
 
-def mean_difference_ci(a: Sequence[float], b: Sequence[float], paired: bool, confidence: float = 0.95) -> tuple[float, float, float]:
+def mean_difference_ci(
+    a: Sequence[float], b: Sequence[float], paired: bool, confidence: float = 0.95
+) -> tuple[float, float, float]:
     """Difference of means ``mean(a) - mean(b)`` and its t confidence interval.
 
     Paired: the :func:`describe` interval of d_i = a_i - b_i.
@@ -177,7 +179,13 @@ def paired_t(a: Sequence[float], b: Sequence[float]) -> TestResult:
     if np.all(d == 0):
         return TestResult("paired t", 0.0, 1.0, n, "identical paired values: difference 0, p = 1")
     if _constant(d, _roundoff(_array(a), _array(b))):
-        return TestResult("paired t", math.copysign(math.inf, d.mean()), 0.0, n, "constant non-zero differences: zero variance, t infinite")
+        return TestResult(
+            "paired t",
+            math.copysign(math.inf, d.mean()),
+            0.0,
+            n,
+            "constant non-zero differences: zero variance, t infinite",
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         res = _st.ttest_1samp(d, 0.0)  # = ttest_rel(a, b)
@@ -205,7 +213,9 @@ def wilcoxon(a: Sequence[float], b: Sequence[float]) -> TestResult:
         res = _st.wilcoxon(d, zero_method="wilcox")
     note = ""
     if nonzero < 6:
-        note = f"{nonzero} non-zero difference{'s' if nonzero != 1 else ''}: smallest possible p is {2 / 2**nonzero:.3g}"
+        note = (
+            f"{nonzero} non-zero difference{'s' if nonzero != 1 else ''}: smallest possible p is {2 / 2**nonzero:.3g}"
+        )
     return TestResult("Wilcoxon signed-rank", float(res.statistic), min(1.0, float(res.pvalue)), n, note)
 
 
@@ -261,7 +271,13 @@ def welch_t(a: Sequence[float], b: Sequence[float]) -> TestResult:
     if _constant(x, tol) and _constant(y, tol):
         if abs(x.mean() - y.mean()) <= tol:
             return TestResult("Welch t", 0.0, 1.0, n, "identical constant samples: p = 1")
-        return TestResult("Welch t", math.copysign(math.inf, x.mean() - y.mean()), 0.0, n, "two constant samples: zero variance, t infinite")
+        return TestResult(
+            "Welch t",
+            math.copysign(math.inf, x.mean() - y.mean()),
+            0.0,
+            n,
+            "two constant samples: zero variance, t infinite",
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         res = _st.ttest_ind(x, y, equal_var=False)
@@ -315,7 +331,13 @@ def permutation_unpaired(a: Sequence[float], b: Sequence[float], seed: int = 0) 
     sums = pooled[perms].sum(axis=1)
     diffs = np.abs(sums / na - (total - sums) / nb)
     k = int(_ge(diffs, observed).sum())
-    return TestResult("permutation", diff, (k + 1) / (MONTE_CARLO_RESAMPLES + 1), n, f"Monte Carlo, {MONTE_CARLO_RESAMPLES} relabellings")
+    return TestResult(
+        "permutation",
+        diff,
+        (k + 1) / (MONTE_CARLO_RESAMPLES + 1),
+        n,
+        f"Monte Carlo, {MONTE_CARLO_RESAMPLES} relabellings",
+    )
 
 
 # ---- multiple comparisons and correlation -----------------------------------------------------

@@ -75,7 +75,7 @@ class StepLoss:
         with torch.no_grad():
             t_out = forward(self.teacher, t_in, need_hidden, self.amp, self.device)
         t_mask = self.task.row_mask(batch, "teacher", t_in, self.device)
-        t_logits = self.task.logits_and_labels(t_out.logits, t_in, t_mask, batch, self.device)[0]
+        t_logits = self.task.predictions(t_out.logits, t_in, t_mask)
         return t_logits, self._rows(t_out.hidden_states, t_mask, t_idx) if need_hidden else []
 
     def _rows(self, hidden: tuple[torch.Tensor, ...], mask: torch.Tensor, indices: list[int]) -> list[torch.Tensor]:

@@ -50,14 +50,18 @@ def run_sweep(runs: list[SweepRun], progress: Progress | None = None) -> list[Sw
             if diffs:
                 changed = "; ".join(f"{k}: run has {a!r}, spec now has {b!r}" for k, a, b in diffs[:8])
                 error = (
-                    f"{run_dir} finished with a different spec ({changed}); its results would be mixed with the new ones. "
-                    "Delete that run directory to redo it, or give the sweep another name."
+                    f"{run_dir} finished with a different spec ({changed}); its results would be mixed with the new "
+                    "ones. Delete that run directory to redo it, or give the sweep another name."
                 )
                 emit(RunFailed(variant=run.variant, seed=run.seed, error=error))
                 outcomes.append(SweepOutcome(run.variant, run.seed, run_dir, "failed", error=error))
                 continue
             emit(Stage(f"{label}: already finished ({run_dir}), skipped"))
-            outcomes.append(SweepOutcome(run.variant, run.seed, run_dir, "skipped", summary=rundir.read_json(run_dir / rundir.SUMMARY)))
+            outcomes.append(
+                SweepOutcome(
+                    run.variant, run.seed, run_dir, "skipped", summary=rundir.read_json(run_dir / rundir.SUMMARY)
+                )
+            )
             continue
         resume = False
         if run_dir.exists():
@@ -82,6 +86,7 @@ def run_sweep(runs: list[SweepRun], progress: Progress | None = None) -> list[Sw
                 raise
             text = traceback.format_exc()
             emit(RunFailed(variant=run.variant, seed=run.seed, error=text))
-            outcomes.append(SweepOutcome(run.variant, run.seed, run_dir, "failed", error=f"{type(err).__name__}: {err}"))
+            outcomes.append(
+                SweepOutcome(run.variant, run.seed, run_dir, "failed", error=f"{type(err).__name__}: {err}")
+            )
     return outcomes
-

@@ -19,8 +19,9 @@ A third task (token classification, seq2seq) is one more subclass registered in 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -88,9 +89,10 @@ class Task(ABC):
     label_names: tuple[str, ...] = ()
 
     # ---- pre-flight -------------------------------------------------------------------------
-    @classmethod
+    # B027: an optional hook with a do-nothing default, deliberately not abstract
+    @classmethod  # noqa: B027
     def check_model(cls, config: Any, ref: str, setting: str) -> None:
-        """Refuse a model this task cannot distill (before any weights load)."""
+        """Refuse a model this task cannot distill (before any weights load). The default accepts every model."""
 
     @classmethod
     @abstractmethod
@@ -113,25 +115,50 @@ class Task(ABC):
 
     # ---- a batch ----------------------------------------------------------------------------
     @abstractmethod
-    def row_mask(self, batch: dict[str, Any], role: str, inputs: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    def row_mask(
+        self, batch: dict[str, Any], role: str, inputs: dict[str, torch.Tensor], device: torch.device
+    ) -> torch.Tensor:
         """(B, T) mask of the token rows the feature losses and the monitor see."""
 
     @abstractmethod
+    def predictions(self, logits: torch.Tensor, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        """The logits the logit losses compare, (n, C): per example, or per response token (a teacher's
+        side needs no targets)."""
+
+    @abstractmethod
     def logits_and_labels(
-        self, logits: torch.Tensor, inputs: dict[str, torch.Tensor], mask: torch.Tensor, batch: dict[str, Any],
+        self,
+        logits: torch.Tensor,
+        inputs: dict[str, torch.Tensor],
+        mask: torch.Tensor,
+        batch: dict[str, Any],
         device: torch.device,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The logits the logit losses compare, (n, C), and their targets, (n,)."""
 
     @abstractmethod
+    def token_rows(self, enc: data_mod.Encoded, indices: Sequence[int] | None = None) -> list[int]:
+        """Per example (of ``indices``, or all), its token rows (:meth:`row_mask`'s ones)."""
+
+    @abstractmethod
+    def logit_rows(self, enc: data_mod.Encoded, indices: Sequence[int] | None = None) -> list[int]:
+        """Per example, its rows of :meth:`logits_and_labels` (1, or one per response token)."""
+
     def example_weights(self, split: data_mod.TextSplit) -> list[int]:
-        """Per example, what a micro-batch's mean loss counts it as (1, or its response tokens)."""
+        """Per example, what a micro-batch's mean loss counts it as: its logit rows (the student's)."""
+        return self.logit_rows(split.encodings["student"])
 
     # ---- evaluation -------------------------------------------------------------------------
     @abstractmethod
     def evaluate(
-        self, model: nn.Module, tokenizer: Any, split: data_mod.TextSplit, role: str, settings: EvalSettings,
-        final: bool, reference: list[int] | None = None,
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        split: data_mod.TextSplit,
+        role: str,
+        settings: EvalSettings,
+        final: bool,
+        reference: list[int] | None = None,
     ) -> tuple[dict[str, float], list[int] | None]:
         """Scores of ``model`` on ``split`` and, for a classifier, its predictions (the reference a
         student's teacher agreement is measured against)."""
@@ -166,8 +193,8 @@ def _load_datasets(data: DataSpec, columns: dict[str, str | None]) -> tuple[Any,
         eval_where = f"data.eval_dataset ({d.eval_dataset})"
     elif data_mod.is_local_file(d.dataset):
         raise DataError(
-            f"data.dataset = '{d.dataset}' is a single file, so it has no '{d.eval_split}' split; set data.eval_dataset "
-            "to a separate evaluation file."
+            f"data.dataset = '{d.dataset}' is a single file, so it has no '{d.eval_split}' split; set "
+            "data.eval_dataset to a separate evaluation file."
         )
     else:
         eval_ds = data_mod.load_split(d.dataset, d.config, d.eval_split, where="data.dataset")
@@ -207,11 +234,15 @@ class ClassificationTask(Task):
         train_ds, eval_ds, train_where, eval_where = _load_datasets(d, columns)
         info = data_mod.infer_labels(train_ds, d.label_column, train_where)
         if info.num_labels < 2:
-            raise DataError(f"{train_where}: column '{d.label_column}' has a single class; classification needs at least two.")
+            raise DataError(
+                f"{train_where}: column '{d.label_column}' has a single class; classification needs at least two."
+            )
         splits = []
         for ds, where in ((train_ds, train_where), (eval_ds, eval_where)):
-            split = data_mod.TextSplit(texts=data_mod.texts_of(ds, d.text_column, where),
-                                       labels=data_mod.labels_as_ids(ds, d.label_column, info, where))
+            split = data_mod.TextSplit(
+                texts=data_mod.texts_of(ds, d.text_column, where),
+                labels=data_mod.labels_as_ids(ds, d.label_column, info, where),
+            )
             if d.text_pair_column:
                 split.pair_texts = data_mod.texts_of(ds, d.text_pair_column, where)
             _encode(split, {"student": pre.s_tok, "teacher": pre.t_tok}, d.max_length)
@@ -220,8 +251,11 @@ class ClassificationTask(Task):
         if pre.rows == "tokens" and pre.s_tok is not pre.t_tok:
             # Token rows pair the k-th teacher token with the k-th student token (losses and monitor alike).
             check_tokenizers_agree(
-                pre.t_tok, pre.s_tok, train.texts[:64],
-                hint='Set features.rows = "mean" (or "cls") to compare pooled features, or use a student with the teacher\'s tokenizer.',
+                pre.t_tok,
+                pre.s_tok,
+                train.texts[:64],
+                hint='Set features.rows = "mean" (or "cls") to compare pooled features, or use a student with the '
+                "teacher's tokenizer.",
             )
         return LoadedSplits(cls(label_names=tuple(info.names)), train, evals)
 
@@ -236,8 +270,10 @@ class ClassificationTask(Task):
         if needs and not finetune:
             raise ModelLoadError(
                 f"teacher.model = '{ref.ref}' has no trained classification head for these {self.num_labels} labels "
-                f"(freshly initialised: {', '.join(loaded.new_keys[:3])}{', ...' if len(loaded.new_keys) > 3 else ''}). "
-                "Add a [teacher.finetune] table to fine-tune it on the task first, or give a teacher fine-tuned for this task."
+                "(freshly initialised: "
+                f"{', '.join(loaded.new_keys[:3])}{', ...' if len(loaded.new_keys) > 3 else ''}). Add a "
+                "[teacher.finetune] table to fine-tune it on the task first, or give a teacher fine-tuned for this "
+                "task."
             )
         return loaded.model, needs
 
@@ -249,21 +285,40 @@ class ClassificationTask(Task):
         student_config.label2id = dict(config.label2id)
         return student
 
-    def row_mask(self, batch: dict[str, Any], role: str, inputs: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    def row_mask(
+        self, batch: dict[str, Any], role: str, inputs: dict[str, torch.Tensor], device: torch.device
+    ) -> torch.Tensor:
         return inputs["attention_mask"]
 
+    def predictions(self, logits: torch.Tensor, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        return logits  # (B, C)
+
     def logits_and_labels(
-        self, logits: torch.Tensor, inputs: dict[str, torch.Tensor], mask: torch.Tensor, batch: dict[str, Any],
+        self,
+        logits: torch.Tensor,
+        inputs: dict[str, torch.Tensor],
+        mask: torch.Tensor,
+        batch: dict[str, Any],
         device: torch.device,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return logits, batch["labels"].to(device)  # (B, C), (B,)
 
-    def example_weights(self, split: data_mod.TextSplit) -> list[int]:
-        return [1] * len(split)
+    def token_rows(self, enc: data_mod.Encoded, indices: Sequence[int] | None = None) -> list[int]:
+        ids = enc.input_ids if indices is None else [enc.input_ids[i] for i in indices]
+        return [len(x) for x in ids]
+
+    def logit_rows(self, enc: data_mod.Encoded, indices: Sequence[int] | None = None) -> list[int]:
+        return [1] * (len(enc.input_ids) if indices is None else len(indices))
 
     def evaluate(
-        self, model: nn.Module, tokenizer: Any, split: data_mod.TextSplit, role: str, settings: EvalSettings,
-        final: bool, reference: list[int] | None = None,
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        split: data_mod.TextSplit,
+        role: str,
+        settings: EvalSettings,
+        final: bool,
+        reference: list[int] | None = None,
     ) -> tuple[dict[str, float], list[int] | None]:
         from kdgeo.evaluate import score
 
@@ -276,13 +331,21 @@ class ClassificationTask(Task):
     def data_key(self, data: dict[str, Any], train: data_mod.TextSplit) -> dict[str, Any]:
         d = data
         return {
-            "dataset": d["dataset"], "config": d["config"], "split": d["train_split"], "text": d["text_column"],
-            "pair": d["text_pair_column"], "label": d["label_column"], "max_length": d["max_length"],
-            "max_train_samples": d["max_train_samples"], "group_by_length": d["group_by_length"],
+            "dataset": d["dataset"],
+            "config": d["config"],
+            "split": d["train_split"],
+            "text": d["text_column"],
+            "pair": d["text_pair_column"],
+            "label": d["label_column"],
+            "max_length": d["max_length"],
+            "max_train_samples": d["max_train_samples"],
+            "group_by_length": d["group_by_length"],
         }
 
     def summary_data(self, data: dict[str, Any], train: data_mod.TextSplit, evals: data_mod.TextSplit) -> RunData:
-        return ClassificationData(**_common_data(data), text_column=data["text_column"], label_column=data["label_column"])
+        return ClassificationData(
+            **_common_data(data), text_column=data["text_column"], label_column=data["label_column"]
+        )
 
     def cached_logit_width(self, teacher: nn.Module) -> int:
         return self.num_labels
@@ -308,7 +371,11 @@ class CausalLMTask(Task):
     def load(cls, pre: Preflight) -> LoadedSplits:
         logit_width = _check_vocabularies(pre)
         d = pre.data
-        columns = {"prompt_column": d.prompt_column, "response_column": d.response_column, "context_column": d.context_column}
+        columns = {
+            "prompt_column": d.prompt_column,
+            "response_column": d.response_column,
+            "context_column": d.context_column,
+        }
         train_ds, eval_ds, train_where, eval_where = _load_datasets(d, columns)
         fmt = lm_data.PromptFormat(d.template, d.context_template, d.chat_template)
         max_prompt = d.max_prompt_length or d.max_length // 2
@@ -316,20 +383,30 @@ class CausalLMTask(Task):
         for ds, where in ((train_ds, train_where), (eval_ds, eval_where)):
             examples = lm_data.read_examples(ds, d.prompt_column, d.response_column, d.context_column, where)
             split, notes = lm_data.build_split(
-                examples, fmt, {"student": pre.s_tok, "teacher": pre.t_tok}, d.max_length, max_prompt, d.long_examples, where
+                examples,
+                fmt,
+                {"student": pre.s_tok, "teacher": pre.t_tok},
+                d.max_length,
+                max_prompt,
+                d.long_examples,
+                where,
             )
             for note in notes:
                 pre.emit(Stage(note))
             splits.append(split)
         train, evals = splits
         s_cfg = pre.s_cfg if pre.s_cfg is not None else pre.t_cfg
-        for cfg, role, who in ((pre.t_cfg, "teacher", f"the teacher {pre.teacher}"), (s_cfg, "student", f"the student {pre.student}".rstrip())):
+        for cfg, role, who in (
+            (pre.t_cfg, "teacher", f"the teacher {pre.teacher}"),
+            (s_cfg, "student", f"the student {pre.student}".rstrip()),
+        ):
             limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
             longest = max(len(p) for p in lm_data.prompt_ids(evals.encodings[role]))
             if isinstance(limit, int) and longest + pre.max_new_tokens > limit:
                 raise KdgeoError(
-                    f"generate.max_new_tokens = {pre.max_new_tokens}: an evaluation prompt of {longest} tokens plus that many new "
-                    f"tokens exceeds the {limit} positions {who} accepts; lower generate.max_new_tokens or data.max_prompt_length."
+                    f"generate.max_new_tokens = {pre.max_new_tokens}: an evaluation prompt of {longest} tokens plus "
+                    f"that many new tokens exceeds the {limit} positions {who} accepts; lower "
+                    "generate.max_new_tokens or data.max_prompt_length."
                 )
         if pre.s_tok is not pre.t_tok and (pre.rows == "tokens" or "kd" in pre.loss_kinds):
             # Token rows and token-level KD pair the k-th response token of teacher and student: their
@@ -347,23 +424,42 @@ class CausalLMTask(Task):
     def student_from_config(self, teacher: nn.Module, overrides: dict[str, int], seed: int) -> nn.Module:
         return student_from_config(teacher.config, overrides, 0, seed, causal_lm=True)
 
-    def row_mask(self, batch: dict[str, Any], role: str, inputs: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    def row_mask(
+        self, batch: dict[str, Any], role: str, inputs: dict[str, torch.Tensor], device: torch.device
+    ) -> torch.Tensor:
         return batch["response_mask"][role].to(device)  # (B, T): response tokens only
 
     def logits_and_labels(
-        self, logits: torch.Tensor, inputs: dict[str, torch.Tensor], mask: torch.Tensor, batch: dict[str, Any],
+        self,
+        logits: torch.Tensor,
+        inputs: dict[str, torch.Tensor],
+        mask: torch.Tensor,
+        batch: dict[str, Any],
         device: torch.device,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return lm_data.response_predictions(logits, inputs["input_ids"], mask)  # (n, V), (n,)
 
-    def example_weights(self, split: data_mod.TextSplit) -> list[int]:
-        enc = split.encodings["student"]
-        assert enc.response_start is not None  # set by lm_data.build_split for every causal-LM split
-        return [len(ids) - start for ids, start in zip(enc.input_ids, enc.response_start)]
+    def predictions(self, logits: torch.Tensor, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        return lm_data.response_predictions(logits, inputs["input_ids"], mask)[0]  # (n, V)
+
+    def token_rows(self, enc: data_mod.Encoded, indices: Sequence[int] | None = None) -> list[int]:
+        starts = enc.response_start
+        assert starts is not None  # set by lm_data.build_split for every causal-LM split
+        chosen = range(len(enc.input_ids)) if indices is None else indices
+        return [len(enc.input_ids[i]) - starts[i] for i in chosen]  # response tokens
+
+    def logit_rows(self, enc: data_mod.Encoded, indices: Sequence[int] | None = None) -> list[int]:
+        return self.token_rows(enc, indices)  # one prediction per response token
 
     def evaluate(
-        self, model: nn.Module, tokenizer: Any, split: data_mod.TextSplit, role: str, settings: EvalSettings,
-        final: bool, reference: list[int] | None = None,
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        split: data_mod.TextSplit,
+        role: str,
+        settings: EvalSettings,
+        final: bool,
+        reference: list[int] | None = None,
     ) -> tuple[dict[str, float], list[int] | None]:
         from kdgeo.evaluate_lm import split_scores
 
@@ -381,19 +477,32 @@ class CausalLMTask(Task):
 
         d = data
         return {
-            "task": "causal-lm", "dataset": d["dataset"], "config": d["config"], "split": d["train_split"],
-            "prompt": d["prompt_column"], "response": d["response_column"], "context": d["context_column"],
-            "template": d["template"], "context_template": d["context_template"], "chat_template": d["chat_template"],
-            "max_prompt_length": d["max_prompt_length"], "long_examples": d["long_examples"], "max_length": d["max_length"],
-            "max_train_samples": d["max_train_samples"], "group_by_length": d["group_by_length"],
+            "task": "causal-lm",
+            "dataset": d["dataset"],
+            "config": d["config"],
+            "split": d["train_split"],
+            "prompt": d["prompt_column"],
+            "response": d["response_column"],
+            "context": d["context_column"],
+            "template": d["template"],
+            "context_template": d["context_template"],
+            "chat_template": d["chat_template"],
+            "max_prompt_length": d["max_prompt_length"],
+            "long_examples": d["long_examples"],
+            "max_length": d["max_length"],
+            "max_train_samples": d["max_train_samples"],
+            "group_by_length": d["group_by_length"],
             "examples": encoding_digest(train),  # which examples survive truncation depends on both tokenizers
         }
 
     def summary_data(self, data: dict[str, Any], train: data_mod.TextSplit, evals: data_mod.TextSplit) -> RunData:
         return CausalLMData(
-            **_common_data(data), prompt_column=data["prompt_column"], response_column=data["response_column"],
+            **_common_data(data),
+            prompt_column=data["prompt_column"],
+            response_column=data["response_column"],
             context_column=data["context_column"],
-            max_prompt_length=data["max_prompt_length"] or data["max_length"] // 2, long_examples=data["long_examples"],
+            max_prompt_length=data["max_prompt_length"] or data["max_length"] // 2,
+            long_examples=data["long_examples"],
             # what fitting prompts into max_prompt_length and examples into max_length cut or dropped
             truncation={"train": train.truncation, "eval": evals.truncation},
         )
@@ -440,11 +549,16 @@ def _check_responses_agree(train: data_mod.TextSplit, evals: data_mod.TextSplit,
             if a != b:
                 short = split.responses[k] if split.responses else ""
                 short = short if len(short) <= 60 else short[:57] + "..."
-                uses = [n for n, on in (('features.rows = "tokens"', pre.rows == "tokens"), ("kd", "kd" in pre.loss_kinds)) if on]
+                uses = [
+                    n
+                    for n, on in (('features.rows = "tokens"', pre.rows == "tokens"), ("kd", "kd" in pre.loss_kinds))
+                    if on
+                ]
                 raise TokenizerMismatchError(
-                    f"{' and '.join(uses)} pair the teacher's and the student's response tokens one by one, but their tokenizers "
-                    f"split {which} response {k} ({short!r}) into {len(a)} and {len(b)} tokens (end-of-sequence included). "
-                    'Use features.rows = "mean" and geometry losses without kd, or a student with the teacher\'s tokenizer.'
+                    f"{' and '.join(uses)} pair the teacher's and the student's response tokens one by one, but "
+                    f"their tokenizers split {which} response {k} ({short!r}) into {len(a)} and {len(b)} tokens "
+                    '(end-of-sequence included). Use features.rows = "mean" and geometry losses without kd, or a '
+                    "student with the teacher's tokenizer."
                 )
 
 
@@ -460,11 +574,11 @@ def _check_vocabularies(pre: Preflight) -> int | None:
         differ = sorted(set(t_vocab.items()) ^ set(s_vocab.items()))
         example = ", ".join(repr(tok) for tok, _ in differ[:3])
         raise TokenizerMismatchError(
-            f"losses: kd compares the teacher's and the student's next-token distributions, which needs one shared "
+            "losses: kd compares the teacher's and the student's next-token distributions, which needs one shared "
             f"vocabulary, but teacher.model = '{pre.teacher}' has {len(t_vocab)} tokens and student.model = "
             f"'{pre.student}' has {len(s_vocab)} ({len(differ)} entries differ, e.g. {example}). What is possible: "
-            'drop kd and distill with geometry losses on pooled features (features.rows = "mean"), which need no shared '
-            "vocabulary, or pick a student from the teacher's family (same tokenizer)."
+            'drop kd and distill with geometry losses on pooled features (features.rows = "mean"), which need no '
+            "shared vocabulary, or pick a student from the teacher's family (same tokenizer)."
         )
     t_out = getattr(pre.t_cfg, "vocab_size", None)
     s_out = getattr(pre.s_cfg, "vocab_size", None) if pre.s_cfg is not None else t_out

@@ -25,9 +25,9 @@ from torch import nn
 from kdgeo import data as data_mod
 from kdgeo import output_cache
 from kdgeo.errors import OutputError
+from kdgeo.events import FinetuneStep, Progress, Stage
 from kdgeo.models import SAVE_ERRORS, save_model_dir
 from kdgeo.optim import build_optimizer, build_scheduler, param_groups
-from kdgeo.events import FinetuneStep, Progress, Stage
 from kdgeo.runtime import autocast
 
 if TYPE_CHECKING:
@@ -50,7 +50,11 @@ class FinetuneArgs:
 
 
 def cache_key(
-    model_ref: str, revision: str | None, data_key: dict[str, Any], label_names: list[str], args: FinetuneArgs,
+    model_ref: str,
+    revision: str | None,
+    data_key: dict[str, Any],
+    label_names: list[str],
+    args: FinetuneArgs,
     float64: bool = False,
 ) -> str:
     """The cache entry's name. A float64 fine-tune (``train.precision = "fp64"``) gives other
@@ -102,7 +106,9 @@ def finetune(
     step, epoch, start = 0, 0, time.perf_counter()
     last_loss = float("nan")
     while step < total:
-        for batch in data_mod.iterate_batches(split, args.batch_size, shuffle=True, seed=args.seed, epoch=epoch, group_by_length=group_by_length):
+        for batch in data_mod.iterate_batches(
+            split, args.batch_size, shuffle=True, seed=args.seed, epoch=epoch, group_by_length=group_by_length
+        ):
             inputs = data_mod.to_device(batch["teacher"], device)
             with autocast(device, amp):
                 logits = model(**inputs).logits  # (B, C) or (B, T, V)
@@ -132,8 +138,8 @@ def save_to_cache(model: nn.Module, tokenizer: Any, cache_dir: Path, key: str, m
         save_model_dir(model, tokenizer, entry, extra={CACHE_META: json.dumps(meta, indent=2) + "\n"})
     except SAVE_ERRORS as err:
         raise OutputError(
-            f"output.teacher_cache = '{cache_dir}': cannot write the fine-tuned teacher ({getattr(err, 'strerror', None) or err}); "
-            "set output.teacher_cache to a writable directory."
+            f"output.teacher_cache = '{cache_dir}': cannot write the fine-tuned teacher "
+            f"({getattr(err, 'strerror', None) or err}); set output.teacher_cache to a writable directory."
         ) from None
     return entry
 
@@ -149,7 +155,11 @@ class PreparedTeacher:
 
 
 def prepare(
-    plan: DistillPlan, dist: Dist, device: torch.device, amp: torch.dtype | None, param_dtype: torch.dtype | None,
+    plan: DistillPlan,
+    dist: Dist,
+    device: torch.device,
+    amp: torch.dtype | None,
+    param_dtype: torch.dtype | None,
     emit: Progress,
 ) -> PreparedTeacher:
     """Load the teacher with the task's head; fine-tune it once (rank 0 under torchrun) and cache
@@ -168,10 +178,19 @@ def prepare(
     source, info = plan.teacher_ref.ref, None
     if needs_finetune:
         assert ft is not None  # load_teacher refuses a teacher that needs one without [teacher.finetune]
-        data_key = {**plan.task.data_key(plan.data, plan.train), "fingerprint": data_mod.fingerprint(plan.data["dataset"])}
+        data_key = {
+            **plan.task.data_key(plan.data, plan.train),
+            "fingerprint": data_mod.fingerprint(plan.data["dataset"]),
+        }
         model_key = f"{plan.teacher_ref.ref}|{fingerprint_model(plan.teacher_ref)}"
-        key = cache_key(model_key, plan.teacher_ref.revision, data_key, list(plan.task.label_names), ft,
-                        float64=param_dtype is not None)
+        key = cache_key(
+            model_key,
+            plan.teacher_ref.revision,
+            data_key,
+            list(plan.task.label_names),
+            ft,
+            float64=param_dtype is not None,
+        )
         cache_dir = Path(plan.output.teacher_cache).expanduser()
 
         def finetune_once() -> dict[str, Any] | None:
@@ -181,8 +200,12 @@ def prepare(
                 return None
             where = " on rank 0" if dist.enabled else ""
             emit(Stage(f"fine-tuning the teacher{where} ({ft.epochs:g} epochs on {len(plan.train)} examples)"))
-            stats = finetune(teacher, plan.train, ft, device, amp, emit, plan.task, group_by_length=plan.group_by_length)
-            entry = save_to_cache(teacher, plan.t_tok, cache_dir, key, {"teacher": plan.teacher_ref.ref, "key": key, **stats})
+            stats = finetune(
+                teacher, plan.train, ft, device, amp, emit, plan.task, group_by_length=plan.group_by_length
+            )
+            entry = save_to_cache(
+                teacher, plan.t_tok, cache_dir, key, {"teacher": plan.teacher_ref.ref, "key": key, **stats}
+            )
             return {"path": str(entry), **stats}
 
         fresh = distributed.on_main(finetune_once, dist)

@@ -11,9 +11,10 @@ row order as :func:`kdgeo.features.select_rows` and :func:`kdgeo.lm_data.respons
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -22,8 +23,11 @@ from kdgeo import data as data_mod
 from kdgeo import output_cache
 from kdgeo.events import Progress, Stage
 from kdgeo.features import select_rows
-from kdgeo.lm_data import response_predictions
+from kdgeo.kinds import Rows
 from kdgeo.runtime import autocast
+
+if TYPE_CHECKING:
+    from kdgeo.tasks import Task
 
 LOGITS = "logits"
 
@@ -38,8 +42,9 @@ class OutputPlan:
     hidden-state indices), ``widths[k]`` wide for ``layers[k]``: widths differ by index in some
     families (OPT's projected last entry, see :func:`kdgeo.models.hidden_widths`)."""
 
-    causal_lm: bool
-    rows: str
+    task: Task
+    """Which rows count and what the logits are (per example, or per response token)."""
+    rows: Rows
     layers: tuple[int, ...]
     widths: tuple[int, ...]
     logit_width: int | None
@@ -48,6 +53,11 @@ class OutputPlan:
         if len(self.widths) != len(self.layers):
             raise ValueError(f"OutputPlan: {len(self.layers)} layers but {len(self.widths)} widths")
 
+    @property
+    def causal_lm(self) -> bool:
+        """Part of the cache key under this name since format 1 (a per-token-logits task)."""
+        return self.task.per_token_logits
+
     def fields(self) -> dict[str, int]:
         out = {layer_field(t): w for t, w in zip(self.layers, self.widths)}
         if self.logit_width is not None:
@@ -55,17 +65,14 @@ class OutputPlan:
         return out
 
     def row_counts(self, split: data_mod.TextSplit) -> dict[str, list[int]]:
-        """Rows per example of every field (for the disk estimate), from the teacher's encoding."""
+        """Rows per example of every field (for the disk estimate and the layout check), from the
+        teacher's encoding."""
         enc = split.encodings["teacher"]
-        if self.causal_lm:
-            assert enc.response_start is not None
-            tokens = [len(ids) - start for ids, start in zip(enc.input_ids, enc.response_start)]
-        else:
-            tokens = [len(ids) for ids in enc.input_ids]
+        tokens = self.task.token_rows(enc)
         per_example = [1] * len(tokens)
         counts = {layer_field(t): (tokens if self.rows == "tokens" else per_example) for t in self.layers}
         if self.logit_width is not None:
-            counts[LOGITS] = tokens if self.causal_lm else per_example
+            counts[LOGITS] = self.task.logit_rows(enc)
         return counts
 
 
@@ -83,31 +90,39 @@ a vocabulary-wide row per response token, so a window may be a single batch."""
 
 @torch.no_grad()
 def _teacher_rows(
-    teacher: nn.Module, split: data_mod.TextSplit, idx: list[int], plan: OutputPlan, device: torch.device, amp: torch.dtype | None,
+    teacher: nn.Module,
+    split: data_mod.TextSplit,
+    idx: list[int],
+    plan: OutputPlan,
+    device: torch.device,
+    amp: torch.dtype | None,
 ) -> dict[str, list[Tensor]]:
     """Per example of ``idx``: its rows of every cached field, on the CPU."""
     batch = data_mod.collate(split, idx)
     t_in = data_mod.to_device(batch["teacher"], device)
     with autocast(device, amp):
         out = teacher(**t_in, output_hidden_states=bool(plan.layers))
-    mask = batch["response_mask"]["teacher"].to(device) if plan.causal_lm else t_in["attention_mask"]  # (B, T)
+    mask = plan.task.row_mask(batch, "teacher", t_in, device)  # (B, T)
     counts = mask.sum(1).tolist() if plan.rows == "tokens" else [1] * len(idx)
     arrays: dict[str, list[Tensor]] = {}
     for t in plan.layers:
         arrays[layer_field(t)] = _split_rows(select_rows(out.hidden_states[t], mask, plan.rows).float().cpu(), counts)
     if plan.logit_width is not None:
-        if plan.causal_lm:
-            logits, _ = response_predictions(out.logits, t_in["input_ids"], mask)  # (n, V)
-            per = mask[:, 1:].sum(1).tolist()
-        else:
-            logits, per = out.logits, [1] * len(idx)  # (B, C)
+        logits = plan.task.predictions(out.logits, t_in, mask)  # (n, C): per example or token
+        per = plan.task.logit_rows(split.encodings["teacher"], idx)
         arrays[LOGITS] = _split_rows(logits[..., : plan.logit_width].float().cpu(), per)
     return arrays
 
 
 def _build(
-    writer: output_cache.CacheWriter, teacher: nn.Module, split: data_mod.TextSplit, plan: OutputPlan,
-    batch_size: int, device: torch.device, amp: torch.dtype | None, emit: Progress,
+    writer: output_cache.CacheWriter,
+    teacher: nn.Module,
+    split: data_mod.TextSplit,
+    plan: OutputPlan,
+    batch_size: int,
+    device: torch.device,
+    amp: torch.dtype | None,
+    emit: Progress,
 ) -> None:
     n = len(split)
     lengths = data_mod.lengths_of(split)
@@ -116,7 +131,11 @@ def _build(
     start = 0
     while start < n:
         end, held = start, 0
-        while end < n and end - start < batch_size * BUILD_WINDOW and (end - start < batch_size or held + per_example[end] <= BUILD_WINDOW_BYTES):
+        while (
+            end < n
+            and end - start < batch_size * BUILD_WINDOW
+            and (end - start < batch_size or held + per_example[end] <= BUILD_WINDOW_BYTES)
+        ):
             held += per_example[end]
             end += 1
         order = sorted(range(start, end), key=lambda i: (lengths[i], i))
@@ -175,16 +194,34 @@ def _layout_problem(reader: output_cache.CacheReader, plan: OutputPlan, split: d
 
 
 def ensure(
-    root: Path, payload: dict[str, Any], plan: OutputPlan, teacher: nn.Module, split: data_mod.TextSplit,
-    dtype: str, batch_size: int, device: torch.device, amp: torch.dtype | None, emit: Progress, build: bool = True,
+    root: Path,
+    payload: dict[str, Any],
+    plan: OutputPlan,
+    teacher: nn.Module,
+    split: data_mod.TextSplit,
+    dtype: str,
+    batch_size: int,
+    device: torch.device,
+    amp: torch.dtype | None,
+    emit: Progress,
+    build: bool = True,
 ) -> TeacherOutputs:
     """Open the entry for ``payload``; build it first when it is missing, corrupt or stale
     (the reason is reported, the disk cost is printed before any work).
 
     With ``build=False`` (ranks other than 0 under torchrun, after rank 0 built it) only open.
     """
-    payload = {**payload, "plan": {"causal_lm": plan.causal_lm, "rows": plan.rows, "layers": list(plan.layers),
-                                   "widths": list(plan.widths), "logit_width": plan.logit_width}, "dtype": dtype}
+    payload = {
+        **payload,
+        "plan": {
+            "causal_lm": plan.causal_lm,
+            "rows": plan.rows,
+            "layers": list(plan.layers),
+            "widths": list(plan.widths),
+            "logit_width": plan.logit_width,
+        },
+        "dtype": dtype,
+    }
     key = output_cache.cache_key(payload)
     setting = "output.teacher_outputs_dir"
     status, reason = output_cache.check_entry(root, key)
@@ -199,17 +236,23 @@ def ensure(
         status, reason = "stale", problem
     if not build:
         raise output_cache.CacheEntryError(
-            root / key, status, reason or "it must be built first: by rank 0 under ddp, or by a one-process run for an fsdp run"
+            root / key,
+            status,
+            reason or "it must be built first: by rank 0 under ddp, or by a one-process run for an fsdp run",
         )
     if status in ("corrupt", "stale"):
         emit(Stage(f"teacher-output cache entry {root / key} is {status} ({reason}): rebuilding it"))
         output_cache.remove_entry(root, key)
     cost = output_cache.estimate_bytes(plan.row_counts(split), plan.fields(), dtype)
-    emit(Stage(
-        f"caching teacher outputs of {len(split)} examples ({', '.join(plan.fields())}) in {root / key}: "
-        f"{output_cache.format_bytes(cost)} on disk"
-    ))
-    with output_cache.CacheWriter(root, key, payload, plan.fields(), len(split), dtype=dtype, setting=setting) as writer:
+    emit(
+        Stage(
+            f"caching teacher outputs of {len(split)} examples ({', '.join(plan.fields())}) in {root / key}: "
+            f"{output_cache.format_bytes(cost)} on disk"
+        )
+    )
+    with output_cache.CacheWriter(
+        root, key, payload, plan.fields(), len(split), dtype=dtype, setting=setting
+    ) as writer:
         _build(writer, teacher, split, plan, batch_size, device, amp, emit)
         path = writer.commit()
     reader = output_cache.open_entry(root, key)

@@ -810,14 +810,3 @@ def test_loader_workers_is_one_problem_with_a_bound(value, needle):
     path, msg = only_problem(MINIMAL + f"\n[train]\nloader_workers = {value}\n")
     assert path == "train.loader_workers" and needle in msg
 
-
-def test_the_spec_validates_against_the_shared_kind_tables():
-    """kdgeo.kinds is the one home of loss kinds, rows and precisions; the spec's classes and Literals name the same."""
-    import typing
-
-    from kdgeo import kinds
-
-    assert set(spec_mod.LOSS_CLASSES) == kinds.LOSS_KINDS
-    assert spec_mod.GEOMETRY_LOSSES is kinds.GEOMETRY_LOSSES and spec_mod.MIN_GEOMETRY_ROWS == kinds.MIN_GEOMETRY_ROWS
-    assert typing.get_args(spec_mod.FeaturesSpec.model_fields["rows"].annotation) == kinds.ROWS
-    assert typing.get_args(spec_mod.TrainSpec.model_fields["precision"].annotation) == kinds.PRECISIONS

@@ -29,6 +29,7 @@ from kdgeo import teacher_outputs
 from kdgeo.events import Event, Stage
 from kdgeo.features import select_rows
 from kdgeo.lm_data import response_predictions
+from kdgeo.tasks import CausalLMTask, ClassificationTask
 
 SHORT = {"template": "Q: {prompt}\nA:", "context_template": "Q: {prompt}\nC: {context}\nA:"}
 FP16 = 2.0**-11
@@ -76,9 +77,8 @@ def test_every_example_gets_its_own_rows_across_build_windows(task, tiny, tiny_l
         teacher = AutoModelForSequenceClassification.from_pretrained(tiny["teacher_clf"]).eval()
     logit_width = int(teacher.config.vocab_size) if causal_lm else 8
     split = _synthetic_split(30, int(teacher.config.vocab_size), causal_lm)
-    plan = teacher_outputs.OutputPlan(
-        causal_lm=causal_lm, rows="tokens", layers=(1, 4), widths=(64, 64), logit_width=logit_width,
-    )
+    kind = CausalLMTask() if causal_lm else ClassificationTask(label_names=tuple(f"c{k}" for k in range(8)))
+    plan = teacher_outputs.OutputPlan(task=kind, rows="tokens", layers=(1, 4), widths=(64, 64), logit_width=logit_width)
     events: list[Event] = []
     cpu = torch.device("cpu")
     touts = teacher_outputs.ensure(tmp_path, {"test": task}, plan, teacher, split, "fp16", 4, cpu, None, events.append)

@@ -13,7 +13,6 @@ import torch
 
 from cli_helpers import tiny_spec
 from kdgeo.distill import run_distill
-from kdgeo.loop import epoch_batches as _epoch_batches
 from kdgeo.events import Event, RunWarning, Stage
 from kdgeo.geometry import procrustes_distance
 from kdgeo.rundir import read_jsonl
@@ -37,27 +36,7 @@ def test_procrustes_on_one_or_two_pooled_rows_is_degenerate():
     assert 1e-3 < float(procrustes_distance(x, y)) < 2 - 1e-3
 
 
-# ---- the short last batch of an epoch -------------------------------------------------------
-
-
-@pytest.mark.parametrize("n, batch, world, gathered, min_rows, sizes", [
-    (66, 16, 1, False, 1, [16, 16, 16, 16, 2]),  # token rows or no geometry: every example is used
-    (66, 16, 1, False, 3, [16, 16, 16, 16]),  # pooled geometry: the 2-example tail is left out
-    (67, 16, 1, False, 3, [16, 16, 16, 16, 3]),  # a 3-example tail is enough
-    (70, 16, 2, False, 3, [32, 32, 6]),  # 2 processes: shares of 3 and 3
-    (68, 16, 2, False, 3, [32, 32]),  # shares of 2 and 2: left out
-    (68, 16, 2, True, 3, [32, 32, 4]),  # gathered: the 4 rows form one statistic
-    (65, 16, 2, True, 1, [32, 32]),  # as before: a batch with fewer examples than processes
-])
-def test_epoch_batches_leave_out_a_tail_too_small_for_geometry(n, batch, world, gathered, min_rows, sizes):
-    got = _epoch_batches(n, batch * world, world, seed=0, epoch=0, lengths=None, min_rows=min_rows, gathered=gathered)
-    assert sorted((len(b) for b in got), reverse=True) == sizes
-    assert len({i for b in got for i in b}) == sum(sizes)
-    lengths = [i % 7 for i in range(n)]
-    grouped = _epoch_batches(
-        n, batch * world, world, seed=0, epoch=0, lengths=lengths, min_rows=min_rows, gathered=gathered
-    )
-    assert sorted((len(b) for b in grouped), reverse=True) == sizes  # length grouping leaves out the same
+# ---- the short last batch of an epoch (epoch_batches itself: tests/test_loop.py) ----------------
 
 
 def test_pooled_geometry_run_never_steps_on_the_two_row_tail(tiny, tmp_path):

@@ -55,9 +55,7 @@ def load_split(split: str) -> list[dict[str, Any]]:
     try:
         path = SPLIT_FILES[split]
     except KeyError:
-        raise ValueError(
-            f"unknown demo split {split!r}; expected one of {sorted(SPLIT_FILES)}"
-        ) from None
+        raise ValueError(f"unknown demo split {split!r}; expected one of {sorted(SPLIT_FILES)}") from None
     with path.open(encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
 

@@ -25,8 +25,8 @@ import json
 import re
 import sys
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 DEFAULT_WORDNET_DIR = Path("/usr/share/wordnet")
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent
@@ -86,7 +86,7 @@ LICENSE_NAME = "LICENSE-WordNet.txt"
 
 TEXT_FORMAT = (
     "gloss definition only: the part of the WordNet gloss before the first "
-    '\'; "\' example quote, whitespace-normalised, truncated to 40 words; '
+    "'; \"' example quote, whitespace-normalised, truncated to 40 words; "
     "the lemma is not included"
 )
 
@@ -147,8 +147,7 @@ def build(wordnet_dir: Path = DEFAULT_WORDNET_DIR, out_dir: Path = DEFAULT_OUT_D
     data_noun = Path(wordnet_dir) / "data.noun"
     if not data_noun.is_file():
         raise FileNotFoundError(
-            f"{data_noun} not found; install WordNet 3.0 (e.g. `apt-get install wordnet-base`) "
-            "or pass --wordnet-dir"
+            f"{data_noun} not found; install WordNet 3.0 (e.g. `apt-get install wordnet-base`) or pass --wordnet-dir"
         )
     source_sha256 = hashlib.sha256(data_noun.read_bytes()).hexdigest()
     license_text, synsets = parse_data_noun(data_noun)
@@ -159,11 +158,7 @@ def build(wordnet_dir: Path = DEFAULT_WORDNET_DIR, out_dir: Path = DEFAULT_OUT_D
     # Candidate pool: the chosen classes, usable definitions, and texts that are
     # unique in the pool (a duplicated gloss could land in both splits or carry
     # two labels, so every copy is dropped).
-    pool = [
-        (sid, wanted[lex], text)
-        for sid, lex, text in synsets
-        if lex in wanted and len(text.split()) >= MIN_WORDS
-    ]
+    pool = [(sid, wanted[lex], text) for sid, lex, text in synsets if lex in wanted and len(text.split()) >= MIN_WORDS]
     text_counts = Counter(text for _, _, text in pool)
     pool = [row for row in pool if text_counts[row[2]] == 1]
 
@@ -196,10 +191,16 @@ def build(wordnet_dir: Path = DEFAULT_WORDNET_DIR, out_dir: Path = DEFAULT_OUT_D
         "license": LICENSE_NAME,
         "seed": SEED,
         "splits": {
-            "train": {"file": TRAIN_NAME, "per_class": N_TRAIN_PER_CLASS,
-                      "total": N_TRAIN_PER_CLASS * len(LABEL_NAMES)},
-            "validation": {"file": VALIDATION_NAME, "per_class": N_VALIDATION_PER_CLASS,
-                           "total": N_VALIDATION_PER_CLASS * len(LABEL_NAMES)},
+            "train": {
+                "file": TRAIN_NAME,
+                "per_class": N_TRAIN_PER_CLASS,
+                "total": N_TRAIN_PER_CLASS * len(LABEL_NAMES),
+            },
+            "validation": {
+                "file": VALIDATION_NAME,
+                "per_class": N_VALIDATION_PER_CLASS,
+                "total": N_VALIDATION_PER_CLASS * len(LABEL_NAMES),
+            },
         },
         "available_per_class": available,
         "generator": "python -m kdgeo.demo.build_wordnet",
@@ -216,9 +217,7 @@ def build(wordnet_dir: Path = DEFAULT_WORDNET_DIR, out_dir: Path = DEFAULT_OUT_D
     for fname, rows in ((TRAIN_NAME, train), (VALIDATION_NAME, validation)):
         body = "".join(json.dumps(r, ensure_ascii=True) + "\n" for r in rows)
         paths[fname].write_bytes(body.encode("utf-8"))
-    paths[LABELS_NAME].write_bytes(
-        (json.dumps(labels_info, indent=2, ensure_ascii=True) + "\n").encode("utf-8")
-    )
+    paths[LABELS_NAME].write_bytes((json.dumps(labels_info, indent=2, ensure_ascii=True) + "\n").encode("utf-8"))
     paths[LICENSE_NAME].write_bytes(license_text.encode("utf-8"))
     return paths
 
@@ -228,10 +227,15 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m kdgeo.demo.build_wordnet",
         description="Regenerate kdgeo's WordNet supersense demo data from data.noun.",
     )
-    parser.add_argument("--wordnet-dir", type=Path, default=DEFAULT_WORDNET_DIR,
-                        help="folder holding WordNet 3.0 data.noun (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR,
-                        help="output folder (default: the kdgeo/demo package folder)")
+    parser.add_argument(
+        "--wordnet-dir",
+        type=Path,
+        default=DEFAULT_WORDNET_DIR,
+        help="folder holding WordNet 3.0 data.noun (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT_DIR, help="output folder (default: the kdgeo/demo package folder)"
+    )
     args = parser.parse_args(argv)
     try:
         paths = build(args.wordnet_dir, args.out)
