@@ -123,6 +123,7 @@ def _build(
     batch_size: int,
     device: torch.device,
     amp: torch.dtype | None,
+    emit: Progress,
 ) -> None:
     n = len(split)
     lengths = data_mod.lengths_of(split)
@@ -294,7 +295,7 @@ def _build_entry(
     with output_cache.CacheWriter(
         root, key, payload, plan.fields(), len(split), dtype=dtype, setting=setting
     ) as writer:
-        _build(writer, teacher, split, plan, batch_size, device, amp)
+        _build(writer, teacher, split, plan, batch_size, device, amp, emit)
         path = writer.commit()
     reader = output_cache.open_entry(root, key)
     assert reader is not None
