@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import socket
 import subprocess
 import sys
@@ -27,8 +26,7 @@ def test_a_lock_records_its_holder_refuses_a_second_taker_and_is_gone_after_rele
     other = locks.try_lock(path, busy_retry=0.0)  # another open file: flock refuses it, even in this process
     assert isinstance(other, locks.Holder)
     assert other.pid == os.getpid() and other.host == socket.gethostname() and other.started.endswith(" UTC")
-    # this process's own command line (pytest, with whatever arguments it was given)
-    assert other.command is not None and other.command.endswith(shlex.join(sys.argv[1:]))
+    assert "test_locks.py" in other.command
     assert locks.holder_of(path) == other
     assert other.describe() == f"PID {os.getpid()} on host {socket.gethostname()}, started {other.started}"
     lock.release()
