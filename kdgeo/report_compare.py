@@ -324,9 +324,8 @@ def to_json(result: CompareResult) -> dict[str, Any]:
 def _write(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` ("-" = stdout), atomically."""
     if str(path) == "-":
-        from kdgeo import report
-
-        report.write_stdout(text)  # a closed stdout drops the text with a note, it does not fail the command
+        sys.stdout.write(text)
+        sys.stdout.flush()
         return
     rundir.write_text_atomic(os.path.expanduser(str(path)), text)
 
@@ -534,17 +533,11 @@ def plot(result: CompareResult, path: str | Path) -> None:
         ax_final.set_ylabel(c.metric)
         ax_final.set_title(f"final {c.metric}: runs, mean, 95% CI")
     fig.tight_layout()
-    from kdgeo import report
-
     try:
         if str(path) == "-":
-            if not report.is_stdout_closed():
-                fig.savefig(sys.stdout.buffer, format="png", dpi=110)
-                sys.stdout.buffer.flush()
+            fig.savefig(sys.stdout.buffer, format="png", dpi=110)
         else:
             fig.savefig(os.path.expanduser(str(path)), format="png", dpi=110)
-    except BrokenPipeError:
-        report.stdout_closed()
     except OSError as err:
         raise OutputError(
             f"cannot write the plot to {path}: {err.strerror or err}. Check the directory exists and is writable."
