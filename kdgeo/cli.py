@@ -1,7 +1,8 @@
 """The `kdgeo` command line: parse, load, one engine call, report.
 
 Exit codes: 0 success; 2 bad input (a malformed spec, a missing model or file, an impossible
-layer map, ...: one paragraph on stderr, no traceback); 130 interrupted (Ctrl-C).
+layer map, ...: one paragraph on stderr, no traceback); 130 interrupted (Ctrl-C), 143 stopped by
+SIGTERM (`distill` says what it kept and the command that continues).
 torch and transformers are imported inside the commands so that `kdgeo --help` is instant.
 """
 
@@ -208,6 +209,14 @@ def _resume_command() -> str:
     return shlex.join(["kdgeo", *args])
 
 
+def _rerun_command() -> str:
+    """The command line that was run (a run stopped before it wrote its directory starts again; a
+    cached fine-tuned teacher, or an interrupted fine-tune's saved progress, is picked up)."""
+    import shlex
+
+    return shlex.join(["kdgeo", *_ARGV])
+
+
 def _write_json_output(path: Path, data: dict) -> None:
     from kdgeo import report
 
@@ -228,7 +237,9 @@ def _write_json_output(path: Path, data: dict) -> None:
         "  kdgeo distill run.toml --set train.epochs=5 --out runs/\n\n"
         "  kdgeo distill examples.toml --preset glue-cola --json > events.jsonl\n\n"
         "A spec with a [sweep] table runs every variant x seed into <output.dir>/<name>/<variant>-seed<seed>/; "
-        "a failed run does not stop the others (exit code 1 at the end), a finished one is skipped on a re-run."
+        "every run is pre-flighted first (exit code 2 before anything runs when none can start), a failed run does "
+        "not stop the others (exit code 1 at the end), a finished one is skipped on a re-run.\n\n"
+        "  kdgeo distill run.toml --dry-run                  (check everything, print the plan, train nothing)"
     )
 )
 def distill(
@@ -259,6 +270,15 @@ def distill(
             "--resume", help="Continue the run (or sweep) from its newest checkpoint; SPEC may be the run directory."
         ),
     ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Check everything that needs no training (spec, every sweep variant, models, data, layer pairs, "
+            "device, output directories, free disk) and print the plan; reads no weights, creates no run directory. "
+            "Exit 0 ok, 2 a problem (one message per failing run).",
+        ),
+    ] = False,
 ) -> None:
     from kdgeo.spec import expand_sweep, load_spec
 
@@ -275,6 +295,14 @@ def distill(
     runs = expand_sweep(spec, str(spec_path))  # validates every variant before anything runs
 
     from kdgeo import report
+
+    if dry_run:
+        from kdgeo.dryrun import dry_run as check_everything
+
+        plan = check_everything(runs, sweep=spec.sweep is not None, resume=resume)
+        report.print_dry_run(plan, json_lines=json_lines)
+        return
+
     from kdgeo.distill import run_distill
     from kdgeo.errors import RunInterrupted
     from kdgeo.sweep import run_sweep
@@ -286,7 +314,10 @@ def distill(
             return
         outcomes = run_sweep(runs, progress=view)
     except RunInterrupted as err:
-        err.hint = "Resume with: " + _resume_command()
+        if spec.sweep is not None or err.next_step == "resume":  # re-running a sweep continues it either way
+            err.hint = "Resume with: " + _resume_command()
+        elif err.next_step == "rerun":
+            err.hint = "Continue with: " + _rerun_command()
         raise
     finally:
         view.close()
@@ -548,7 +579,14 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         report.error("interrupted")
         sys.exit(130)
+    except BrokenPipeError:
+        # Writes to stdout go through report (which survives a closed pipe); this is the safety net for
+        # one that does not: no traceback, and 141 as a shell reports a command ended by SIGPIPE.
+        report.stdout_closed("the command stopped there")
+        sys.exit(141)
     except typer.Exit as exc:
+        if isinstance(exc.__cause__, KeyboardInterrupt):  # typer turns Ctrl-C outside kdgeo's handlers into Exit(130)
+            report.error("interrupted")
         sys.exit(exc.exit_code)
     except SystemExit:
         raise

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from kdgeo import files, rundir, stats
+from kdgeo import files, locks, rundir, stats
 from kdgeo.errors import KdgeoError
 from kdgeo.kinds import higher_is_better  # the one table of metric directions (distances, perplexity: lower)
 
@@ -304,6 +304,10 @@ def _find_run_dirs(paths: Sequence[str], warnings: list[str]) -> list[Path]:
             else:
                 empty.append(f"{raw} (a file, not a directory: pass the run directory that holds {rundir.SUMMARY})")
             continue
+        holder = locks.run_holder(path)
+        if holder is not None:  # an old summary.json may still be there while an overwriting run writes
+            empty.append(f"{raw} ({locks.still_running(path, holder)}; compare it once it has finished)")
+            continue
         if (path / rundir.SUMMARY).is_file():
             found.append(path)
             continue
@@ -313,7 +317,10 @@ def _find_run_dirs(paths: Sequence[str], warnings: list[str]) -> list[Path]:
         except OSError:
             subdirs = []
         for child in subdirs:
-            if (child / rundir.SUMMARY).is_file():
+            holder = locks.run_holder(child)
+            if holder is not None:
+                warnings.append(f"skipped {locks.still_running(child, holder)}")
+            elif (child / rundir.SUMMARY).is_file():
                 children.append(child)
             elif (child / rundir.SPEC_JSON).exists() or (child / rundir.METRICS).exists():
                 warnings.append(f"skipped {child}: no {rundir.SUMMARY} (the run has not finished or failed)")

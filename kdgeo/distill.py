@@ -18,23 +18,21 @@ from __future__ import annotations
 import platform
 import shutil
 import signal
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import torch
 from torch import nn
 
-from kdgeo import __version__, checkpoint, distributed, events, rundir
+from kdgeo import __version__, checkpoint, distributed, events, locks, rundir, stopping
 from kdgeo import data as data_mod
 from kdgeo import teacher as teacher_mod
-from kdgeo.errors import KdgeoError, OutputError
+from kdgeo.errors import KdgeoError, OutputError, RunInterrupted
 from kdgeo.events import Event, Progress, Stage
 from kdgeo.kinds import EQUAL_WIDTH_KINDS, FEATURE_KINDS
 from kdgeo.loop import Hooks, LoopConfig, TrainBatches, TrainState, train
@@ -59,13 +57,81 @@ class DistillResult:
 
 
 def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = False) -> DistillResult:
-    """Train the student per ``spec``; with ``resume``, continue the run directory's newest checkpoint."""
+    """Train the student per ``spec``; with ``resume``, continue the run directory's newest checkpoint.
+
+    The run directory is locked (:mod:`kdgeo.locks`) before anything is written there and until
+    this returns or raises: a second run into it stops with :class:`kdgeo.locks.RunInUseError`.
+
+    SIGINT and SIGTERM are handled for the whole run (:mod:`kdgeo.stopping`): every phase stops at
+    its next safe point, keeping what it can (the teacher fine-tune's progress, a checkpoint, the
+    end-of-training checkpoint), and :class:`RunInterrupted` says what was kept and what continues it.
+    A signal is never swallowed: a run that finished meanwhile still raises."""
+    where = _Where(resume)
+    with stopping.stop_on_signals():
+        try:
+            with ExitStack() as held:
+                result = _run_distill(spec, progress, resume, held, where)
+        except stopping.StopNow:
+            raise where.stopped_now() from None
+        except RunInterrupted as err:
+            if err.next_step != "nothing":
+                err.next_step = "resume" if where.started else "rerun"
+            raise
+        stopping.check(
+            f"after the run finished: {result.run_dir} is complete (summary.json); nothing needs resuming.",
+            run_dir=str(result.run_dir),
+            step=int(result.summary.get("steps", 0)),
+            next_step="nothing",
+        )
+    return result
+
+
+@dataclass
+class _Where:
+    """How far the run got, for the message of a second Ctrl-C and for the command that continues it."""
+
+    started: bool
+    """The run directory holds this run's spec: ``--resume`` continues it (a resumed run: from the start)."""
+    run_dir: Path | None = None
+
+    def stopped_now(self) -> RunInterrupted:
+        """A second Ctrl-C: one line saying what was kept."""
+        if self.started and self.run_dir is not None:
+            newest = checkpoint.latest_checkpoint(self.run_dir)
+            kept = (
+                f"{newest} is kept and --resume continues from it"
+                if newest is not None
+                else f"{self.run_dir} has no checkpoint yet and --resume starts its training again"
+            )
+        else:
+            kept = "nothing of the run was written yet (a teacher fine-tune or teacher-output cache entry that was "
+            kept += "finished stays cached)"
+        return RunInterrupted(
+            f"second Ctrl-C: stopped at once, without a checkpoint; {kept}.",
+            exit_code=128 + int(signal.SIGINT),
+            run_dir=str(self.run_dir or ""),
+            step=0,
+            next_step="resume" if self.started else "rerun",
+        )
+
+
+def _stop_agreed(dist: distributed.Dist) -> int | None:
+    """The stop signal of any process (None: none): under torchrun every process must stop at the
+    same point, or the others wait in a collective until the timeout."""
+    signals = [s for s in distributed.gather_objects(stopping.pending(), dist) if s is not None]
+    return signals[0] if signals else None
+
+
+def _run_distill(
+    spec: RunSpec, progress: Progress | None, resume: bool, held: ExitStack, where: _Where
+) -> DistillResult:
     wall_start = time.perf_counter()
     t = spec.train
     dist, device = distributed.setup(t.device, "train.device", timedelta(minutes=t.timeout_minutes))
     emit: Progress = (progress or events.ignore) if dist.is_main else events.ignore
     _check_launch(spec, device, dist)
     run_name = spec.output.name or spec.name
+    held.enter_context(_run_dir_lock(spec, run_name, resume, dist))
     if resume:
         run_dir = _check_resumable(Path(spec.output.dir).expanduser() / run_name, spec)
     else:
@@ -84,26 +150,64 @@ def run_distill(spec: RunSpec, progress: Progress | None = None, resume: bool = 
             "output.teacher_outputs = true writes the teacher's outputs there",
         )
 
+    where.run_dir = run_dir
+    kept = "the run directory is as it was" if resume else "nothing of the run was written yet"
     plan = make_plan(spec, dist.world_size, dist.enabled and t.gather_features, emit)
+    if signum := _stop_agreed(dist):
+        raise stopping.interrupted(signum, f"during pre-flight: {kept}.", run_dir=str(run_dir))
     run = _Run(plan, dist, device, run_dir, emit)
-    run.build()
-    state = run.start(resume, lambda: _write_run_files(run_dir, spec))
-    with _stop_on_signals() as stop:
-        state = train(
-            run.student,
-            run.objective,
-            run.optimizer,
-            run.scheduler,
-            run.scaler,
-            run.batches(),
-            run.step_loss(),
-            run.loop_config(),
-            state,
-            run.hooks(stop),
-            dist,
+    run.build()  # the teacher fine-tune and the teacher-output cache build stop by themselves
+    if signum := _stop_agreed(dist):
+        raise stopping.interrupted(
+            signum,
+            f"before training started: {kept} (the fine-tuned teacher and teacher outputs stay cached).",
+            run_dir=str(run_dir),
         )
+
+    def write_run_files() -> None:
+        _write_run_files(run_dir, spec)
+        where.started = True
+
+    state = run.start(resume, write_run_files)
+    where.started = True
+    state = train(
+        run.student,
+        run.objective,
+        run.optimizer,
+        run.scheduler,
+        run.scaler,
+        run.batches(),
+        run.step_loss(),
+        run.loop_config(),
+        state,
+        run.hooks(),
+        dist,
+    )
+    # A signal in the last step: the loop does not stop there (nothing is left to train), the run does.
+    run.stop_point("at the end of training")
     summary = run.finish(state, wall_start)
     return DistillResult(run_dir=run_dir, summary=summary)
+
+
+@contextmanager
+def _run_dir_lock(spec: RunSpec, run_name: str, resume: bool, dist: distributed.Dist) -> Iterator[None]:
+    """Rank 0 holds the run directory's lock (a new run's directory is made for it); its refusal
+    reaches every rank. A run to resume that does not exist is not locked: _check_resumable says so."""
+    lock: list[locks.Lock | None] = [None]
+
+    def take() -> None:
+        shown = str(Path(spec.output.dir) / run_name)
+        if resume:
+            lock[0] = locks.lock_run_dir(Path(spec.output.dir).expanduser() / run_name, shown, create=False)
+        else:
+            lock[0] = locks.lock_run_dir(rundir.check_run_path(spec.output.dir, run_name), shown, create=True)
+
+    distributed.on_main(take, dist)
+    try:
+        yield
+    finally:
+        if lock[0] is not None:
+            lock[0].release()
 
 
 def _check_launch(spec: RunSpec, device: torch.device, dist: distributed.Dist) -> None:
@@ -123,32 +227,6 @@ def _check_launch(spec: RunSpec, device: torch.device, dist: distributed.Dist) -
             'train.precision = "bf16" (no gradient scaler), train.distributed = "ddp", or a loss without learned '
             "maps (procrustes, gram, cka)."
         )
-
-
-class _StopFlag:
-    """The signal that asked the run to stop; the loop finishes its step, checkpoints and reports."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-
-    def __call__(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
-        self.signum = signum
-
-
-@contextmanager
-def _stop_on_signals() -> Iterator[_StopFlag]:
-    """SIGINT and SIGTERM set a flag instead of killing the process (main thread only)."""
-    flag = _StopFlag()
-    handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        handlers = {sig: signal.signal(sig, flag) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield flag
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
 
 
 class _Run:
@@ -352,22 +430,6 @@ class _Run:
         """Load the newest checkpoint into the models, optimizer, schedule and scaler; None when
         the run has none yet (it starts again from step 0)."""
         plan, dist = self.plan, self.dist
-        self.resumed_from = checkpoint.latest_checkpoint(self.run_dir)
-        if self.resumed_from is None:
-            self.emit(Stage(f"{self.run_dir} has no checkpoint yet: starting the run again from step 0"))
-            if dist.is_main:
-                self.metrics_path.unlink(missing_ok=True)
-            return None
-        head = checkpoint.read_state(self.resumed_from)  # checked before loading: the layouts differ per launch
-        saved = (head.get("world_size", 1), head.get("strategy", "ddp"))
-        here = (dist.world_size, plan.training.strategy if dist.enabled else "ddp")
-        if saved != here:
-            raise KdgeoError(
-                f"{self.resumed_from} was written by {saved[0]} process(es) ({saved[1]}); this run has {here[0]} "
-                f"({here[1]}). The global batch is batch_size x processes and the optimizer state is laid out per "
-                f"strategy: resume with the same launch (torchrun --nproc-per-node {saved[0]} and train.distributed "
-                f'= "{saved[1]}"; no torchrun for 1 process).'
-            )
         loaders: dict[str, Any] = {}
         if self.fsdp:
             loaders = {
@@ -376,9 +438,30 @@ class _Run:
                     self._trained(), self.optimizer, st, dist
                 ),
             }
-        saved_state = checkpoint.load_checkpoint(
-            self.resumed_from, distributed.unwrap(self.student), self.objective, self.optimizer, self.device, **loaders
-        )
+
+        def load(path: Path) -> dict[str, Any]:
+            head = checkpoint.read_state(path)  # checked before loading: the layouts differ per launch
+            saved = (head.get("world_size", 1), head.get("strategy", "ddp"))
+            here = (dist.world_size, plan.training.strategy if dist.enabled else "ddp")
+            if saved != here:
+                raise KdgeoError(
+                    f"{path} was written by {saved[0]} process(es) ({saved[1]}); this run has {here[0]} "
+                    f"({here[1]}). The global batch is batch_size x processes and the optimizer state is laid out "
+                    f"per strategy: resume with the same launch (torchrun --nproc-per-node {saved[0]} and "
+                    f'train.distributed = "{saved[1]}"; no torchrun for 1 process).'
+                )
+            return checkpoint.load_checkpoint(
+                path, distributed.unwrap(self.student), self.objective, self.optimizer, self.device, **loaders
+            )
+
+        # A damaged checkpoint (checked whole before anything is applied) falls back to the one before it.
+        found = checkpoint.load_newest(self.run_dir, load, lambda note: self.emit(Stage(note)))
+        if found is None:
+            self.emit(Stage(f"{self.run_dir} has no checkpoint yet: starting the run again from step 0"))
+            if dist.is_main:
+                self.metrics_path.unlink(missing_ok=True)
+            return None
+        self.resumed_from, saved_state = found
         self.scheduler.load_state_dict(saved_state["scheduler"])
         if saved_state.get("scaler"):
             self.scaler.load_state_dict(saved_state["scaler"])
@@ -437,13 +520,13 @@ class _Run:
             run_dir=str(self.run_dir),
         )
 
-    def hooks(self, stop: _StopFlag) -> Hooks:
+    def hooks(self) -> Hooks:
         return Hooks(
             record=self.record,
             monitor=self.measure,
             evaluate=self.evaluate,
             checkpoint=self.save_checkpoint,
-            stop_signal=lambda: stop.signum,
+            stop_signal=stopping.pending,
         )
 
     def record(self, event: Event) -> None:
@@ -506,6 +589,22 @@ class _Run:
         return path
 
     # ---- the end ------------------------------------------------------------------------------
+    def stop_point(self, where: str) -> None:
+        """Stop between the final phases when a signal asked to: the end-of-training checkpoint is
+        kept (it is removed only once summary.json is written), so --resume finishes the run."""
+        signum = _stop_agreed(self.dist)
+        if signum is None:
+            return
+        total = self.plan.steps.total
+        kept = self.run_dir / f"{checkpoint.PREFIX}{total}"
+        raise stopping.interrupted(
+            signum,
+            f"{where} (step {total} of {total}): the end-of-training checkpoint {kept} is kept; resuming from it "
+            "runs the final evaluation, saves the student and writes summary.json.",
+            run_dir=str(self.run_dir),
+            step=total,
+        )
+
     def finish(self, state: TrainState, wall_start: float) -> dict[str, Any]:
         """Final measurements, the student's files, summary.json; the end-of-training checkpoint goes."""
         plan, step = self.plan, state.step
@@ -513,7 +612,9 @@ class _Run:
         scores = state.last_scores
         if state.evaluated_at != step:
             scores = self.evaluate(step, round(step / plan.steps.steps_per_epoch, 4), final=True)
+        self.stop_point("after the final evaluation")
         student_dir = self._save_student() if plan.output.save_student else None
+        self.stop_point("after saving the student")
         summary = self._summary(state, last_monitor, scores, student_dir, wall_start).to_dict()
 
         def write() -> None:
@@ -616,7 +717,10 @@ def _check_resumable(run_dir: Path, spec: RunSpec) -> Path:
             "--resume to start it."
         )
     if (run_dir / rundir.SUMMARY).exists():
-        raise KdgeoError(f"{run_dir} has already finished (summary.json exists); there is nothing to resume.")
+        raise KdgeoError(
+            f"{run_dir} has already finished (summary.json exists); there is nothing to resume. "
+            + _train_further(run_dir)
+        )
     marker = rundir.read_json(run_dir / rundir.RUN_MARKER) if (run_dir / rundir.RUN_MARKER).exists() else {}
     if marker.get("format_version") != rundir.FORMAT_VERSION:
         raise KdgeoError(
@@ -633,8 +737,22 @@ def _check_resumable(run_dir: Path, spec: RunSpec) -> Path:
             f"cannot resume {run_dir}: the spec differs from the run's in fields that change the results ({lines}). "
             "Undo those changes (or pass the run directory itself as SPEC), or start a new run under another "
             "output.name."
+            + (
+                " " + _train_further(run_dir)
+                if any(k in ("train.max_steps", "train.epochs") for k, _, _ in diffs)
+                else ""
+            )
         )
     return run_dir
+
+
+def _train_further(run_dir: Path) -> str:
+    """How to train a run for longer: a resume keeps the schedule it began with (its learning-rate decay ends at the
+    run's last step), so more steps or epochs are a new run that starts from the saved student."""
+    return (
+        f'To train further, start a new run (another output.name) from its student: student.init = "pretrained" '
+        f'and student.model = "{run_dir / rundir.STUDENT}" (a fresh optimizer and learning-rate schedule).'
+    )
 
 
 def _write_run_files(run_dir: Path, spec: RunSpec) -> None:

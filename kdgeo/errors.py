@@ -61,10 +61,14 @@ class OutputError(KdgeoError):
 
 
 class RunInterrupted(KdgeoError):
-    """SIGINT / SIGTERM during training: a checkpoint was written; exit 130 or 143."""
+    """SIGINT / SIGTERM in any phase of `distill` (:mod:`kdgeo.stopping`): what was kept is in the
+    message; exit 130 or 143. ``next_step`` says what continues it: "resume" (the same command with
+    ``--resume``: the run directory holds the run's spec), "rerun" (the same command: nothing of the
+    run was written yet) or "nothing" (the run had finished)."""
 
-    def __init__(self, message: str, exit_code: int, run_dir: str, step: int) -> None:
+    def __init__(self, message: str, exit_code: int, run_dir: str, step: int, next_step: str = "resume") -> None:
         self.exit_code = exit_code
         self.run_dir = run_dir
         self.step = step
+        self.next_step = next_step
         super().__init__(message)

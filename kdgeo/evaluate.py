@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from kdgeo import data as data_mod
-from kdgeo import files, rundir
+from kdgeo import files, locks, rundir
 from kdgeo.errors import DataError, KdgeoError, ModelLoadError, SpecError
 from kdgeo.events import Progress, Stage, ignore
 from kdgeo.metrics import agreement, classification_scores
@@ -137,10 +137,22 @@ class EvalTarget:
         return self.spec.data if self.spec is not None else DEFAULT_DATA
 
 
+class RunStillRunning(KdgeoError):
+    """`kdgeo eval` on a run directory that a `kdgeo distill` still holds (exit 2)."""
+
+
 def open_run(path: Path) -> rundir.RunDirectory | None:
     """``path`` read back as a kdgeo run directory (it holds spec.json), or None when it is something else (a model)."""
     label = f"Model or run '{path}'"
-    if not (files.is_dir(path, label, ModelLoadError) and files.exists(path / rundir.SPEC_JSON, label, ModelLoadError)):
+    if not files.is_dir(path, label, ModelLoadError):
+        return None
+    holder = locks.run_holder(path)
+    if holder is not None:
+        raise RunStillRunning(
+            f"{locks.still_running(path, holder)}: its student/ does not exist yet or is being written. Wait for the "
+            "run to finish, then run kdgeo eval again."
+        )
+    if not files.exists(path / rundir.SPEC_JSON, label, ModelLoadError):
         return None
     run = rundir.read_run(path)
     if run.spec_problem is not None:

@@ -370,8 +370,8 @@ def write_predictions(path: Path, result: dict[str, Any]) -> None:
         lines.append(json.dumps(row, ensure_ascii=False))
     body = "\n".join(lines) + "\n"
     if str(path) == "-":
-        import sys
+        from kdgeo import report
 
-        sys.stdout.write(body)
+        report.write_stdout(body)
     else:
         write_text_atomic(Path(path), body)

@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from kdgeo.errors import LayerMapError, ModelLoadError
+from kdgeo.rundir import apply_umask, fsync_dir, fsync_file
 
 if TYPE_CHECKING:
     from kdgeo.plan import DistillPlan
@@ -668,7 +669,8 @@ def save_model_dir(
     state_dict: dict[str, Any] | None = None,
 ) -> None:
     """``save_pretrained`` (safetensors) + tokenizer into ``dest`` atomically: written into a
-    temporary sibling, then renamed over ``dest``, so a crash never leaves it half-written.
+    temporary sibling, every file and folder fsync'ed, then renamed over ``dest``, so a crash (or a
+    power cut) never leaves it half-written. Files get the umask's mode (safetensors writes 0600).
     ``extra`` maps file names to text written beside them; ``state_dict`` replaces the model's
     own (the full weights of an FSDP-sharded model). Raises one of SAVE_ERRORS."""
     tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
@@ -684,8 +686,15 @@ def save_model_dir(
             tokenizer.save_pretrained(tmp)
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
+        # Durable before the rename: otherwise a power cut after it can leave dest with empty or torn files.
+        for folder, _, names in os.walk(tmp):
+            for name in names:
+                apply_umask(Path(folder) / name)
+                fsync_file(Path(folder) / name)
+            fsync_dir(Path(folder))
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(tmp, dest)
+        fsync_dir(dest.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

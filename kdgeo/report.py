@@ -9,11 +9,12 @@ they can be piped. Rich markup is off for anything that carries user text (a mod
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import IO, Any, Literal, cast
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -42,8 +43,75 @@ from kdgeo.events import (
 
 Mode = Literal["rich", "plain", "quiet"]
 
+STDOUT_CLOSED_NOTE = "the rest of the output is dropped; the command goes on"
+DISTILL_STDOUT_CLOSED_NOTE = "--json events stop here; the run goes on; metrics.jsonl has every event"
+_stdout_closed = False
+
+
+def stdout_closed(note: str = STDOUT_CLOSED_NOTE) -> None:
+    """stdout's reader went away (``kdgeo distill --json | head -1``): the work must not be lost with it.
+
+    Every later write to stdout is dropped, stdout's file descriptor is pointed at /dev/null so
+    that Python's flush at exit cannot raise BrokenPipeError either, and stderr says so once.
+    """
+    global _stdout_closed
+    if _stdout_closed:
+        return
+    _stdout_closed = True
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (a test's capture): nothing to redirect
+        fd = None
+    if fd is not None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, fd)
+        finally:
+            os.close(devnull)
+    err_console.print(Text("note: ", style="yellow") + Text(f"stdout was closed: {note}"))
+
+
+def is_stdout_closed() -> bool:
+    return _stdout_closed
+
+
+class _PipeSafeStdout(io.TextIOBase):
+    """sys.stdout (looked up on every write, so a swapped stream is followed) that survives a closed pipe:
+    a BrokenPipeError calls :func:`stdout_closed` instead of ending the command mid-way."""
+
+    note = STDOUT_CLOSED_NOTE
+
+    def write(self, text: str) -> int:
+        if not _stdout_closed:
+            try:
+                sys.stdout.write(text)
+            except BrokenPipeError:
+                stdout_closed(self.note)
+        return len(text)
+
+    def flush(self) -> None:
+        if not _stdout_closed:
+            try:
+                sys.stdout.flush()
+            except BrokenPipeError:
+                stdout_closed(self.note)
+
+    def isatty(self) -> bool:
+        return not _stdout_closed and sys.stdout.isatty()
+
+    def fileno(self) -> int:
+        return sys.stdout.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(sys.stdout, "encoding", None) or "utf-8"
+
+
+stdout = _PipeSafeStdout()
+"""Where results go: every write to stdout goes through here (tables, --json, CSV, Markdown)."""
+
 err_console = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
-out_console = Console(highlight=False, markup=False, soft_wrap=False)
+out_console = Console(file=cast(IO[str], stdout), highlight=False, markup=False, soft_wrap=False)  # a text stream
 
 
 def pick_mode(quiet: bool = False) -> Mode:
@@ -82,10 +150,20 @@ def stage_lines(mode: Mode) -> events.Progress:
     return show
 
 
-def emit_json(record: dict[str, Any]) -> None:
-    """One JSON line on stdout (the --json stream)."""
-    sys.stdout.write(json.dumps(record, default=_json_default) + "\n")
-    sys.stdout.flush()
+def emit_json(record: dict[str, Any], closed_note: str = STDOUT_CLOSED_NOTE) -> None:
+    """One JSON line on stdout (the --json stream); nothing once stdout was closed (see :func:`stdout_closed`)."""
+    write_stdout(json.dumps(record, default=_json_default) + "\n", closed_note)
+
+
+def write_stdout(text: str, closed_note: str = STDOUT_CLOSED_NOTE) -> None:
+    """``text`` on stdout, flushed; a closed stdout drops it with one note on stderr instead of raising."""
+    if _stdout_closed:
+        return
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        stdout_closed(closed_note)
 
 
 def _json_default(value: Any) -> Any:
@@ -264,7 +342,7 @@ class DistillView:
 
     def __call__(self, event: Event) -> None:
         if self.json_lines and not isinstance(event, FinetuneStep):  # fine-tune steps are not part of a run's record
-            emit_json(events.to_dict(event))
+            emit_json(events.to_dict(event), DISTILL_STDOUT_CLOSED_NOTE)
         match event:  # shown even with --quiet: they change what the numbers mean
             case RunWarning(message=message):
                 self._warn(message)
@@ -439,8 +517,63 @@ def print_sweep(outcomes: Sequence[Any], json_lines: bool = False) -> None:
         table.add_row(Text(o.variant), str(o.seed), Text(o.status), *[fmt(scores.get(k)) for k in shown], Text(detail))
     (err_console if json_lines else out_console).print(table)
     failed = sum(o.status == "failed" for o in outcomes)
-    if failed:
+    complete = len(outcomes) - failed
+    if failed and not complete:
         error(
-            f"{failed} of {len(outcomes)} runs failed (see above); the others are complete. Fix the cause and run the "
-            "same command again: finished runs are skipped."
+            f"none of the {len(outcomes)} run{'s' if len(outcomes) != 1 else ''} completed (see above). Fix the cause "
+            "and run the same command again."
         )
+    elif failed:
+        done, skipped = sum(o.status == "done" for o in outcomes), sum(o.status == "skipped" for o in outcomes)
+        how = ", ".join(
+            part for part in (f"{done} now" if done else "", f"{skipped} earlier" if skipped else "") if part
+        )
+        error(
+            f"{failed} of {len(outcomes)} runs failed (see above); the other {complete} "
+            f"{'is' if complete == 1 else 'are'} complete ({how}). Fix the cause and run the same command again: "
+            "finished runs are skipped."
+        )
+
+
+def print_dry_run(plan: Any, json_lines: bool = False) -> None:
+    """``kdgeo distill --dry-run``: a few lines per run (what it would do), the disk estimate, and that nothing ran.
+
+    Lines, not a table: a run has a dozen facts, too many columns for a terminal. With ``json_lines``
+    the plan is one JSON object on stdout (:meth:`kdgeo.dryrun.DryRun.to_json`).
+    """
+    from kdgeo.output_cache import format_bytes
+
+    if json_lines:
+        emit_json(plan.to_json())
+        return
+
+    def size(n: int | None) -> str:
+        return format_bytes(n) if n is not None else "unknown"
+
+    out_console.print(Text("dry run: the plan (nothing was trained or written)"))
+    for r in plan.runs:
+        run = r.name if not plan.sweep else f"{r.variant} seed {r.seed}"
+        if r.status == "finished":
+            out_console.print(Text(f"  {run}: finished earlier, skipped ({r.run_dir})"), soft_wrap=True)
+            continue
+        pairs = r.pairs if isinstance(r.pairs, str) else ", ".join(f"{s}->{t}" for s, t in r.pairs) or "none"
+        losses = " + ".join(f"{l['kind']}" + (f" x{l['weight']:g}" if l["weight"] != 1 else "") for l in r.losses)
+        written = f"checkpoints {size(r.checkpoints_bytes)} (keep_checkpoints + 1 of {size(r.checkpoint_bytes)})"
+        if r.student_bytes is not None:
+            written += f", student {size(r.student_bytes)}"
+        if r.cache_bytes is not None:
+            written += f", teacher-output cache {size(r.cache_bytes)} in {r.cache_dir}"
+        params = f"{r.student_parameters:,}" if r.student_parameters is not None else "unknown"
+        for line in (
+            f"  {run} [{r.status}] -> {r.run_dir}",
+            f"    {r.task}: {r.steps} steps ({r.steps_per_epoch}/epoch), {r.train_examples} training and "
+            f"{r.eval_examples} evaluation examples, {r.precision} on {r.device}",
+            f"    layer pairs {pairs}; losses {losses}; rows {r.rows}; student {params} parameters",
+            f"    writes about: {written}",
+        ):
+            out_console.print(Text(line), soft_wrap=True)  # one fact per line, unbroken, for grep
+    for d in plan.disk:
+        line = f"disk: {d.directory} needs about {size(d.needed)}, {size(d.free)} free"
+        out_console.print(Text(line), soft_wrap=True)
+    todo = sum(r.status != "finished" for r in plan.runs)
+    out_console.print(Text(f"pre-flight passed for {todo} run{'s' if todo != 1 else ''}; no run directory was created"))

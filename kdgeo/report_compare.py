@@ -324,8 +324,9 @@ def to_json(result: CompareResult) -> dict[str, Any]:
 def _write(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` ("-" = stdout), atomically."""
     if str(path) == "-":
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        from kdgeo import report
+
+        report.write_stdout(text)  # a closed stdout drops the text with a note, it does not fail the command
         return
     rundir.write_text_atomic(os.path.expanduser(str(path)), text)
 
@@ -533,11 +534,17 @@ def plot(result: CompareResult, path: str | Path) -> None:
         ax_final.set_ylabel(c.metric)
         ax_final.set_title(f"final {c.metric}: runs, mean, 95% CI")
     fig.tight_layout()
+    from kdgeo import report
+
     try:
         if str(path) == "-":
-            fig.savefig(sys.stdout.buffer, format="png", dpi=110)
+            if not report.is_stdout_closed():
+                fig.savefig(sys.stdout.buffer, format="png", dpi=110)
+                sys.stdout.buffer.flush()
         else:
             fig.savefig(os.path.expanduser(str(path)), format="png", dpi=110)
+    except BrokenPipeError:
+        report.stdout_closed()
     except OSError as err:
         raise OutputError(
             f"cannot write the plot to {path}: {err.strerror or err}. Check the directory exists and is writable."

@@ -9,6 +9,7 @@ A run directory holds::
     summary.json     final metrics, wall time, samples/s, versions, seed, layer pairs
     student/         the trained student: save_pretrained (safetensors) + tokenizer
     checkpoint-N/    training state for --resume (see kdgeo.checkpoint)
+    .kdgeo.lock      while a `kdgeo distill` writes here: its lock, naming it (see kdgeo.locks)
 
 Files are written atomically (temporary file in the same directory, fsync, rename), so a
 crash never leaves a half-written ``summary.json``; ``metrics.jsonl`` is appended a line at a
@@ -22,10 +23,12 @@ reads run format 1 (keys an older run lacks read as absent) and refuses a newer 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import tempfile
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -57,12 +60,35 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask. Linux reports it in /proc/self/status, read without changing it; elsewhere the only
+    reader, os.umask, also writes it, so it is set to a stricter mask and restored at once, under a lock."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``path`` whole or not at all (temporary file, fsync, rename), with the mode a plain ``open`` would
+    give it: mkstemp creates 0600 whatever the umask, which would hide shared runs from their readers."""
     path = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                with contextlib.suppress(OSError):  # filesystems without modes (some network mounts) keep theirs
+                    os.fchmod(fh.fileno(), 0o666 & ~current_umask())
                 fh.write(text)
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -177,8 +203,38 @@ def prepare_run_dir(parent: str | Path, name: str, overwrite: bool) -> Path:
     """Create ``parent/name``; refuse to touch an existing run unless ``overwrite``.
 
     The spec already refuses names that are not one directory name; this checks again where the
-    path is made, since ``name`` may come from elsewhere (a run directory passed as SPEC).
+    path is made, since ``name`` may come from elsewhere (a run directory passed as SPEC). A
+    directory holding only the run's lock file (:data:`kdgeo.locks.LOCK_NAME`, which
+    :func:`kdgeo.distill.run_distill` takes first, or one left by a killed run) is a new run's.
     """
+    from kdgeo.locks import LOCK_NAME
+
+    run = check_run_path(parent, name)
+    held = {LOCK_NAME} if run.is_dir() and not run.is_symlink() else set()
+    if run.exists() and (held == set() or _entries(run) != held):
+        if not overwrite:
+            raise OutputError(
+                f"the run directory {run} already exists; choose another output.name (--set output.name=...), "
+                "or set output.overwrite = true to replace it."
+            )
+        if not (run / SPEC_JSON).exists() and _entries(run) - held:
+            raise OutputError(
+                f"{run} exists and is not a kdgeo run directory (no {SPEC_JSON}); refusing to overwrite it. "
+                "Choose another output.name."
+            )
+    return run
+
+
+def _entries(run: Path) -> set[str]:
+    try:
+        return {entry.name for entry in run.iterdir()}
+    except OSError:
+        return {"?"}  # unreadable: not a new run's directory
+
+
+def check_run_path(parent: str | Path, name: str) -> Path:
+    """``parent/name`` when a run may be made there: one directory name, ``parent`` created and
+    writable, no symbolic link leading outside it. Nothing is written inside the run directory."""
     problem = path_component_problem(name)
     if problem:
         raise OutputError(f"output.name: {problem}.")
@@ -205,17 +261,6 @@ def prepare_run_dir(parent: str | Path, name: str, overwrite: bool) -> Path:
         raise OutputError(
             f"output.dir = '{parent}' is not writable; set output.dir (or --out) to a writable directory."
         )
-    if run.exists():
-        if not overwrite:
-            raise OutputError(
-                f"the run directory {run} already exists; choose another output.name (--set output.name=...), "
-                "or set output.overwrite = true to replace it."
-            )
-        if not (run / SPEC_JSON).exists() and any(run.iterdir()):
-            raise OutputError(
-                f"{run} exists and is not a kdgeo run directory (no {SPEC_JSON}); refusing to overwrite it. "
-                "Choose another output.name."
-            )
     return run
 
 
@@ -227,6 +272,19 @@ def truncate_lines(path: str | Path, keep: int) -> None:
     except FileNotFoundError:
         lines = []
     write_text_atomic(path, "".join(line if line.endswith("\n") else line + "\n" for line in lines))
+
+
+def apply_umask(path: Path) -> None:
+    """Give ``path`` the mode a plain ``open`` would have: safetensors (0.8) writes its files 0600 whatever the
+    umask, which would hide a shared run's weights from the readers its other files allow."""
+    with contextlib.suppress(OSError):  # filesystems without modes keep theirs
+        os.chmod(path, 0o666 & ~current_umask())
+
+
+def fsync_file(path: Path) -> None:
+    """Flush ``path``'s data to the disk before it is renamed into place (a rename is durable only after it)."""
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
 
 
 def fsync_dir(path: Path) -> None:

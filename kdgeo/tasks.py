@@ -18,6 +18,7 @@ A third task (token classification, seq2seq) is one more subclass registered in 
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -211,8 +212,7 @@ def _load_datasets(data: DataSpec, columns: dict[str, str | None]) -> tuple[Any,
 
 def _common_data(data: dict[str, Any]) -> dict[str, Any]:
     """The keys of summary.json's ``data`` every task writes (:class:`kdgeo.rundir.RunData`)."""
-    keys = ("dataset", "config", "train_split", "eval_split", "eval_dataset", "max_train_samples", "max_eval_samples")
-    return {k: data.get(k) for k in keys}
+    return {f.name: data.get(f.name) for f in dataclasses.fields(RunData)}
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ row order as :func:`kdgeo.features.select_rows` and :func:`kdgeo.lm_data.respons
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from kdgeo import data as data_mod
-from kdgeo import output_cache
+from kdgeo import locks, output_cache, stopping
 from kdgeo.events import Progress, Stage
 from kdgeo.features import select_rows
 from kdgeo.kinds import Rows
@@ -122,7 +123,6 @@ def _build(
     batch_size: int,
     device: torch.device,
     amp: torch.dtype | None,
-    emit: Progress,
 ) -> None:
     n = len(split)
     lengths = data_mod.lengths_of(split)
@@ -141,6 +141,11 @@ def _build(
         order = sorted(range(start, end), key=lambda i: (lengths[i], i))
         rows: dict[int, dict[str, Tensor]] = {}
         for b in range(0, len(order), batch_size):
+            # A stop signal between batches: the writer's with-block removes the unfinished entry.
+            stopping.check(
+                f"while caching teacher outputs ({writer.written} of {n} examples written): the unfinished cache "
+                "entry was removed; the next run builds it again."
+            )
             idx = order[b : b + batch_size]
             # Not `per_example`: that name holds the byte sizes the next window is cut by.
             for name, example_rows in _teacher_rows(teacher, split, idx, plan, device, amp).items():
@@ -223,7 +228,29 @@ def ensure(
         "dtype": dtype,
     }
     key = output_cache.cache_key(payload)
-    setting = "output.teacher_outputs_dir"
+    opened = _open_checked(root, key, plan, split, emit)
+    if isinstance(opened, TeacherOutputs):
+        return opened
+    if not build:
+        raise output_cache.CacheEntryError(
+            root / key,
+            opened[0],
+            opened[1] or "it must be built first: by rank 0 under ddp, or by a one-process run for an fsdp run",
+        )
+    # Two processes that need this entry never both build it: the second waits, then reads it.
+    lock = Path(os.path.expanduser(str(root))) / f".{key}.lock"
+    what = f"the teacher-output cache entry {root / key}"
+    with locks.entry_lock(lock, what, lambda m: emit(Stage(m)), lambda: stopping.check(f"waiting for {what}")):
+        opened = _open_checked(root, key, plan, split, emit)
+        if isinstance(opened, TeacherOutputs):
+            return opened
+        return _build_entry(root, key, payload, plan, teacher, split, dtype, batch_size, device, amp, emit, *opened)
+
+
+def _open_checked(
+    root: Path, key: str, plan: OutputPlan, split: data_mod.TextSplit, emit: Progress
+) -> TeacherOutputs | tuple[output_cache.Status, str]:
+    """The entry, opened, when it is complete and laid out for ``plan``; else (status, reason)."""
     status, reason = output_cache.check_entry(root, key)
     if status == "ok":
         reader = output_cache.open_entry(root, key)
@@ -234,12 +261,26 @@ def ensure(
             return TeacherOutputs(reader, plan, root / key)
         reader.close()
         status, reason = "stale", problem
-    if not build:
-        raise output_cache.CacheEntryError(
-            root / key,
-            status,
-            reason or "it must be built first: by rank 0 under ddp, or by a one-process run for an fsdp run",
-        )
+    return status, reason
+
+
+def _build_entry(
+    root: Path,
+    key: str,
+    payload: dict[str, Any],
+    plan: OutputPlan,
+    teacher: nn.Module,
+    split: data_mod.TextSplit,
+    dtype: str,
+    batch_size: int,
+    device: torch.device,
+    amp: torch.dtype | None,
+    emit: Progress,
+    status: output_cache.Status,
+    reason: str,
+) -> TeacherOutputs:
+    """Build the entry (replacing a corrupt or stale one) and open it; the caller holds its lock."""
+    setting = "output.teacher_outputs_dir"
     if status in ("corrupt", "stale"):
         emit(Stage(f"teacher-output cache entry {root / key} is {status} ({reason}): rebuilding it"))
         output_cache.remove_entry(root, key)
@@ -253,7 +294,7 @@ def ensure(
     with output_cache.CacheWriter(
         root, key, payload, plan.fields(), len(split), dtype=dtype, setting=setting
     ) as writer:
-        _build(writer, teacher, split, plan, batch_size, device, amp, emit)
+        _build(writer, teacher, split, plan, batch_size, device, amp)
         path = writer.commit()
     reader = output_cache.open_entry(root, key)
     assert reader is not None

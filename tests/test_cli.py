@@ -54,3 +54,72 @@ def test_rows_and_precision_choices_come_from_kinds(capsys):
                                     ("eval", "--precision", AUTOCAST_PRECISIONS)):
         code, out, _ = run_cli(capsys, command, "--help")
         assert code == 0 and f"{option} <{'|'.join(values)}>" in " ".join(out.split()), (command, option)
+
+
+def _closed_stdout_env() -> dict[str, str]:
+    import os
+
+    from cli_helpers import REPO
+
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+
+
+def test_a_closed_stdout_does_not_stop_a_run(tiny, tmp_path):
+    """`kdgeo distill SPEC --json | head -1`: the reader goes away after one line; the run still finishes (exit 0)
+    with every event in metrics.jsonl, and stderr says once that the --json stream stopped."""
+    from cli_helpers import tiny_spec, write_spec
+    from kdgeo.rundir import read_jsonl
+
+    path = write_spec(tmp_path / "run.toml", tiny_spec(tiny, tmp_path, train={"epochs": 2}))
+    cmd = [sys.executable, "-m", "kdgeo", "distill", str(path), "--json", "-q"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_closed_stdout_env())
+    assert proc.stdout is not None and proc.stderr is not None
+    first = proc.stdout.readline()
+    proc.stdout.close()  # what `head -1` does
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 0, err
+    assert first.startswith("{")
+    run = tmp_path / "runs" / "t"
+    assert (run / "summary.json").exists() and (run / "student").is_dir()
+    kinds = [e["event"] for e in read_jsonl(run / "metrics.jsonl")]
+    assert kinds[0] == "start" and kinds.count("step") == 8 and "eval" in kinds
+    assert "Traceback" not in err
+    assert err.count("stdout was closed") == 1 and "metrics.jsonl has every event" in " ".join(err.split())
+
+
+def test_a_closed_stdout_does_not_fail_compare(tiny, tmp_path):
+    """Results for stdout (`compare --json -`, tables) with nobody reading: no traceback, the usual exit code."""
+    from cli_helpers import tiny_spec, write_spec
+
+    path = write_spec(tmp_path / "run.toml", tiny_spec(tiny, tmp_path, train={"max_steps": 1}))
+    done = subprocess.run([sys.executable, "-m", "kdgeo", "distill", str(path), "-q"], capture_output=True,
+                          text=True, env=_closed_stdout_env(), timeout=300)
+    assert done.returncode == 0, done.stderr
+    for extra in (["--json", "-"], []):
+        cmd = [sys.executable, "-m", "kdgeo", "compare", str(tmp_path / "runs" / "t"), *extra]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=_closed_stdout_env())
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()  # closed before kdgeo writes anything
+        err = proc.stderr.read()
+        assert proc.wait(timeout=120) == 0, (extra, err)
+        assert "Traceback" not in err and "stdout was closed" in err, (extra, err)
+
+
+def test_write_stdout_survives_a_broken_pipe(monkeypatch, capsys):
+    from kdgeo import report
+
+    class Closed:
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self) -> None:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(report, "_stdout_closed", False)
+    monkeypatch.setattr(sys, "stdout", Closed())
+    report.write_stdout("one\n")
+    report.emit_json({"two": 2})
+    report.out_console.print("three")
+    assert report.is_stdout_closed()
+    assert capsys.readouterr().err.count("stdout was closed") == 1

@@ -272,3 +272,31 @@ def test_decoder_first_position_is_the_same_for_every_example(tiny_lm):
     with torch.no_grad():
         hidden = model(**enc, output_hidden_states=True).hidden_states  # L+1 x (2, T, d)
     assert all(torch.allclose(h[0, 0], h[1, 0], atol=1e-6) for h in hidden)
+
+
+def test_save_model_dir_fsyncs_every_file_and_the_directories_before_the_rename(tiny, tmp_path, monkeypatch):
+    """Durable, as the README says: each file's data and both directories reach the disk (os.fsync itself is
+    watched, so the test holds whatever helper calls it)."""
+    import os
+
+    from transformers import AutoModel, AutoTokenizer
+
+    from kdgeo.models import save_model_dir
+
+    model, tokenizer = AutoModel.from_pretrained(tiny["student"]), AutoTokenizer.from_pretrained(tiny["student"])
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    dest = tmp_path / "out" / "student"
+    save_model_dir(model, tokenizer, dest, extra={"note.txt": "hi\n"})
+    tmp = str(tmp_path / "out" / f".student.tmp-{os.getpid()}")
+    written = sorted(p.name for p in dest.iterdir())
+    assert "model.safetensors" in written and "note.txt" in written and "config.json" in written
+    assert sorted(os.path.basename(p) for p in synced if os.path.dirname(p) == tmp) == written
+    assert tmp in synced and str(tmp_path / "out") in synced  # the entries, then the rename
+    assert synced.index(str(tmp_path / "out")) == len(synced) - 1

@@ -124,3 +124,48 @@ def test_read_run_names_the_damaged_file_and_the_fix(tmp_path):
     assert run.spec == {} and (run.variant, run.seed) == ("kd", 1)
     assert run.spec_problem is not None and run.spec_problem.reason == "is not UTF-8 text at line 1, column 12"
     assert "spec.json (the run directory is damaged): line 1, column 12 is not UTF-8 text" in str(run.spec_problem)
+
+
+# ---- permissions and durability ---------------------------------------------------------------------
+
+
+def test_write_text_atomic_gives_the_mode_the_umask_allows(tmp_path):
+    from kdgeo.rundir import current_umask, write_text_atomic
+
+    old = os.umask(0o027)
+    try:
+        assert current_umask() == 0o027 and current_umask() == 0o027  # read without being changed
+        write_text_atomic(tmp_path / "a.json", "{}\n")
+        os.umask(0o002)
+        write_text_atomic(tmp_path / "b.json", "{}\n")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o664
+
+
+@pytest.mark.parametrize(
+    "umask, mode", [pytest.param(0o022, 0o644, id="umask-022"), pytest.param(0o077, 0o600, id="umask-077", marks=pytest.mark.slow)]
+)
+def test_a_real_run_writes_every_file_with_the_umask_s_mode(tiny, tmp_path, umask, mode):
+    import subprocess
+    import sys
+
+    from cli_helpers import REPO, tiny_spec, write_spec
+
+    from kdgeo.rundir import METRICS, RUN_MARKER, SPEC_JSON, SPEC_TOML, STUDENT, SUMMARY
+
+    spec = write_spec(tmp_path / "run.toml", tiny_spec(tiny, tmp_path, train={"max_steps": 2, "checkpoint_every": 1}, monitor={"every": 0}))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "kdgeo", "distill", str(spec), "-q"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, umask=umask, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    run = tmp_path / "runs" / "t"
+    files = [run / name for name in (SUMMARY, SPEC_JSON, SPEC_TOML, RUN_MARKER, METRICS)]
+    files += sorted((run / STUDENT).iterdir()) + sorted((run / "checkpoint-1").iterdir())
+    assert any(p.name == "model.safetensors" for p in files)
+    assert {p.relative_to(run).as_posix(): oct(p.stat().st_mode & 0o777) for p in files} == {
+        p.relative_to(run).as_posix(): oct(mode) for p in files
+    }

@@ -100,3 +100,108 @@ def test_sweep_then_compare_every_format_and_exit_code(tiny, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     code, _, err = run_cli(capsys, "compare", str(tmp_path / "empty"))
     assert code == 2 and "Traceback" not in err
+
+
+# ---- pre-flight and --dry-run ------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if anything reads model weights (configs and tokenizers are allowed)."""
+    import transformers
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        pytest.fail("the dry run read model weights")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(refuse))
+
+
+def test_dry_run_prints_the_plan_reads_no_weights_and_creates_nothing(tiny, tmp_path, capsys, no_weights):
+    spec = tiny_spec(tiny, tmp_path, losses=[{"kind": "ce"}, {"kind": "procrustes", "weight": 0.5}],
+                     output={"teacher_outputs": True, "teacher_outputs_dir": str(tmp_path / "outputs")})
+    path = write_spec(tmp_path / "run.toml", spec)
+    code, out, err = run_cli(capsys, "distill", str(path), "--dry-run")
+    assert code == 0, err
+    flat = " ".join(out.split())
+    assert "dry run" in flat and "pre-flight passed for 1 run" in flat and "1->2, 2->4" in flat and "ce + procrustes" in flat
+    code, out, err = run_cli(capsys, "distill", str(path), "--dry-run", "--json")
+    assert code == 0, err
+    plan = json.loads(out)
+    run = plan["runs"][0]
+    assert plan["dry_run"] and not plan["sweep"] and run["status"] == "new" and run["task"] == "classification"
+    assert (run["steps"], run["steps_per_epoch"], run["train_examples"], run["eval_examples"]) == (4, 4, 64, 32)
+    assert run["pairs"] == [[1, 2], [2, 4]] and run["precision"] == "fp32" and run["device"] == "cpu"
+    # 2 copied BERT layers of width 64 with an 8-label head: weights + 2 AdamW moments, fp32, 3 on disk at once.
+    assert run["student_parameters"] > 50_000 and run["checkpoint_bytes"] == run["student_parameters"] * 4 * 3
+    assert run["checkpoints_bytes"] == run["checkpoint_bytes"] * 3 and run["cache_bytes"] > 0
+    assert plan["disk"] and plan["disk"][0]["needed"] >= run["checkpoints_bytes"] + run["cache_bytes"]
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "outputs").exists()
+
+
+def test_dry_run_of_a_sweep_lists_every_run(tiny, tmp_path, capsys, no_weights):
+    variants = {"ce": {"losses": [{"kind": "ce"}]}, "geo": {"losses": [{"kind": "ce"}, {"kind": "gram"}], "features": {"pairs": "probe"}}}
+    path = write_spec(tmp_path / "sweep.toml", _sweep_spec(tiny, tmp_path, variants, seeds=(0, 1)))
+    code, out, err = run_cli(capsys, "distill", str(path), "--dry-run", "--json")
+    assert code == 0, err
+    runs = json.loads(out)["runs"]
+    assert [(r["variant"], r["seed"], r["steps"]) for r in runs] == [("ce", 0, 2), ("ce", 1, 2), ("geo", 0, 2), ("geo", 1, 2)]
+    assert runs[2]["pairs"] == "probe"
+    code, out, err = run_cli(capsys, "distill", str(path), "--dry-run")
+    assert code == 0 and "geo seed 1" in out and "pre-flight passed for 4 runs" in " ".join(out.split())
+    assert not (tmp_path / "runs").exists()
+
+
+def test_dry_run_problems_exit_2(tiny, tmp_path, capsys, no_weights):
+    import torch
+
+    path = write_spec(tmp_path / "run.toml", tiny_spec(tiny, tmp_path, data={"text_column": "sentence"}))
+    code, out, err = run_cli(capsys, "distill", str(path), "--dry-run")
+    assert code == 2 and "sentence" in err and "Traceback" not in err and out == ""
+    if not torch.cuda.is_available():
+        path = write_spec(tmp_path / "run.toml", tiny_spec(tiny, tmp_path, train={"device": "cuda"}))
+        code, out, err = run_cli(capsys, "distill", str(path), "--dry-run")
+        assert code == 2 and "CUDA is not available" in err and "Traceback" not in err
+    # A sweep: one message per failing run (the others pass), exit 2.
+    variants = {"ce": {}, "far": {"features": {"pairs": [[1, 2], [5, 4]]}, "losses": [{"kind": "procrustes"}]}}
+    path = write_spec(tmp_path / "sweep.toml", _sweep_spec(tiny, tmp_path, variants, seeds=(0, 1)))
+    code, out, err = run_cli(capsys, "distill", str(path), "--dry-run")
+    flat = " ".join(err.split())
+    assert code == 2 and "pre-flight failed for 2 of 4 runs" in flat and "far seed 0, far seed 1: " in flat, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_dry_run_refuses_when_the_disk_is_too_small(tiny, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    path = write_spec(tmp_path / "run.toml", tiny_spec(tiny, tmp_path))
+    code, _, err = run_cli(capsys, "distill", str(path), "--dry-run")
+    assert code == 2 and "1000 B is free" in " ".join(err.split()) and "keep_checkpoints" in err
+
+
+@pytest.mark.skipif("__import__('torch').cuda.is_available()", reason="needs a machine without CUDA")
+def test_a_sweep_that_cannot_run_anywhere_exits_2_once_before_any_run(tiny, tmp_path, capsys):
+    spec = _sweep_spec(tiny, tmp_path, {"ce": {}, "kd": {"losses": [{"kind": "ce"}, {"kind": "kd"}]}}, seeds=(0, 1))
+    spec["train"]["device"] = "cuda"
+    path = write_spec(tmp_path / "sweep.toml", spec)
+    code, out, err = run_cli(capsys, "distill", str(path))
+    flat = " ".join(err.split())
+    assert code == 2, err
+    assert flat.count("CUDA is not available") == 1 and "all 4 runs:" in flat and "nothing was started" in flat
+    assert "Traceback" not in err and "sweep" not in out  # no table
+    assert not (tmp_path / "runs").exists()
+
+
+def test_print_sweep_counts_failures_and_successes(capsys, tmp_path):
+    from kdgeo.report import print_sweep
+    from kdgeo.sweep import SweepOutcome
+
+    failed = [SweepOutcome("a", s, tmp_path, "failed", error="boom") for s in (0, 1)]
+    print_sweep(failed)
+    err = " ".join(capsys.readouterr().err.split())
+    assert "none of the 2 runs completed" in err and "complete" not in err.replace("completed", "")
+    print_sweep([*failed, SweepOutcome("b", 0, tmp_path, "done", summary={}), SweepOutcome("b", 1, tmp_path, "skipped")])
+    err = " ".join(capsys.readouterr().err.split())
+    assert "2 of 4 runs failed" in err and "the other 2 are complete (1 now, 1 earlier)" in err
+    print_sweep([SweepOutcome("b", 0, tmp_path, "done", summary={})])
+    assert "error" not in capsys.readouterr().err
