@@ -16,6 +16,7 @@ import copy
 import importlib.util
 import os
 import shutil
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,9 @@ if TYPE_CHECKING:
     from kdgeo.plan import DistillPlan
 
 PACKAGE_PREFIX = "package:"
+
+_TRANSFORMERS_LOCK = threading.RLock()
+"""Held by :func:`quiet_transformers`: one model build, load or save at a time in this process."""
 
 
 @dataclass(frozen=True)
@@ -102,19 +106,29 @@ def _check_model_dir(path: Path, ref: str) -> None:
 
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' load-time chatter (we report what matters ourselves)."""
+    """Silence transformers' load-time chatter (we report what matters ourselves), one caller at a time.
+
+    Every kdgeo call into transformers that builds, loads or saves a model runs inside this block,
+    and the block holds a process-wide lock. transformers is not thread-safe there: ``from_pretrained``
+    swaps class attributes for the whole process while it loads (``PreTrainedModel.tie_weights`` is
+    replaced by a no-op and put back afterwards), and the verbosity saved and restored here is global
+    too. Two threads that overlap (two ``kdgeo.distill`` calls in one process) can restore each other's
+    stand-ins, after which every model loaded in the process keeps an untied, uninitialised
+    ``lm_head``. The lock is re-entrant, so nested blocks in one thread are fine.
+    """
     from transformers.utils import logging as hf_logging
 
-    level = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
+    with _TRANSFORMERS_LOCK:
+        level = hf_logging.get_verbosity()
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            hf_logging.set_verbosity(level)
+            if bars:
+                hf_logging.enable_progress_bar()
 
 
 def _load_error(ref: ModelRef, what: str, err: Exception) -> ModelLoadError:
@@ -621,9 +635,9 @@ def student_from_config(
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     config = student_config(teacher_config, overrides, num_labels, causal_lm)
-    torch.manual_seed(seed)
     try:
         with quiet_transformers():
+            torch.manual_seed(seed)  # under the lock: no other build in this process draws between seed and init
             if causal_lm:
                 return AutoModelForCausalLM.from_config(config)
             return AutoModelForSequenceClassification.from_config(config)

@@ -20,6 +20,39 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _process_wide_state() -> dict[str, object]:
+    """What transformers and torch keep for the whole process and swap while they build a model."""
+    import torch
+    from transformers import PreTrainedModel
+    from transformers.utils import logging as hf_logging
+
+    state: dict[str, object] = {
+        "PreTrainedModel.tie_weights": PreTrainedModel.__dict__.get("tie_weights"),
+        "PreTrainedModel.init_weights": PreTrainedModel.__dict__.get("init_weights"),
+        "transformers verbosity": hf_logging.get_verbosity(),
+        "torch default dtype": torch.get_default_dtype(),
+        "torch.linspace": torch.linspace,
+    }
+    for name in ("normal_", "uniform_", "zeros_", "ones_", "trunc_normal_"):
+        state[f"torch.nn.init.{name}"] = getattr(torch.nn.init, name)
+    return state
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_process_state():
+    """Fail the test that leaves transformers' or torch's process-wide stand-ins behind.
+
+    Two model loads overlapping in one process once restored each other's stand-ins, and every later
+    test in the session then loaded causal LMs with an untied, uninitialised ``lm_head``; the failure
+    showed up tests later and only sometimes. This check names the test that leaked.
+    """
+    before = _process_wide_state()
+    yield
+    after = _process_wide_state()
+    changed = sorted(k for k in before if before[k] is not after[k] and before[k] != after[k])
+    assert not changed, f"this test left process-wide state changed: {changed}"
+
+
 def _demo_words(limit: int) -> list[str]:
     from kdgeo import demo
 

@@ -300,3 +300,39 @@ def test_save_model_dir_fsyncs_every_file_and_the_directories_before_the_rename(
     assert sorted(os.path.basename(p) for p in synced if os.path.dirname(p) == tmp) == written
     assert tmp in synced and str(tmp_path / "out") in synced  # the entries, then the rename
     assert synced.index(str(tmp_path / "out")) == len(synced) - 1
+
+
+def test_models_loaded_from_several_threads_at_once_keep_their_tied_head(tiny_lm):
+    """transformers swaps ``PreTrainedModel.tie_weights`` for the whole process while it loads; two
+    overlapping loads once restored each other's stand-in, and every causal LM loaded afterwards in the
+    process had an untied, uninitialised ``lm_head``. kdgeo loads one model at a time per process."""
+    import threading
+
+    from transformers import PreTrainedModel
+
+    from kdgeo.models import ModelRef, load_causal_lm
+
+    tie_weights = PreTrainedModel.__dict__["tie_weights"]
+    start = threading.Barrier(4, timeout=60)
+    models: list[torch.nn.Module] = []
+    errors: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            start.wait()
+            for _ in range(3):
+                models.append(load_causal_lm(ModelRef(str(tiny_lm["opt_teacher"]))))
+        except BaseException as err:  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == [] and len(models) == 12
+    assert PreTrainedModel.__dict__["tie_weights"] is tie_weights
+    after = load_causal_lm(ModelRef(str(tiny_lm["opt_teacher"])))
+    for model in [*models, after]:
+        head, embed = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+        assert head.data_ptr() == embed.data_ptr()
