@@ -165,7 +165,7 @@ def probe(
     metrics = list(dict.fromkeys(metric or ["procrustes", "cka", "gram"]))
 
     from kdgeo.models import ModelRef
-    from kdgeo.probe import ProbeArgs, plot_tables, run_probe
+    from kdgeo.probing import ProbeArgs, plot_tables, run_probe
 
     args = ProbeArgs(
         teacher=ModelRef(teacher, trust_remote_code=trust_remote_code),
@@ -303,7 +303,7 @@ def distill(
         report.print_dry_run(plan, json_lines=json_lines)
         return
 
-    from kdgeo.distill import run_distill
+    from kdgeo.distillation import run_distill
     from kdgeo.errors import RunInterrupted
     from kdgeo.sweep import run_sweep
 
@@ -339,6 +339,7 @@ def distill(
         "Examples:\n\n"
         "  kdgeo eval runs/demo\n\n"
         "  kdgeo eval runs/demo --teacher ~/.cache/kdgeo/teachers/<key> --json scores.json\n\n"
+        "  kdgeo eval runs/demo --predictions preds.jsonl\n\n"
         "  kdgeo eval textattack/bert-base-uncased-CoLA --data nyu-mll/glue --data-config cola --text-column "
         "sentence\n\n"
         "Causal LMs (a causal-lm run, or any *ForCausalLM model): ROUGE-L of generated responses and perplexity of "
@@ -407,7 +408,11 @@ def eval_(
     ] = None,
     predictions: Annotated[
         Path | None,
-        typer.Option(help="Causal LMs: write prompt, reference and generated response per line to this JSONL file."),
+        typer.Option(
+            help="Write one JSON line per evaluated example to this file ('-' for stdout): index, text_sha256 and, for "
+            "classifiers, label, prediction, correct (teacher_prediction with --teacher); for causal LMs rougeL, nll, "
+            "tokens, prompt, reference and the generated response."
+        ),
     ] = None,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write the scores as JSON to this file ('-' for stdout).")
@@ -421,6 +426,8 @@ def eval_(
         if path is not None and str(path) != "-":
             _check_writable(path, option)
     mode = report.pick_mode(quiet)
+    # a file on stdout gets stdout to itself: no table mixed into the JSON
+    to_stdout = any(path is not None and str(path) == "-" for path in (json_path, predictions))
     from kdgeo.evaluate_lm import wants_causal_lm
 
     if wants_causal_lm(model, trust_remote_code):
@@ -448,7 +455,7 @@ def eval_(
             seed=seed,
         )
         lm_result = run_lm_eval(lm_args, progress=report.stage_lines(mode))
-        if not (json_path is not None and str(json_path) == "-"):
+        if not to_stdout:
             report.print_lm_eval(lm_result)
         if predictions is not None:
             from kdgeo.evaluate_lm import write_predictions
@@ -476,8 +483,12 @@ def eval_(
         trust_remote_code=trust_remote_code,
     )
     result = run_eval(args, progress=report.stage_lines(mode))
-    if not (json_path is not None and str(json_path) == "-"):
+    if not to_stdout:
         report.print_eval(result)
+    if predictions is not None:
+        from kdgeo.evaluate import write_predictions as write_class_predictions
+
+        write_class_predictions(predictions, result)
     if json_path is not None:
         _write_json_output(json_path, result.to_json())
 
@@ -495,7 +506,8 @@ class TestChoice(str, Enum):
         "when the seeds differ), Holm-corrected across variants; final geometry per layer pair next to the "
         "score.\n\n"
         "RUN is a run directory or a directory of runs (a sweep's output).\n\n"
-        "Exit codes: 0 ok; 1 with --fail-if-worse when a variant is significantly worse than the baseline; 2 bad "
+        "Exit codes: 0 ok; 1 with --fail-if-worse when a variant is significantly worse than the baseline (by more "
+        "than --margin when given); 2 bad "
         "input (no runs, runs of different tasks, a missing metric, an unknown baseline).\n\n"
         "The metric defaults to accuracy for classification runs and rougeL for causal-lm runs (the task in "
         "summary.json); the output says when the default was used.\n\n"
@@ -511,24 +523,70 @@ def compare(
         list[str], typer.Argument(metavar="RUN...", help="Run directories, or directories holding run directories.")
     ],
     metric: Annotated[
-        str | None,
+        list[str] | None,
         typer.Option(
             help="accuracy, macro_f1, mcc, f1, teacher_agreement; causal LMs: rougeL, perplexity, response_nll; or "
-            "procrustes/cka/gram (final geometry, mean over pairs); comma-separated for several. Default: accuracy "
-            "for classification runs, rougeL for causal-lm runs."
+            "procrustes/cka/gram (final geometry, mean over pairs); several: repeat the option or comma-separate. "
+            "Default: accuracy for classification runs, rougeL for causal-lm runs."
         ),
     ] = None,
     baseline: Annotated[
         str | None,
-        typer.Option(help="Variant to compare against (default: 'baseline' or 'ce' if present, else the first)."),
+        typer.Option(
+            help="Variant to compare against (default: 'baseline' or 'ce' if present, else the first in sorted "
+            "order; the notes say which was picked)."
+        ),
     ] = None,
+    allow_different_data: Annotated[
+        bool,
+        typer.Option(
+            help="Compare runs evaluated on different evaluation sets (dataset, config, split, eval_dataset, "
+            "max_eval_samples, labels, content hash) instead of refusing with exit 2; each run's set is listed."
+        ),
+    ] = False,
+    quiet: Annotated[
+        bool,
+        typer.Option(
+            "--quiet", "-q", help="No tables: only the verdict line (and warnings) on stderr, and the files asked for."
+        ),
+    ] = False,
     alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="Significance level after Holm correction.")] = 0.05,
     test: Annotated[
         TestChoice, typer.Option(help="Which test's p-value decides significance (all are reported).")
     ] = TestChoice.t,
     fail_if_worse: Annotated[
-        bool, typer.Option(help="Exit 1 when a variant is significantly worse than the baseline (for CI).")
+        bool,
+        typer.Option(
+            help="Exit 1 when a variant is significantly worse than the baseline (for CI): Holm-adjusted p of the "
+            "deciding test < alpha, two-sided, direction from that test's estimate; with several metrics Holm runs "
+            "over variants x metrics. A comparison that cannot reach alpha is named on stderr."
+        ),
     ] = False,
+    margin: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="X|METRIC=X",
+            help="Non-inferiority margin in metric units (repeatable): with it the gate fails a variant only when it "
+            "is worse than the baseline by more than X with confidence (e.g. --margin accuracy=0.01). A bare X applies "
+            "to every metric.",
+        ),
+    ] = None,
+    higher_is_better_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--higher-is-better",
+            metavar="METRIC",
+            help="Declare a metric kdgeo does not know as higher-is-better (repeatable; needed with --fail-if-worse).",
+        ),
+    ] = None,
+    lower_is_better_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--lower-is-better",
+            metavar="METRIC",
+            help="Declare a metric kdgeo does not know as lower-is-better (repeatable; needed with --fail-if-worse).",
+        ),
+    ] = None,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write every number as JSON ('-' for stdout).")
     ] = None,
@@ -538,20 +596,42 @@ def compare(
     markdown: Annotated[Path | None, typer.Option(help="Write the tables as Markdown ('-' for stdout).")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write learning curves and final scores to this PNG.")] = None,
 ) -> None:
-    for path, option in ((json_path, "--json"), (csv_path, "--csv"), (markdown, "--markdown"), (plot, "--plot")):
+    outputs = ((json_path, "--json"), (csv_path, "--csv"), (markdown, "--markdown"), (plot, "--plot"))
+    to_stdout = [option for path, option in outputs if path is not None and str(path) == "-"]
+    if len(to_stdout) > 1:
+        raise KdgeoError(
+            f"{' and '.join(f'{o} -' for o in to_stdout)} would all write to stdout, where they would mix into "
+            "one unreadable stream; send at most one to stdout ('-') and the others to files, e.g. "
+            "`--json - --csv compare.csv`."
+        )
+    for path, option in outputs:
         if path is not None and str(path) != "-":
             _check_writable(path, option)
-    from kdgeo import compare as compare_mod
+    from kdgeo import comparison as compare_mod
     from kdgeo import report_compare
 
     result = compare_mod.compare(
         compare_mod.CompareArgs(
-            runs=list(runs), metric=metric, baseline=baseline, alpha=alpha, test=test.value, fail_if_worse=fail_if_worse
+            runs=list(runs),
+            # --metric a --metric b,c: one comma-separated list (CompareArgs splits it; an empty one is refused there)
+            metric=None if metric is None else ",".join(metric),
+            baseline=baseline,
+            alpha=alpha,
+            test=test.value,
+            fail_if_worse=fail_if_worse,
+            allow_different_data=allow_different_data,
+            margin=tuple(margin or ()),
+            higher_is_better=tuple(higher_is_better_ or ()),
+            lower_is_better=tuple(lower_is_better_ or ()),
         )
     )
-    to_stdout = any(p is not None and str(p) == "-" for p in (json_path, csv_path, markdown))
-    if not to_stdout:
-        report_compare.print_compare(result)
+    from kdgeo import report
+
+    if not quiet and not to_stdout:
+        report_compare.print_compare(result)  # the tables on stdout, the warnings on stderr
+    else:
+        for warning in result.warnings:  # stdout is data (or nothing): diagnostics still reach the user
+            report.warn(warning)
     if json_path is not None:
         report_compare.write_json(result, str(json_path))
     if csv_path is not None:
@@ -560,6 +640,11 @@ def compare(
         report_compare.write_markdown(result, str(markdown))
     if plot is not None:
         report_compare.plot(result, str(plot))
+    # The verdict (and the reason for exit code 1) on stderr whatever went to stdout: CI logs show why it failed.
+    # Without the gate it is the one line --quiet prints; otherwise the tables' notes already say it.
+    verdict = getattr(result, "verdict", "")
+    if verdict and (fail_if_worse or quiet):
+        report.info(verdict)
     if result.exit_code:
         raise typer.Exit(result.exit_code)
 

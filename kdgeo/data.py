@@ -371,9 +371,30 @@ class TextSplit:
     truncation: dict[str, dict[str, int]] | None = None
     """Causal LMs: what building the split cut or dropped, per tokenizer ("student and teacher" when
     they share one): counts of ``lm_data.TruncationReport``. Not carried by ``subset``."""
+    sources: list[tuple[str, str, str]] | None = None
+    """Causal LMs: each example's instruction, context ("" when none) and reference response as read
+    from the data, before any template or cut: what its content hash covers (``texts`` depend on the
+    tokenizer, through a chat template or a cut prompt)."""
 
     def __len__(self) -> int:
         return len(self.texts)
+
+    def eval_keys(self) -> list[tuple[str, str]]:
+        """Per example, (text_sha256, target): what predictions.jsonl and summary.json's ``eval_sha256``
+        identify it by (:func:`kdgeo.rundir.text_sha256`, :func:`kdgeo.rundir.eval_sha256`). A causal LM's
+        text fields are its ``sources`` and its target the sha256 of the reference; a classifier's are its
+        text (and pair text) and its target the label id. Tokenizer-free: the same examples hash the same
+        for every student."""
+        from kdgeo.rundir import text_sha256
+
+        if self.sources is not None:
+            return [(text_sha256(src), text_sha256([src[2]])) for src in self.sources]
+        labels = self.labels if self.labels is not None else [None] * len(self.texts)
+        pairs = self.pair_texts
+        return [
+            (text_sha256([text] if pairs is None else [text, pairs[i]]), "" if label is None else str(label))
+            for i, (text, label) in enumerate(zip(self.texts, labels))
+        ]
 
     def subset(self, indices: Sequence[int]) -> TextSplit:
         encs = {
@@ -394,6 +415,7 @@ class TextSplit:
             encodings=encs,
             pair_texts=pair_texts,
             responses=responses,
+            sources=[self.sources[i] for i in indices] if self.sources is not None else None,
         )
 
 

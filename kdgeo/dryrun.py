@@ -7,7 +7,7 @@ tokenizers, data files, columns, labels and sizes, layer pairs, vocabulary agree
 which reads no weights. The dry run also estimates what a run writes (checkpoints, the student,
 the teacher-output cache) and compares it with the free space on each filesystem.
 
-Why here and not in ``distill.run_distill``: a sweep of 12 runs whose every run needs CUDA on a
+Why here and not in ``distillation.run_distill``: a sweep of 12 runs whose every run needs CUDA on a
 machine without it should say so once, before anything runs, not twelve times after a table.
 """
 
@@ -133,7 +133,7 @@ def device_of(spec: RunSpec, dist: distributed.Dist) -> torch.device:
 
 def run_status(spec: RunSpec, resume: bool, sweep: bool) -> tuple[Path, Status]:
     """Where the run goes and what its directory says it will do; the errors ``run_distill`` would raise first."""
-    from kdgeo.distill import _check_resumable
+    from kdgeo.distillation import _check_resumable
 
     name = spec.output.name or spec.name
     problem = rundir.path_component_problem(name)
@@ -170,7 +170,7 @@ def check_run(spec: RunSpec, resume: bool = False, sweep: bool = False, estimate
     ``estimate``: also count the student's parameters (built on the meta device: no memory, no
     weights) and the bytes of checkpoints and caches, for the dry run's plan and disk check.
     """
-    from kdgeo.distill import _check_launch
+    from kdgeo.distillation import _check_launch
     from kdgeo.plan import make_plan
     from kdgeo.runtime import precision_name
 

@@ -66,6 +66,28 @@ def score(
     return scores, preds
 
 
+def prediction_records(split: data_mod.TextSplit, preds: list[int]) -> list[dict[str, Any]]:
+    """predictions.jsonl's classification records (:func:`kdgeo.rundir.read_predictions`): per example
+    its index, text hash, label, predicted class and whether they agree, so accuracy = mean(correct)."""
+    assert split.labels is not None
+    return [
+        {"index": i, "text_sha256": text_hash, "label": label, "prediction": pred, "correct": pred == label}
+        for i, ((text_hash, _), label, pred) in enumerate(zip(split.eval_keys(), split.labels, preds))
+    ]
+
+
+def write_predictions(path: Path, result: EvalResult) -> None:
+    """`kdgeo eval --predictions`: the result's per-example records, one JSON line each ('-': stdout)."""
+    if str(path) == "-":
+        import json
+
+        from kdgeo import report
+
+        report.write_stdout("".join(json.dumps(rundir.json_safe(r)) + "\n" for r in result.records))
+    else:
+        rundir.write_predictions(path, result.records)
+
+
 @dataclass(frozen=True)
 class EvalArgs:
     model: str
@@ -96,6 +118,12 @@ class EvalResult:
     teacher_scores: dict[str, float] | None = None
     seconds: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict)
+    eval_sha256: str | None = None
+    """The evaluated examples' content hash (:func:`kdgeo.rundir.eval_sha256`): a run's summary.json has the
+    same ``data.eval_sha256`` when eval scored the examples the run did."""
+    records: list[dict[str, Any]] = field(default_factory=list)
+    """Per example, the predictions.jsonl record (``--predictions``); with a teacher, its class as
+    ``teacher_prediction``."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -103,6 +131,7 @@ class EvalResult:
             "dataset": self.dataset,
             "split": self.split,
             "samples": self.samples,
+            "eval_sha256": self.eval_sha256,
             "num_labels": self.num_labels,
             "scores": self.scores,
             "teacher": self.teacher,
@@ -249,7 +278,7 @@ def run_eval(args: EvalArgs, progress: Progress | None = None) -> EvalResult:
         )
     texts = data_mod.texts_of(ds, text_col, where)
     pairs = data_mod.texts_of(ds, pair_col, where) if pair_col else None
-    split_data = data_mod.TextSplit(texts=texts, labels=labels)
+    split_data = data_mod.TextSplit(texts=texts, labels=labels, pair_texts=pairs)
     s_tok = load_tokenizer(student_ref)
     split_data.encodings["student"] = data_mod.encode(s_tok, texts, pairs, max_length)
     emit(Stage(f"evaluating {args.model} on {len(texts)} examples"))
@@ -278,7 +307,12 @@ def run_eval(args: EvalArgs, progress: Progress | None = None) -> EvalResult:
         teacher = t_loaded.model.to(device)
         teacher_scores, teacher_preds = score(teacher, split_data, num_labels, "teacher", args.batch_size, device, amp)
         del teacher
-    scores, _ = score(model, split_data, num_labels, "student", args.batch_size, device, amp, reference=teacher_preds)
+    scores, preds = score(
+        model, split_data, num_labels, "student", args.batch_size, device, amp, reference=teacher_preds
+    )
+    records = prediction_records(split_data, preds)
+    if teacher_preds is not None:
+        records = [{**r, "teacher_prediction": t} for r, t in zip(records, teacher_preds)]
     return EvalResult(
         model=args.model,
         dataset=dataset,
@@ -290,4 +324,6 @@ def run_eval(args: EvalArgs, progress: Progress | None = None) -> EvalResult:
         teacher_scores=teacher_scores,
         seconds=time.perf_counter() - start,
         meta={"device": str(device), "label_names": info.names},
+        eval_sha256=rundir.eval_sha256(split_data.eval_keys()),
+        records=records,
     )

@@ -27,12 +27,44 @@ import torch
 from torch import nn
 
 from kdgeo import data as data_mod
-from kdgeo import lm_data
+from kdgeo import lm_data, rundir
 from kdgeo.errors import DataError, KdgeoError
 from kdgeo.evaluate import EvalTarget, eval_target, open_run
 from kdgeo.events import Progress, Stage, ignore
-from kdgeo.generation import GenerationArgs, generate, perplexity, response_nll, rouge_l
+from kdgeo.generation import GenerationArgs, generate, perplexity, response_nll_each, rouge_l_each, rouge_l_mean
 from kdgeo.spec import GenerateSpec, RunSpec
+
+
+@dataclass(frozen=True)
+class LMScores:
+    """One causal LM scored on one split: the summary's scores and what each example contributed."""
+
+    scores: dict[str, float]
+    generated: list[str] | None
+    """The responses generated for the first prompts (None: perplexity only)."""
+    nll: list[float]
+    """Per example, the summed NLL of its response tokens (nats)."""
+    tokens: list[int]
+    """Per example, how many response tokens were scored."""
+    rouge: list[float] | None
+    """Per generated example, its ROUGE-L F x 100 (None: perplexity only)."""
+
+    def records(self, split: data_mod.TextSplit) -> list[dict[str, Any]]:
+        """predictions.jsonl's causal-LM records (:func:`kdgeo.rundir.read_predictions`): per example its
+        index, text hash, ROUGE-L (null where nothing was generated for it), mean NLL per response token
+        and token count. mean(rougeL) is ``scores["rougeL"]`` and sum(nll * tokens) / sum(tokens) is
+        ``scores["response_nll"]``, up to float rounding."""
+        rouge = self.rouge or []
+        return [
+            {
+                "index": i,
+                "text_sha256": text_hash,
+                "rougeL": rouge[i] if i < len(rouge) else None,
+                "nll": self.nll[i] / n if n else None,
+                "tokens": n,
+            }
+            for i, ((text_hash, _), n) in enumerate(zip(split.eval_keys(), self.tokens))
+        ]
 
 
 def split_scores(
@@ -45,22 +77,22 @@ def split_scores(
     device: torch.device,
     amp: torch.dtype | None,
     gen_samples: int | None = None,
-) -> tuple[dict[str, float], list[str] | None]:
+) -> LMScores:
     """Perplexity of all the split's reference responses; with ``gen``, also ROUGE-L of responses
-    generated for the first ``gen_samples`` prompts (all when None).
-
-    Returns (scores, generated texts or None).
+    generated for the first ``gen_samples`` prompts (all when None). The scores are corpus-level
+    figures (see the module docstring); the per-example values come from the same passes.
     """
     enc = split.encodings[role]
     prompts, responses = lm_data.prompt_ids(enc), lm_data.response_ids(enc)
-    nll, count = response_nll(model, prompts, responses, enc.pad_id, batch_size, device, amp)
+    nll, count, each_nll = response_nll_each(model, prompts, responses, enc.pad_id, batch_size, device, amp)
+    tokens = [len(r) for r in responses]
     scores = {
         "perplexity": perplexity(nll, count),
         "response_nll": nll / max(count, 1),
         "response_tokens": float(count),
     }
     if gen is None:
-        return scores, None
+        return LMScores(scores, None, each_nll, tokens, None)
     assert split.responses is not None
     k = len(prompts) if gen_samples is None else min(gen_samples, len(prompts))
     eos = stop_tokens(model, tokenizer)
@@ -79,10 +111,11 @@ def split_scores(
         seed=gen.seed,
     )
     predictions = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in new_ids]
-    scores["rougeL"] = rouge_l(predictions, split.responses[:k])
+    each_f = rouge_l_each(predictions, split.responses[:k])
+    scores["rougeL"] = rouge_l_mean(each_f)  # rouge_l's own arithmetic: the score is what it always was
     scores["generated_tokens_mean"] = sum(len(ids) for ids in new_ids) / max(k, 1)
     scores["generated_samples"] = float(k)
-    return scores, predictions
+    return LMScores(scores, predictions, each_nll, tokens, [100.0 * f for f in each_f])
 
 
 def stop_tokens(model: nn.Module, tokenizer: Any) -> list[int]:
@@ -301,12 +334,13 @@ def run_lm_eval(args: LMEvalArgs, progress: Progress | None = None) -> dict[str,
         _check_positions(cfg, split, role, name, gen.max_new_tokens)
         emit(Stage(f"generating responses with {name} for {min(len(split), plan.gen_samples or len(split))} prompts"))
         model = load_causal_lm(ref).to(device)
-        scores, predictions = split_scores(model, tok, split, role, gen, plan.nll_batch, device, amp, plan.gen_samples)
-        results[role] = {"model": name, "scores": scores, "samples": len(split)}
+        scored = split_scores(model, tok, split, role, gen, plan.nll_batch, device, amp, plan.gen_samples)
+        results[role] = {"model": name, "scores": scored.scores, "samples": len(split)}
         texts[role] = {
             "prompts": [lm_data_prompt(tok, p) for p in lm_data.prompt_ids(split.encodings[role])],
             "references": split.responses or [],
-            "predictions": predictions or [],
+            "predictions": scored.generated or [],
+            "records": scored.records(split),
         }
         del model
     return {
@@ -314,6 +348,9 @@ def run_lm_eval(args: LMEvalArgs, progress: Progress | None = None) -> dict[str,
         "model": args.model,
         "dataset": plan.dataset,
         "split": plan.split,
+        # the evaluated examples' content hash: equal to a run's summary.json data.eval_sha256 on the same examples
+        "eval_sha256": rundir.eval_sha256(split.eval_keys()),
+        "eval_examples": len(split),
         "results": results,
         # prompts fitted into max_prompt_length without looking at the reference; counts per tokenizer
         "prompts": {
@@ -355,19 +392,22 @@ def wants_causal_lm(model: str, trust_remote_code: bool = False) -> bool:
 
 
 def write_predictions(path: Path, result: dict[str, Any]) -> None:
-    """One JSON line per prompt: prompt, reference, and each model's generated response."""
+    """One JSON line per prompt: the model's predictions.jsonl record (index, text_sha256, rougeL, nll,
+    tokens: :func:`kdgeo.rundir.read_predictions`), then prompt, reference and each model's generated
+    response (a teacher's as ``teacher_prediction``)."""
     from kdgeo.rundir import write_text_atomic
 
     texts = result["texts"]
     roles = list(texts)
     first = texts[roles[0]]
+    records = first.get("records") or []
     lines = []
     for i, (prompt, reference) in enumerate(zip(first["prompts"], first["references"])):
-        row = {"prompt": prompt, "reference": reference}
+        row = {**(records[i] if i < len(records) else {}), "prompt": prompt, "reference": reference}
         for role in roles:
             preds = texts[role]["predictions"]
             row["prediction" if role == "model" else f"{role}_prediction"] = preds[i] if i < len(preds) else None
-        lines.append(json.dumps(row, ensure_ascii=False))
+        lines.append(json.dumps(rundir.json_safe(row), ensure_ascii=False))
     body = "\n".join(lines) + "\n"
     if str(path) == "-":
         from kdgeo import report

@@ -38,7 +38,10 @@ __all__ = [
     "lm_scores",
     "perplexity",
     "response_nll",
+    "response_nll_each",
     "rouge_l",
+    "rouge_l_each",
+    "rouge_l_mean",
 ]
 
 
@@ -310,14 +313,32 @@ def response_nll(
     Runs under ``torch.no_grad`` (not inference mode: FSDP reuses its buffers in training) and
     autocast to ``amp`` when given; restores ``model.training``.
     """
+    total, count, _ = response_nll_each(model, prompts, responses, pad_id, batch_size, device, amp)
+    return total, count
+
+
+def response_nll_each(
+    model: nn.Module,
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    amp: torch.dtype | None = None,
+) -> tuple[float, int, list[float]]:
+    """:func:`response_nll`'s (summed NLL, tokens scored), plus each example's own summed NLL (0.0 for an
+    empty response), from the same forward passes: the per-example records of predictions.jsonl. The
+    total is accumulated batch by batch exactly as before, so it is not the (differently rounded) sum of
+    the per-example values."""
     if len(prompts) != len(responses):
         raise ValueError(f"prompts and responses differ in length ({len(prompts)} vs {len(responses)})")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     _check_prompts(prompts)
     scored = [i for i, r in enumerate(responses) if len(r) > 0]
+    each = [0.0] * len(prompts)
     if not scored:
-        return 0.0, 0
+        return 0.0, 0, each
     _, takes_positions, _ = _forward_kwargs(model)
     total, count = 0.0, 0
     was_training = model.training
@@ -327,7 +348,7 @@ def response_nll(
             lengths = [len(prompts[i]) + len(responses[i]) for i in scored]
             for batch in _length_batches(lengths, batch_size):
                 rows = [scored[k] for k in batch]
-                nll, n = _response_nll_batch(
+                nll, n, rows_nll = _response_nll_batch(
                     model,
                     [prompts[i] for i in rows],
                     [responses[i] for i in rows],
@@ -338,9 +359,11 @@ def response_nll(
                 )
                 total += nll
                 count += n
+                for i, value in zip(rows, rows_nll):
+                    each[i] = value
     finally:
         model.train(was_training)
-    return total, count
+    return total, count, each
 
 
 def _response_nll_batch(
@@ -351,8 +374,8 @@ def _response_nll_batch(
     device: torch.device,
     amp: torch.dtype | None,
     takes_positions: bool,
-) -> tuple[float, int]:
-    """Score one right-padded batch; see ``response_nll``."""
+) -> tuple[float, int, list[float]]:
+    """Score one right-padded batch; see ``response_nll``. Returns (summed NLL, tokens, per-row summed NLL)."""
     b = len(prompts)
     width = max(len(p) + len(r) for p, r in zip(prompts, responses))
     input_ids = torch.full((b, width), pad_id, dtype=torch.long)  # (B, L)
@@ -374,7 +397,10 @@ def _response_nll_batch(
     picked = logits[:, :-1][target].float()  # (N, V)
     labels = input_ids[:, 1:][target]  # (N,)
     logp = torch.log_softmax(picked, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (N,)
-    return -logp.double().sum().item(), int(labels.numel())
+    # boolean indexing is row-major, so the k-th scored position belongs to row row_of[k]
+    row_of = target.nonzero(as_tuple=True)[0]  # (N,)
+    rows_nll = torch.zeros(b, dtype=torch.float64, device=logp.device).index_add_(0, row_of, -logp.double())  # (B,)
+    return -logp.double().sum().item(), int(labels.numel()), rows_nll.tolist()
 
 
 def perplexity(nll: float, count: int) -> float:
@@ -404,19 +430,28 @@ def rouge_l(predictions: list[str], references: list[str]) -> float:
     Models", ICLR) uses for its instruction-following ROUGE-L, with one reference per example.
     The default tokenizer keeps only [a-z0-9], so text without Latin letters or digits scores 0.
     """
+    if not predictions:
+        if len(references) != 0:
+            raise ValueError(f"predictions and references differ in length (0 vs {len(references)})")
+        return float("nan")
+    return rouge_l_mean(rouge_l_each(predictions, references))
+
+
+def rouge_l_mean(fmeasures: list[float]) -> float:
+    """100 x fsum(F) / n of per-pair F-measures (:func:`rouge_l_each`); nan for none."""
+    return 100.0 * math.fsum(fmeasures) / len(fmeasures) if fmeasures else float("nan")
+
+
+def rouge_l_each(predictions: list[str], references: list[str]) -> list[float]:
+    """Each pair's ROUGE-L F-measure, in [0, 1] (not x 100): :func:`rouge_l` is 100 x their fsum / n."""
     if len(predictions) != len(references):
         raise ValueError(f"predictions and references differ in length ({len(predictions)} vs {len(references)})")
-    if not predictions:
-        return float("nan")
     try:
         from rouge_score import rouge_scorer
     except ImportError as err:  # an optional dependency: only instruction (causal-LM) evaluation needs it
         raise ImportError("ROUGE-L needs the `rouge-score` package: pip install rouge-score") from err
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    total = math.fsum(
-        scorer.score(target=ref, prediction=pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)
-    )
-    return 100.0 * total / len(predictions)
+    return [scorer.score(target=ref, prediction=pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
 
 
 # --------------------------------------------------------------------------------------------

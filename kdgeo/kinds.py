@@ -1,7 +1,7 @@
 """Names shared by the spec, the losses, the metrics and the reports: one torch-free table each.
 
 The spec (no torch, imported by the CLI) validates against these; :mod:`kdgeo.losses` dispatches on
-them; :mod:`kdgeo.compare` and :mod:`kdgeo.report` read the metric directions from here. A new loss
+them; :mod:`kdgeo.comparison` and :mod:`kdgeo.report` read the metric directions from here. A new loss
 kind or metric is added here first.
 """
 

@@ -340,6 +340,14 @@ def build_split(
         labels=None,
         responses=[examples.responses[i] for i in kept],
         truncation={},
+        sources=[
+            (
+                examples.instructions[i],
+                examples.contexts[i] if examples.contexts is not None else "",
+                examples.responses[i],
+            )
+            for i in kept
+        ],
     )
     notes = []
     roles_of: dict[int, list[str]] = {}

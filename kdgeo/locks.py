@@ -14,7 +14,7 @@ or teacher-output cache entry would both spend the time to build it. A lock here
   path's) and tries again, so two processes never both believe they hold it.
 
 A run directory's lock is ``<run>/.kdgeo.lock`` (:data:`LOCK_NAME`), taken by
-:func:`kdgeo.distill.run_distill` (rank 0 alone under torchrun) before anything is written there
+:func:`kdgeo.distillation.run_distill` (rank 0 alone under torchrun) before anything is written there
 and held until it returns or raises; `kdgeo eval` and `kdgeo compare` ask :func:`run_holder`
 whether a run is still being written. A cache entry ``<dir>/<key>`` is guarded by
 ``<dir>/.<key>.lock`` (:func:`entry_lock`): the second process waits, then finds the entry built.

@@ -112,7 +112,7 @@ def quiet_transformers() -> Iterator[None]:
     and the block holds a process-wide lock. transformers is not thread-safe there: ``from_pretrained``
     swaps class attributes for the whole process while it loads (``PreTrainedModel.tie_weights`` is
     replaced by a no-op and put back afterwards), and the verbosity saved and restored here is global
-    too. Two threads that overlap (two ``kdgeo.distill`` calls in one process) can restore each other's
+    too. Two threads that overlap (two ``kdgeo.distillation`` calls in one process) can restore each other's
     stand-ins, after which every model loaded in the process keeps an untied, uninitialised
     ``lm_head``. The lock is re-entrant, so nested blocks in one thread are fine.
     """

@@ -9,7 +9,7 @@ hour. What it returns, :class:`DistillPlan`, is what the build (``teacher.prepar
 
 The flow of a run: ``spec.py`` (the TOML schema) -> ``plan.make_plan`` -> ``teacher.prepare`` and
 ``models.build_student`` -> ``loop.train`` -> the run directory (``rundir``), with
-:mod:`kdgeo.distill` calling them in that order.
+:mod:`kdgeo.distillation` calling them in that order.
 """
 
 from __future__ import annotations

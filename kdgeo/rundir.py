@@ -7,6 +7,8 @@ A run directory holds::
     spec.json        the same, as JSON (what `kdgeo compare` reads)
     metrics.jsonl    one JSON object per logged step, monitor measurement and evaluation
     summary.json     final metrics, wall time, samples/s, versions, seed, layer pairs
+    predictions.jsonl  the final evaluation, one JSON object per evaluated example (format:
+                     :func:`read_predictions`), written by rank 0 just before summary.json
     student/         the trained student: save_pretrained (safetensors) + tokenizer
     checkpoint-N/    training state for --resume (see kdgeo.checkpoint)
     .kdgeo.lock      while a `kdgeo distill` writes here: its lock, naming it (see kdgeo.locks)
@@ -24,12 +26,13 @@ reads run format 1 (keys an older run lacks read as absent) and refuses a newer 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
 import tempfile
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -44,6 +47,7 @@ METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 RUN_MARKER = "run.json"
 STUDENT = "student"
+PREDICTIONS = "predictions.jsonl"
 FORMAT_VERSION = 1
 
 
@@ -172,6 +176,100 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+# ---- predictions.jsonl: the final evaluation, example by example -------------------------------
+#
+# Seeds are few and expensive, evaluation examples many: the per-example records let `kdgeo compare`
+# pair two runs example by example (paired bootstrap, McNemar), which a summary's mean cannot.
+
+FIELD_SEPARATOR = "\x1f"
+"""Joins an example's text fields before hashing (U+001F, the ASCII unit separator): no field a dataset
+holds contains it in practice, so ("ab", "c") and ("a", "bc") hash differently."""
+
+
+def text_sha256(fields: Sequence[str]) -> str:
+    """sha256 hex of one example's text fields as read from the data (before any template, tokenizer or
+    cut), UTF-8, joined by :data:`FIELD_SEPARATOR`: a classifier's text (and its pair text), a causal LM's
+    instruction, context ("" when none) and reference response. Tokenizer-free, so two students with
+    different tokenizers give the same hash for the same example."""
+    return hashlib.sha256(FIELD_SEPARATOR.join(fields).encode("utf-8")).hexdigest()
+
+
+def eval_sha256(examples: Iterable[tuple[str, str]]) -> str:
+    """The content hash of an evaluation set, summary.json's ``data.eval_sha256``:
+
+        sha256( concat_i  text_sha256_i + U+001F + target_i + "\\n" )
+
+    over the evaluated examples in order, with target_i the label id (classification, as decimal text)
+    or the sha256 hex of the reference response (causal LM). Runs that evaluate the same examples in the
+    same order, with the same labels, share it whatever the student or its tokenizer; another
+    max_eval_samples, split or file changes it (and so does a causal-LM example dropped for length)."""
+    digest = hashlib.sha256()
+    for text_hash, target in examples:
+        digest.update(f"{text_hash}{FIELD_SEPARATOR}{target}\n".encode())
+    return digest.hexdigest()
+
+
+def write_predictions(path: str | Path, records: Sequence[Mapping[str, Any]]) -> None:
+    """predictions.jsonl, whole or not at all (:func:`write_text_atomic`; OutputError on OSError).
+    NaN/inf are written as null, as everywhere in a run directory."""
+    body = "".join(json.dumps(json_safe(dict(r)), ensure_ascii=False) + "\n" for r in records)
+    write_text_atomic(path, body)
+
+
+def read_predictions(run_dir: str | Path) -> list[dict[str, Any]] | None:
+    """The records of ``run_dir``/predictions.jsonl, in order; None when the run has none (a run from
+    before kdgeo wrote them, or one still running).
+
+    One JSON object per evaluated example, in evaluation order::
+
+        classification: {"index": int, "text_sha256": str, "label": int, "prediction": int, "correct": bool}
+        causal-lm:      {"index": int, "text_sha256": str, "rougeL": float|null, "nll": float|null, "tokens": int}
+
+    ``index`` is the example's position in the evaluated set (after max_eval_samples; for causal LMs
+    after examples that fit no tokenizer were dropped); ``text_sha256`` is :func:`text_sha256`. A
+    classifier's accuracy is mean(correct). A causal LM's ``rougeL`` is the example's ROUGE-L F x 100
+    (null when it was not generated for: beyond generate.max_samples, or an evaluation without
+    generation), so the summary's rougeL is the mean of the non-null values; ``nll`` is the mean NLL
+    per response token of that example (nats; null when it has no response token) over its
+    ``tokens`` response tokens, so the summary's response_nll = sum(nll * tokens) / sum(tokens) and
+    perplexity = exp(response_nll) (a token-level mean, see :func:`kdgeo.generation.response_nll`).
+
+    Unlike metrics.jsonl the file is written atomically, so a line that is not a JSON object with an
+    integer ``index`` and a string ``text_sha256`` (the keys records are paired by) means damage or a
+    hand edit: a KdgeoError names the file and the line rather than pairing the wrong examples.
+    """
+    path = Path(os.path.expanduser(str(run_dir))) / PREDICTIONS
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise KdgeoError(f"{path} cannot be read: {describe_os_error(err, path)}.") from None
+    records: list[dict[str, Any]] = []
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        reason = None
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            reason = "is not UTF-8 text"
+        except json.JSONDecodeError as err:
+            reason = f"is not JSON ({err.msg})"
+        else:
+            if not isinstance(record, dict):
+                reason = f"holds a JSON {type(record).__name__}, not an object"
+            elif as_int(record.get("index")) is None or not isinstance(record.get("text_sha256"), str):
+                reason = 'lacks an integer "index" or a string "text_sha256"'
+        if reason is not None:
+            raise KdgeoError(
+                f"{path}, line {number} {reason}: the file was damaged or edited by hand. Restore it, delete "
+                f"{PREDICTIONS} to compare this run by its summary alone, or leave the run out."
+            )
+        records.append(record)
+    return records
+
+
 def path_component_problem(name: str) -> str | None:
     """Why ``name`` cannot be one directory name inside output.dir (None when it can).
 
@@ -205,7 +303,7 @@ def prepare_run_dir(parent: str | Path, name: str, overwrite: bool) -> Path:
     The spec already refuses names that are not one directory name; this checks again where the
     path is made, since ``name`` may come from elsewhere (a run directory passed as SPEC). A
     directory holding only the run's lock file (:data:`kdgeo.locks.LOCK_NAME`, which
-    :func:`kdgeo.distill.run_distill` takes first, or one left by a killed run) is a new run's.
+    :func:`kdgeo.distillation.run_distill` takes first, or one left by a killed run) is a new run's.
     """
     from kdgeo.locks import LOCK_NAME
 
@@ -401,6 +499,7 @@ def _array(value: object) -> list[Any] | None:
 
 
 _CLASSIFICATION_KEYS = ("text_column", "label_column")
+_EVAL_SET_KEYS = ("eval_sha256", "eval_examples")
 _CAUSAL_LM_KEYS = (
     "prompt_column",
     "response_column",
@@ -427,10 +526,19 @@ class RunData:
     eval_dataset: str | None
     max_train_samples: int | None
     max_eval_samples: int | None
+    eval_sha256: str | None = None
+    """The content hash of the evaluated examples (:func:`eval_sha256`); None for a run from before it
+    was recorded, and for a spec's data table."""
+    eval_examples: int | None = None
+    """How many examples the final evaluation scored (after max_eval_samples and any dropped for length)."""
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object, keys in declaration order (the order summary.json has always had)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """The JSON object: keys in declaration order (the order summary.json has always had), the task's
+        own after the common ones, and the evaluation set's hash and size last; those two only when
+        recorded, so an older run's summary reads back key for key."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _EVAL_SET_KEYS}
+        out.update({k: v for k in _EVAL_SET_KEYS if (v := getattr(self, k)) is not None})
+        return out
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> RunData:
@@ -443,6 +551,8 @@ class RunData:
             "eval_dataset": _text(data.get("eval_dataset")),
             "max_train_samples": as_int(data.get("max_train_samples")),
             "max_eval_samples": as_int(data.get("max_eval_samples")),
+            "eval_sha256": _text(data.get("eval_sha256")),
+            "eval_examples": as_int(data.get("eval_examples")),
         }
         if any(key in data for key in _CAUSAL_LM_KEYS):
             return CausalLMData(

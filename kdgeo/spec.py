@@ -772,6 +772,18 @@ def parse_spec(
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise SpecError(source, [("", f"is not valid TOML: {err}")]) from None
+    return spec_from_dict(raw, source, overrides=overrides, preset=preset)
+
+
+def spec_from_dict(
+    raw: dict[str, Any], source: str = "<spec>", overrides: list[str] | None = None, preset: str | None = None
+) -> RunSpec:
+    """A spec from its tables as Python values (what ``tomllib`` gives for the TOML file): ``[presets.NAME]``
+    merged over the top level, the ``--set`` style overrides applied, validated. ``raw`` is not modified.
+
+    The one path from parsed tables to a RunSpec, shared by :func:`parse_spec` and :func:`kdgeo.api.load_spec`."""
+    if not isinstance(raw, dict):
+        raise SpecError(source, [("", f"must be a table of spec fields (a dict), not {type(raw).__name__}")])
     raw = resolve_preset(raw, source, preset)
     problems: list[tuple[str, str]] = []
     for item in overrides or []:

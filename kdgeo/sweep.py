@@ -1,6 +1,6 @@
 """`kdgeo distill` on a spec with a ``[sweep]`` table: every variant x seed, one run after another.
 
-Each run is an ordinary :func:`kdgeo.distill.run_distill` into its own run directory. Re-running
+Each run is an ordinary :func:`kdgeo.distillation.run_distill` into its own run directory. Re-running
 the command continues a sweep: finished runs are skipped (unless their spec changed, which is an
 error for that run), an interrupted run resumes from its checkpoint, and a run that died before
 its first checkpoint starts again.
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kdgeo import checkpoint, distributed, rundir, stopping
-from kdgeo.distill import run_distill
+from kdgeo.distillation import run_distill
 from kdgeo.errors import KdgeoError, RunInterrupted
 from kdgeo.events import Progress, RunFailed, Stage, ignore
 from kdgeo.spec import SweepRun, resume_differences

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from kdgeo import data as data_mod
-from kdgeo import lm_data
+from kdgeo import lm_data, rundir
 from kdgeo.errors import DataError, KdgeoError, ModelLoadError, TokenizerMismatchError
 from kdgeo.events import Progress, Stage
 from kdgeo.features import check_tokenizers_agree
@@ -71,6 +71,18 @@ class EvalSettings:
     generation: GenerationArgs | None = None
     max_samples: int | None = None
     every_eval: bool = False
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One model scored on one split (:meth:`Task.evaluate`)."""
+
+    scores: dict[str, float]
+    predictions: list[int] | None = None
+    """A classifier's arg-max class per example: the reference a student's teacher agreement is measured against."""
+    records: list[dict[str, Any]] | None = None
+    """A final evaluation's per-example records, predictions.jsonl's lines (:func:`kdgeo.rundir.read_predictions`);
+    None for the evaluations during training, which write none."""
 
 
 @dataclass(frozen=True)
@@ -160,9 +172,9 @@ class Task(ABC):
         settings: EvalSettings,
         final: bool,
         reference: list[int] | None = None,
-    ) -> tuple[dict[str, float], list[int] | None]:
-        """Scores of ``model`` on ``split`` and, for a classifier, its predictions (the reference a
-        student's teacher agreement is measured against)."""
+    ) -> Evaluation:
+        """Scores of ``model`` on ``split``; for a classifier its predictions (the reference a student's
+        teacher agreement is measured against); with ``final``, the per-example records."""
 
     def eval_batch_size(self, train_batch: int) -> int:
         return train_batch
@@ -210,9 +222,12 @@ def _load_datasets(data: DataSpec, columns: dict[str, str | None]) -> tuple[Any,
     return train_ds, eval_ds, train_where, eval_where
 
 
-def _common_data(data: dict[str, Any]) -> dict[str, Any]:
-    """The keys of summary.json's ``data`` every task writes (:class:`kdgeo.rundir.RunData`)."""
-    return {f.name: data.get(f.name) for f in dataclasses.fields(RunData)}
+def _common_data(data: dict[str, Any], evals: data_mod.TextSplit) -> dict[str, Any]:
+    """The keys of summary.json's ``data`` every task writes (:class:`kdgeo.rundir.RunData`): the data
+    settings, and the evaluated examples' content hash and count, by which `kdgeo compare` tells whether
+    two runs were scored on the same examples (settings alone cannot: a file may change under its name)."""
+    common = {f.name: data.get(f.name) for f in dataclasses.fields(RunData)}
+    return {**common, "eval_sha256": rundir.eval_sha256(evals.eval_keys()), "eval_examples": len(evals)}
 
 
 @dataclass(frozen=True)
@@ -319,11 +334,12 @@ class ClassificationTask(Task):
         settings: EvalSettings,
         final: bool,
         reference: list[int] | None = None,
-    ) -> tuple[dict[str, float], list[int] | None]:
-        from kdgeo.evaluate import score
+    ) -> Evaluation:
+        from kdgeo.evaluate import prediction_records, score
 
         s = settings
-        return score(model, split, self.num_labels, role, s.batch_size, s.device, s.amp, reference=reference)
+        scores, preds = score(model, split, self.num_labels, role, s.batch_size, s.device, s.amp, reference=reference)
+        return Evaluation(scores, preds, prediction_records(split, preds) if final else None)
 
     def eval_batch_size(self, train_batch: int) -> int:
         return max(64, train_batch)
@@ -344,7 +360,7 @@ class ClassificationTask(Task):
 
     def summary_data(self, data: dict[str, Any], train: data_mod.TextSplit, evals: data_mod.TextSplit) -> RunData:
         return ClassificationData(
-            **_common_data(data), text_column=data["text_column"], label_column=data["label_column"]
+            **_common_data(data, evals), text_column=data["text_column"], label_column=data["label_column"]
         )
 
     def cached_logit_width(self, teacher: nn.Module) -> int:
@@ -460,13 +476,13 @@ class CausalLMTask(Task):
         settings: EvalSettings,
         final: bool,
         reference: list[int] | None = None,
-    ) -> tuple[dict[str, float], list[int] | None]:
+    ) -> Evaluation:
         from kdgeo.evaluate_lm import split_scores
 
         s = settings
         generate = s.generation if (final or s.every_eval) else None
-        scores, _ = split_scores(model, tokenizer, split, role, generate, s.batch_size, s.device, s.amp, s.max_samples)
-        return scores, None
+        scored = split_scores(model, tokenizer, split, role, generate, s.batch_size, s.device, s.amp, s.max_samples)
+        return Evaluation(scored.scores, None, scored.records(split) if final else None)
 
     def scoring_note(self, split: data_mod.TextSplit, settings: EvalSettings) -> str | None:
         n = min(len(split), settings.max_samples or len(split))
@@ -497,7 +513,7 @@ class CausalLMTask(Task):
 
     def summary_data(self, data: dict[str, Any], train: data_mod.TextSplit, evals: data_mod.TextSplit) -> RunData:
         return CausalLMData(
-            **_common_data(data),
+            **_common_data(data, evals),
             prompt_column=data["prompt_column"],
             response_column=data["response_column"],
             context_column=data["context_column"],

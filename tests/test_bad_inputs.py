@@ -22,7 +22,7 @@ from conftest import write_jsonl
 @pytest.fixture(scope="session")
 def finished_run(tiny, tmp_path_factory) -> Path:
     """A finished tiny run (with a checkpoint), made once and copied into each test."""
-    from kdgeo.distill import run_distill
+    from kdgeo.distillation import run_distill
     from kdgeo.spec import validate_spec
 
     root = tmp_path_factory.mktemp("finished")

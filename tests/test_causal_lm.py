@@ -159,6 +159,13 @@ def test_distill_and_eval_causal_lm_end_to_end(tiny_lm, tmp_path, capsys):
     lines = [json.loads(line) for line in preds.read_text().splitlines()]
     assert len(lines) == 12 and {"prompt", "reference", "prediction"} <= set(lines[0])
     assert lines[0]["prompt"].startswith("Q: ")
+    # The same examples as the run's own predictions.jsonl, with the same per-example scores (greedy decoding).
+    assert result["eval_sha256"] == summary["data"]["eval_sha256"] and result["eval_examples"] == 12
+    own = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    assert [r["text_sha256"] for r in own] == [r["text_sha256"] for r in lines] and len(own) == 12
+    for line, record in zip(lines, own):
+        assert {"index", "text_sha256", "rougeL", "nll", "tokens"} <= set(line) and line["tokens"] == record["tokens"]
+        assert line["nll"] == pytest.approx(record["nll"], rel=1e-5) and line["rougeL"] == pytest.approx(record["rougeL"], abs=1e-6)
 
 
 def test_gpt2_student_from_opt_teacher_and_every_kd_direction(tiny_lm, tmp_path, capsys):

@@ -119,6 +119,38 @@ def test_an_existing_run_is_never_overwritten_without_asking(tiny, tmp_path, cap
     assert code == 0, err
 
 
+def test_a_failed_predictions_write_keeps_the_run_for_resume(tiny, tmp_path, capsys, monkeypatch):
+    """predictions.jsonl is written before summary.json: a disk error on it is exit 2 with one message, no
+    summary.json, the end-of-training checkpoint kept, and --resume writes both."""
+    import errno
+    import os
+
+    from kdgeo import rundir
+
+    real = rundir.write_predictions
+
+    def full_disk(path, records):
+        # what write_text_atomic makes of an OSError
+        raise rundir.OutputError(f"cannot write {path}: {os.strerror(errno.ENOSPC)}. Check the directory has space.")
+
+    monkeypatch.setattr(rundir, "write_predictions", full_disk)
+    path = write_spec(tmp_path / "run.toml", tiny_spec(tiny, tmp_path, train={"max_steps": 2}, monitor={"every": 0}))
+    code, _, err = run_cli(capsys, "distill", str(path), "-q")
+    flat = " ".join(err.split())
+    assert code == 2 and "No space left on device" in flat and "--resume" in flat and "Traceback" not in err
+    run = tmp_path / "runs" / "t"
+    assert not (run / "summary.json").exists() and not (run / "predictions.jsonl").exists()
+    assert (run / "checkpoint-2").is_dir()
+    monkeypatch.setattr(rundir, "write_predictions", real)
+    code, _, err = run_cli(capsys, "distill", str(path), "-q", "--resume")
+    assert code == 0, err
+    records = rundir.read_predictions(run)
+    summary = json.loads((run / "summary.json").read_text())
+    assert records is not None and len(records) == summary["data"]["eval_examples"] == 32
+    assert summary["scores"]["accuracy"] == sum(r["correct"] for r in records) / 32
+    assert not (run / "checkpoint-2").exists()
+
+
 @pytest.mark.parametrize("case", ["no_head", "not_a_model", "wrong_task", "no_data"])
 def test_eval_bad_input_exit_2(tiny, tmp_path, capsys, case):
     args: list[str]
@@ -217,7 +249,7 @@ def test_probe_refuses_nan_hidden_states(tiny, tmp_path, capsys):
 def test_few_pooled_rows_per_geometry_term_warn_with_the_chance_level(tiny, tmp_path):
     """8 pooled rows against 64-wide features: the warning states the chance-level D^2 of
     independent features of those shapes, which is far below 2."""
-    from kdgeo.distill import run_distill
+    from kdgeo.distillation import run_distill
     from kdgeo.events import Event, RunWarning
     from kdgeo.plan import chance_procrustes
     from kdgeo.spec import validate_spec

@@ -64,3 +64,30 @@ def test_a_runs_spec_this_kdgeo_cannot_read_is_named_with_the_fix(tmp_path):
     message = str(err.value)
     assert "spec.json: 3 problems in the run spec" in message and "did you mean 'max_length'?" in message
     assert f"kdgeo eval {run / 'student'} --data" in message
+
+
+def test_eval_predictions_of_a_classifier_give_its_accuracy_and_the_eval_sets_hash(tiny, tmp_path, capsys):
+    """`kdgeo eval --predictions` for a classifier: one record per example, accuracy = mean(correct) exactly,
+    the teacher's class with --teacher, and eval_sha256 in the JSON; '-' writes the records alone to stdout."""
+    from cli_helpers import run_cli
+
+    from kdgeo.data import load_split
+    from kdgeo.rundir import eval_sha256, text_sha256
+
+    model, preds, out = str(tiny["teacher_clf"]), tmp_path / "p.jsonl", tmp_path / "e.json"
+    common = ["--data", "kdgeo:wordnet-supersenses", "--max-samples", "20", "-q"]
+    code, _, err = run_cli(capsys, "eval", model, *common, "--teacher", model, "--predictions", str(preds), "--json", str(out))
+    assert code == 0, err
+    records = [json.loads(line) for line in preds.read_text().splitlines()]
+    rows = load_split("kdgeo:wordnet-supersenses", None, "validation")[:20]
+    assert [r["index"] for r in records] == list(range(20)) and [r["label"] for r in records] == rows["label"]
+    assert [r["text_sha256"] for r in records] == [text_sha256([t]) for t in rows["text"]]
+    assert all(r["correct"] == (r["prediction"] == r["label"]) and r["teacher_prediction"] == r["prediction"] for r in records)
+    result = json.loads(out.read_text())
+    assert result["scores"]["accuracy"] == sum(r["correct"] for r in records) / 20
+    assert result["eval_sha256"] == eval_sha256((text_sha256([t]), str(y)) for t, y in zip(rows["text"], rows["label"]))
+    code, stdout, err = run_cli(capsys, "eval", model, *common, "--predictions", "-")
+    assert code == 0, err
+    assert [json.loads(line) for line in stdout.splitlines()] == [
+        {k: v for k, v in r.items() if k != "teacher_prediction"} for r in records
+    ]  # no table on stdout: the JSON lines alone

@@ -95,7 +95,7 @@ def test_stat_path_turns_os_errors_into_kdgeo_errors(tmp_path):
 @pytest.mark.parametrize("where", ["spec", "data", "model", "run"])
 def test_a_name_over_255_bytes_is_reported_not_raised(tiny, tmp_path, where):
     """ENAMETOOLONG used to escape as an OSError traceback from Path.exists()."""
-    from kdgeo.compare import CompareArgs, compare
+    from kdgeo.comparison import CompareArgs, compare
     from kdgeo.data import load_split
     from kdgeo.models import ModelRef, load_config
     from kdgeo.spec import load_spec

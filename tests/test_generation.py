@@ -22,7 +22,9 @@ from kdgeo.generation import (
     lm_scores,
     perplexity,
     response_nll,
+    response_nll_each,
     rouge_l,
+    rouge_l_each,
 )
 
 CPU = torch.device("cpu")
@@ -252,6 +254,19 @@ def test_response_nll_equals_hand_computation(model: nn.Module) -> None:
     assert (alone_count, alone) == (count, pytest.approx(nll, rel=RTOL))
 
 
+def test_response_nll_each_gives_every_examples_own_sum_and_leaves_the_total_as_it_was() -> None:
+    """Per-example NLL (predictions.jsonl) from the same batched passes: each equals that example scored
+    alone (rel 1e-6: other rows' padding), they add up to the total, and the total is bit for bit response_nll's."""
+    opt = _opt()
+    total, count, each = response_nll_each(opt, PROMPTS, RESPONSES, OPT_PAD, batch_size=3, device=CPU)
+    assert (total, count) == response_nll(opt, PROMPTS, RESPONSES, OPT_PAD, batch_size=3, device=CPU)
+    assert len(each) == len(PROMPTS) and each[2] == 0.0  # the empty response
+    for p, r, value in zip(PROMPTS, RESPONSES, each):
+        alone, _ = response_nll(opt, [p], [r], OPT_PAD, batch_size=1, device=CPU)
+        assert value == pytest.approx(alone, rel=1e-6, abs=1e-9)
+    assert math.fsum(each) == pytest.approx(total, rel=1e-12)
+
+
 def test_response_nll_scores_exactly_the_response_positions() -> None:
     opt = _opt()
     prompt, response = PROMPTS[1], RESPONSES[1]
@@ -292,6 +307,7 @@ def test_rouge_l_parity_and_known_values() -> None:
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     direct = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(preds, refs)]
     assert rouge_l(preds, refs) == pytest.approx(100 * sum(direct) / len(direct), rel=1e-12)
+    assert rouge_l_each(preds, refs) == direct  # the per-example values predictions.jsonl records (x 100)
     # golden values, by hand: LCS 5 of 6 and 6 tokens -> F = 5/6; stemming makes cats/cat, running/runs match
     assert rouge_l(preds[:1], refs[:1]) == pytest.approx(500 / 6, rel=1e-12)
     assert rouge_l(preds[2:3], refs[2:3]) == pytest.approx(100.0, rel=1e-12)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typing
 
-from kdgeo import compare, geometry, kinds
+from kdgeo import comparison, geometry, kinds
 from kdgeo import spec as spec_mod
 
 
@@ -22,7 +22,7 @@ def test_metric_directions_are_read_from_the_table_everywhere():
     assert kinds.higher_is_better("a_metric_nobody_listed")  # the documented default
     for metric in geometry.METRIC_HIGHER_IS_BETTER:
         assert geometry.METRIC_HIGHER_IS_BETTER[metric] == kinds.METRIC_HIGHER_IS_BETTER[metric]
-    assert compare.higher_is_better is kinds.higher_is_better
+    assert comparison.higher_is_better is kinds.higher_is_better
 
 
 def test_kind_sets_partition_the_losses():

@@ -159,7 +159,7 @@ def test_mse_pairs_compare_the_widths_of_their_own_indices(opt_proj, tmp_path, c
 def test_hidden_states_wider_than_the_config_implies_are_refused(tiny, tmp_path, capsys, monkeypatch):
     """An architecture whose per-index widths kdgeo does not know (imitated by a hidden_widths that
     is wrong for BERT): exit 2 on the first batch, naming the found and expected widths."""
-    from kdgeo import probe as probe_mod
+    from kdgeo import probing as probe_mod
     from kdgeo.models import num_layers
 
     monkeypatch.setattr(probe_mod, "hidden_widths", lambda config, layers=None: [16] * (num_layers(config) + 1))

@@ -204,7 +204,7 @@ def _slowed(monkeypatch, module, name: str) -> None:
 def _two_runs_at_once(monkeypatch, module, name: str, spec: dict, tmp_path: Path) -> list[list[str]]:
     """Run two distills in threads (other output.names) whose first look at the cache (``module.name``)
     is made at the same moment; return each run's Stage messages."""
-    from kdgeo.distill import run_distill
+    from kdgeo.distillation import run_distill
     from kdgeo.events import Stage
     from kdgeo.spec import load_spec
 

@@ -228,9 +228,9 @@ def test_spec_files_with_random_bytes_load_or_give_a_spec_error(tmp_path_factory
 @pytest.fixture
 def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
     """`kdgeo distill` up to (not into) training: the loader, the sweep expansion and the CLI's error handling."""
-    from kdgeo import distill, sweep
+    from kdgeo import distillation, sweep
 
-    monkeypatch.setattr(distill, "run_distill", lambda spec, progress=None, resume=False: None)
+    monkeypatch.setattr(distillation, "run_distill", lambda spec, progress=None, resume=False: None)
     monkeypatch.setattr(sweep, "run_sweep", lambda runs, progress=None: [])
 
 

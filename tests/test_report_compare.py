@@ -1,4 +1,4 @@
-"""kdgeo.report_compare: compare's tables, JSON, CSV, Markdown and plot, on fabricated runs (tests/test_compare.py)."""
+"""kdgeo.report_compare: compare's tables, JSON, CSV, Markdown and plot, on fabricated runs (tests/test_comparison.py)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from kdgeo.compare import CompareArgs, compare
+from kdgeo.comparison import CompareArgs, compare
 from kdgeo.errors import KdgeoError
 from kdgeo.report_compare import plot, print_compare, write_csv, write_json, write_markdown
-from test_compare import make_sweep
+from test_comparison import make_sweep
 
 
 def test_every_output_format(tmp_path, capsys):
@@ -56,3 +56,42 @@ def test_output_path_error(tmp_path):
         write_csv(result, tmp_path / "missing" / "c.csv")
     with pytest.raises(KdgeoError, match="cannot write the plot"):
         plot(result, tmp_path / "missing" / "c.png")
+
+
+def _schema_keys(readme: str) -> dict[str, set[str]]:
+    """The keys the README's "`compare --json` schema" section documents, per level."""
+    import re
+
+    section = readme.split("### `compare --json` schema", 1)[1].split("\n## ", 1)[0]
+    top, rest = section.split("Per metric (`metrics[i]`):", 1)
+    per_metric, rest = rest.split("Per variant (`metrics[i].variants[j]`):", 1)
+    prose, versus = rest.split("\n\n", 1)
+
+    def first_column(table: str) -> set[str]:
+        keys: set[str] = set()
+        for line in table.splitlines():
+            if line.startswith("| `"):
+                keys |= set(re.findall(r"`([a-z_0-9]+)`", line.split(" | ")[0]))
+        return keys
+
+    return {
+        "top": first_column(top),
+        "metric": first_column(per_metric),
+        "variant": set(re.findall(r"`([a-z_0-9]+)`", prose)),
+        "vs_baseline": first_column(versus),
+    }
+
+
+def test_the_readme_json_schema_documents_exactly_the_keys_compare_writes(tmp_path):
+    from cli_helpers import REPO
+    from kdgeo.report_compare import to_json
+
+    documented = _schema_keys((REPO / "README.md").read_text(encoding="utf-8"))
+    root = make_sweep(tmp_path / "runs", {"baseline": 0.0, "worse": -0.05})
+    data = to_json(compare(CompareArgs([str(root)], metric="accuracy,procrustes")))
+    metric = data["metrics"][0]
+    variant = next(v for v in metric["variants"] if v["vs_baseline"] is not None)
+    assert documented["top"] == set(data)
+    assert documented["metric"] == set(metric)
+    assert documented["variant"] == set(variant)
+    assert documented["vs_baseline"] == set(variant["vs_baseline"])

@@ -157,7 +157,11 @@ def _nan_on_call(monkeypatch, which: int):
         value = real(x, y, angular=angular, **kw)
         return value * float("nan") if calls["n"] == which else value
 
+    def fake_batched(xs, ys, angular=False, **kw):  # the objective's batched call, one fake call per pair
+        return [fake(x, y, angular=angular, **kw) for x, y in zip(xs, ys)]
+
     monkeypatch.setattr(geometry, "procrustes_distance", fake)
+    monkeypatch.setattr(geometry, "procrustes_distances", fake_batched)
 
 
 def test_a_non_finite_loss_names_the_term_and_pair_and_checkpoints(tiny, tmp_path, capsys, monkeypatch):
@@ -507,16 +511,16 @@ def test_a_second_ctrl_c_stops_at_once_with_one_line_and_no_traceback(tiny, tmp_
 
 
 def test_a_signal_during_pre_flight_stops_before_anything_is_written(tiny, tmp_path, capsys, monkeypatch):
-    from kdgeo import distill
+    from kdgeo import distillation
 
-    real = distill.make_plan
+    real = distillation.make_plan
 
     def plan_then_signal(*a, **kw):
         plan = real(*a, **kw)
         os.kill(os.getpid(), signal.SIGTERM)
         return plan
 
-    monkeypatch.setattr(distill, "make_plan", plan_then_signal)
+    monkeypatch.setattr(distillation, "make_plan", plan_then_signal)
     path = write_spec(tmp_path / "run.toml", tiny_spec(tiny, tmp_path))
     code, _, err = run_cli(capsys, "distill", str(path), "-q")
     assert code == 143, err

@@ -126,6 +126,102 @@ def test_read_run_names_the_damaged_file_and_the_fix(tmp_path):
     assert "spec.json (the run directory is damaged): line 1, column 12 is not UTF-8 text" in str(run.spec_problem)
 
 
+# ---- predictions.jsonl and the evaluation set's content hash --------------------------------------
+
+
+def test_predictions_round_trip_and_a_damaged_line_is_named(tmp_path):
+    from kdgeo.rundir import PREDICTIONS, read_predictions, write_predictions
+
+    assert read_predictions(tmp_path) is None  # a run from before predictions were written
+    records = [
+        {"index": 0, "text_sha256": "a" * 64, "label": 1, "prediction": 1, "correct": True},
+        {"index": 1, "text_sha256": "b" * 64, "rougeL": float("nan"), "nll": 2.5, "tokens": 3},
+    ]
+    write_predictions(tmp_path / PREDICTIONS, records)
+    back = read_predictions(tmp_path)
+    assert back == [records[0], {**records[1], "rougeL": None}]  # NaN is written as null, as in every run file
+    for line, reason in ((b"[1, 2]", "holds a JSON list, not an object"), (b'{"index": 1', "is not JSON"),
+                         (b'{"index": "x", "text_sha256": "c"}', 'lacks an integer "index"'), (b"\xff", "is not UTF-8 text")):
+        (tmp_path / PREDICTIONS).write_bytes(b'{"index": 0, "text_sha256": "a"}\n' + line + b"\n")
+        with pytest.raises(KdgeoError, match=rf"predictions.jsonl, line 2 {reason}.*delete predictions.jsonl"):
+            read_predictions(tmp_path)
+
+
+def test_eval_sha256_covers_every_text_field_each_target_and_the_order():
+    import hashlib
+
+    from kdgeo.rundir import eval_sha256, text_sha256
+
+    assert text_sha256(["ab", "c"]) == hashlib.sha256("ab\x1fc".encode()).hexdigest()
+    assert text_sha256(["ab", "c"]) != text_sha256(["a", "bc"]) != text_sha256(["abc"])
+    a, b = text_sha256(["a"]), text_sha256(["b"])
+    want = hashlib.sha256(f"{a}\x1f0\n{b}\x1f1\n".encode()).hexdigest()
+    assert eval_sha256([(a, "0"), (b, "1")]) == want
+    others = [[(b, "1"), (a, "0")], [(a, "0"), (b, "2")], [(a, "0")], [(a, "0"), (b, "1"), (a, "0")]]
+    assert len({want, *(eval_sha256(o) for o in others)}) == 5  # order, a label, fewer or more examples
+
+
+def test_the_eval_set_keys_read_back_and_an_older_summary_has_none():
+    from kdgeo.rundir import ClassificationData, RunData
+
+    old = {"dataset": "d", "config": None, "train_split": "train", "eval_split": "validation", "eval_dataset": None,
+           "max_train_samples": None, "max_eval_samples": 8, "text_column": "text", "label_column": "label"}
+    data = RunData.from_dict(old)
+    assert (data.eval_sha256, data.eval_examples) == (None, None) and data.to_dict() == old  # nothing added on write
+    new = {**old, "eval_sha256": "f" * 64, "eval_examples": 8}
+    data = RunData.from_dict(new)
+    assert isinstance(data, ClassificationData) and (data.eval_sha256, data.eval_examples) == ("f" * 64, 8)
+    assert list(data.to_dict()) == list(new)  # the task's keys first, the evaluation set's last
+    assert RunData.from_dict({"dataset": "d"}).eval_sha256 is None  # a spec's data table: never recorded
+
+
+def test_a_classification_run_writes_predictions_that_agree_with_its_summary(tiny, tmp_path, capsys):
+    """accuracy = mean(correct) exactly; eval_sha256 is the same for another student (with another tokenizer)
+    on the same examples, differs for another max_eval_samples, and `kdgeo eval` on the run reproduces both."""
+    import json
+
+    from cli_helpers import run_cli, tiny_spec, write_spec
+
+    from kdgeo.data import load_split
+    from kdgeo.rundir import eval_sha256, read_predictions, read_run, text_sha256
+
+    def distill(name, **sections):
+        spec = tiny_spec(tiny, tmp_path, train={"max_steps": 1}, monitor={"every": 0}, **sections)
+        code, _, err = run_cli(capsys, "distill", str(write_spec(tmp_path / f"{name}.toml", {**spec, "name": name})), "-q")
+        assert code == 0, err
+        return read_run(tmp_path / "runs" / name)
+
+    a = distill("a")
+    records = read_predictions(a.path)
+    assert a.summary is not None and a.summary.data is not None and records is not None
+    rows = load_split("kdgeo:wordnet-supersenses", None, "validation")[:32]
+    assert [r["index"] for r in records] == list(range(32)) and a.summary.data.eval_examples == 32
+    assert [r["text_sha256"] for r in records] == [text_sha256([t]) for t in rows["text"]]
+    assert [r["label"] for r in records] == rows["label"]
+    assert all(r["correct"] == (r["label"] == r["prediction"]) for r in records)
+    assert a.summary.scores["accuracy"] == sum(r["correct"] for r in records) / len(records)
+    assert a.summary.data.eval_sha256 == eval_sha256((text_sha256([t]), str(y)) for t, y in zip(rows["text"], rows["label"]))
+
+    other = {"init": "pretrained", "model": str(tiny["student_other_tok"])}
+    b = distill("b", student=other, features={"rows": "mean", "pairs": "uniform"})
+    assert b.summary and b.summary.data and b.summary.data.eval_sha256 == a.summary.data.eval_sha256
+    # Another evaluation set, from the plan alone (what summary.json's data is written from).
+    from kdgeo import events
+    from kdgeo.plan import make_plan
+    from kdgeo.spec import validate_spec
+
+    for data, count in (({"max_eval_samples": 16}, 16), ({"eval_split": "train"}, 32)):
+        plan = make_plan(validate_spec(tiny_spec(tiny, tmp_path, data=data)), 1, False, events.ignore)
+        other_set = plan.task.summary_data(plan.data, plan.train, plan.evals)
+        assert other_set.eval_examples == count and other_set.eval_sha256 not in (None, a.summary.data.eval_sha256)
+
+    out, preds = tmp_path / "eval.json", tmp_path / "preds.jsonl"
+    code, _, err = run_cli(capsys, "eval", str(a.path), "--json", str(out), "--predictions", str(preds), "-q")
+    assert code == 0, err
+    assert json.loads(out.read_text())["eval_sha256"] == a.summary.data.eval_sha256
+    assert [json.loads(line) for line in preds.read_text().splitlines()] == records
+
+
 # ---- permissions and durability ---------------------------------------------------------------------
 
 
@@ -153,7 +249,7 @@ def test_a_real_run_writes_every_file_with_the_umask_s_mode(tiny, tmp_path, umas
 
     from cli_helpers import REPO, tiny_spec, write_spec
 
-    from kdgeo.rundir import METRICS, RUN_MARKER, SPEC_JSON, SPEC_TOML, STUDENT, SUMMARY
+    from kdgeo.rundir import METRICS, PREDICTIONS, RUN_MARKER, SPEC_JSON, SPEC_TOML, STUDENT, SUMMARY
 
     spec = write_spec(tmp_path / "run.toml", tiny_spec(tiny, tmp_path, train={"max_steps": 2, "checkpoint_every": 1}, monitor={"every": 0}))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
@@ -163,7 +259,7 @@ def test_a_real_run_writes_every_file_with_the_umask_s_mode(tiny, tmp_path, umas
     )
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "runs" / "t"
-    files = [run / name for name in (SUMMARY, SPEC_JSON, SPEC_TOML, RUN_MARKER, METRICS)]
+    files = [run / name for name in (SUMMARY, SPEC_JSON, SPEC_TOML, RUN_MARKER, METRICS, PREDICTIONS)]
     files += sorted((run / STUDENT).iterdir()) + sorted((run / "checkpoint-1").iterdir())
     assert any(p.name == "model.safetensors" for p in files)
     assert {p.relative_to(run).as_posix(): oct(p.stat().st_mode & 0o777) for p in files} == {

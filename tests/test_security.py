@@ -48,7 +48,7 @@ def test_remote_code_is_off_unless_the_spec_says_so():
 
 def test_weights_are_written_as_safetensors(tiny, tmp_path):
     from cli_helpers import tiny_spec
-    from kdgeo.distill import run_distill
+    from kdgeo.distillation import run_distill
     from kdgeo.spec import validate_spec
 
     result = run_distill(validate_spec(tiny_spec(tiny, tmp_path, train={"max_steps": 2, "checkpoint_every": 1})))

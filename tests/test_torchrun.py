@@ -78,6 +78,14 @@ def test_ddp_two_processes_match_one_process_with_the_doubled_batch(tiny, tmp_pa
     _assert_same(two, one, ("ce", "kd", "loss"))
     summary = json.loads((two / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["distributed"] == "ddp"
+    # predictions.jsonl: rank 0's final evaluation, every example once, the same set as one process's
+    from kdgeo.rundir import read_predictions
+
+    records, single = read_predictions(two), read_predictions(one)
+    assert records is not None and single is not None and [r["index"] for r in records] == list(range(32))
+    assert [r["text_sha256"] for r in records] == [r["text_sha256"] for r in single]
+    assert summary["data"]["eval_sha256"] == json.loads((one / "summary.json").read_text())["data"]["eval_sha256"]
+    assert summary["scores"]["accuracy"] == sum(r["correct"] for r in records) / 32
 
 
 def test_gathered_geometry_losses_span_the_global_batch(tiny, tmp_path, capsys):

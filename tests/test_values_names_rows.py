@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cli_helpers import tiny_spec
-from kdgeo.distill import run_distill
+from kdgeo.distillation import run_distill
 from kdgeo.events import Event, RunWarning, Stage
 from kdgeo.geometry import procrustes_distance
 from kdgeo.rundir import read_jsonl

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from kdgeo import data as data_mod
-from kdgeo.distill import run_distill
+from kdgeo.distillation import run_distill
 from kdgeo.models import ModelRef, load_classifier, load_tokenizer, student_from_teacher_layers
 from kdgeo.spec import validate_spec
 

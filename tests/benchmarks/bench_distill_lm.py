@@ -1,7 +1,7 @@
 """Geometry-loss overhead on a decoder student, measured side by side (prints figures; asserts nothing).
 
 Step time of ce + kd + procrustes (token rows on the response tokens, 3 layer pairs) over ce + kd
-alone, for ``task = "causal-lm"`` through ``kdgeo.distill.run_distill``: same models, same
+alone, for ``task = "causal-lm"`` through ``kdgeo.distillation.run_distill``: same models, same
 instruction data, same batches. The models are built in-process, offline: a byte-level BPE
 tokenizer trained on the demo glosses, a 6-layer OPT teacher (width 256, random weights: the
 cost of a step does not depend on them) and a 3-layer student copied from its layers [1, 3, 5]
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from kdgeo.distill import run_distill
+from kdgeo.distillation import run_distill
 from kdgeo.models import quiet_transformers
 from kdgeo.spec import DEFAULT_CONTEXT_TEMPLATE, DEFAULT_TEMPLATE, validate_spec
 

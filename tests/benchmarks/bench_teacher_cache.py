@@ -50,7 +50,7 @@ try:  # run from a checkout without `pip install -e .`
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from kdgeo.distill import run_distill
+from kdgeo.distillation import run_distill
 from kdgeo.events import Event, RunFailed, Stage, Start
 from kdgeo.sweep import run_sweep
 from kdgeo.spec import expand_sweep, validate_spec

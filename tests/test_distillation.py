@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from cli_helpers import run_cli, tiny_spec, write_spec
-from kdgeo.distill import run_distill
+from kdgeo.distillation import run_distill
 from kdgeo.rundir import read_jsonl
 from kdgeo.spec import validate_spec
 

@@ -249,6 +249,7 @@ class _Run:
         self.resumed_from: Path | None = None
         self.teacher_scores: dict[str, float] = {}
         self.teacher_preds: list[int] | None = None
+        self.final_records: list[dict[str, Any]] | None = None  # the final evaluation's, for predictions.jsonl
         self.cached: TeacherOutputs | None = None
 
     # ---- build --------------------------------------------------------------------------------
@@ -387,7 +388,7 @@ class _Run:
         note = plan.task.scoring_note(plan.evals, self.eval_settings)
         if note:
             self.emit(Stage(note))
-        self.teacher_scores, self.teacher_preds = plan.task.evaluate(
+        scored = plan.task.evaluate(
             self.teacher.model,
             plan.t_tok,
             plan.evals,
@@ -395,6 +396,7 @@ class _Run:
             self.eval_settings,
             final=True,
         )
+        self.teacher_scores, self.teacher_preds = scored.scores, scored.predictions
 
     # ---- the loop's inputs and hooks --------------------------------------------------------
     def start(self, resume: bool, write_run_files: Any) -> TrainState:
@@ -549,11 +551,13 @@ class _Run:
         if not self.measure_here:
             return {}
         plan = self.plan
-        scores, _ = plan.task.evaluate(
+        scored = plan.task.evaluate(
             self.model, plan.s_tok, plan.evals, "student", self.eval_settings, final, reference=self.teacher_preds
         )
-        self.record(events.Eval(step=step, epoch=epoch, scores=scores))
-        return scores
+        if final:
+            self.final_records = scored.records
+        self.record(events.Eval(step=step, epoch=epoch, scores=scored.scores))
+        return scored.scores
 
     def save_checkpoint(self, state: TrainState, extra_keep: int = 0) -> Path:
         dist, tr = self.dist, self.plan.training
@@ -618,6 +622,16 @@ class _Run:
         summary = self._summary(state, last_monitor, scores, student_dir, wall_start).to_dict()
 
         def write() -> None:
+            # Before summary.json: a run is finished only with both, and a failed write keeps the
+            # end-of-training checkpoint, from which --resume evaluates again and writes them.
+            if self.final_records is not None:
+                try:
+                    rundir.write_predictions(self.run_dir / rundir.PREDICTIONS, self.final_records)
+                except OutputError as err:
+                    raise OutputError(
+                        f"{err.message} The end-of-training checkpoint is kept: free some space and run the same "
+                        "command with --resume to finish the run."
+                    ) from None
             rundir.write_json(self.run_dir / rundir.SUMMARY, summary)
             # The end-of-training checkpoint was insurance for the final phase, which is now done.
             shutil.rmtree(self.run_dir / f"{checkpoint.PREFIX}{plan.steps.total}", ignore_errors=True)
@@ -764,7 +778,7 @@ def _write_run_files(run_dir: Path, spec: RunSpec) -> None:
     except OSError as err:
         raise OutputError(f"cannot create the run directory {run_dir}: {err.strerror or err}") from None
     if spec.output.overwrite:
-        for name in (rundir.METRICS, rundir.SUMMARY):
+        for name in (rundir.METRICS, rundir.SUMMARY, rundir.PREDICTIONS):
             (run_dir / name).unlink(missing_ok=True)
         shutil.rmtree(run_dir / rundir.STUDENT, ignore_errors=True)
         for _, old in checkpoint.list_checkpoints(run_dir):
