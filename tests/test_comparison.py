@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from kdgeo import rundir
-from kdgeo.comparison import CompareArgs, compare, load_runs
+from kdgeo.compare_runs import load_runs
+from kdgeo.comparison import CompareArgs, compare
 from kdgeo.report_compare import print_compare, to_json
 from kdgeo.errors import KdgeoError
 

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from kdgeo import rundir
-from kdgeo.comparison import CompareArgs, RunRecord, TaskKey, compare, load_runs, pair_on_shared_seeds
+from kdgeo.compare_runs import RunRecord, TaskKey, load_runs, pair_on_shared_seeds
+from kdgeo.comparison import CompareArgs, compare
 from kdgeo.errors import KdgeoError
 
 from cli_helpers import run_cli
