@@ -155,11 +155,12 @@ class Objective(nn.Module):
         self, kind: str, term: LossTerm, teacher: Sequence[Tensor], student: Sequence[Tensor]
     ) -> list[Tensor]:
         """The term's value for each layer pair: teacher[k] (n, d_t), student[k] (n, d_s)."""
+        if kind == "procrustes":
+            # Pairs of equal shapes share one batched GEMM and eigh/svdvals (kdgeo.geometry.procrustes_distances).
+            return geometry.procrustes_distances(teacher, student, angular=term.angular)
         values = []
         for k, (x, y) in enumerate(zip(teacher, student)):
             match kind:
-                case "procrustes":
-                    values.append(geometry.procrustes_distance(x, y, angular=term.angular))
                 case "gram":
                     values.append(geometry.gram_distance(x, y))
                 case "cka":

@@ -5,7 +5,7 @@ float32 training amplifies last-bit differences between CPU kernels (AVX-512 vs 
 to ~1e-4 relative in a loss after a few steps; in float64 they stay near 1e-12. These tests check
 that fp64 really is float64 everywhere a value is made (models, losses, monitor, the teacher's
 fine-tune and the teacher-output cache) and that the rest of kdgeo (eval, caches) works on such
-runs. The goldens themselves are in test_distill.py, the losses' own float64 check in test_losses.py.
+runs. The goldens themselves are in test_distillation.py, the losses' own float64 check in test_losses.py.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ def _tests_reading_pinned_constants() -> dict[str, list[str]]:
 
 def test_every_test_reading_a_golden_constant_is_named_pinned_or_golden():
     found = _tests_reading_pinned_constants()
-    assert "test_distill.py" in found, "the training goldens moved: update this check"
+    assert "test_distillation.py" in found, "the training goldens moved: update this check"
     unnamed = [f"{file}::{name}" for file, names in found.items() for name in names if not re.search("pinned|golden", name)]
     assert not unnamed, f"rename these so that `-k \"pinned or golden\"` in .ci/run selects them: {unnamed}"
 

@@ -1,6 +1,6 @@
 """kdgeo.loop: the training loop on its own, with a toy model and hooks that record what they are asked.
 
-The end-to-end runs (goldens, resume of real runs, torchrun) are in test_distill.py, test_resume.py
+The end-to-end runs (goldens, resume of real runs, torchrun) are in test_distillation.py, test_resume.py
 and test_torchrun.py; here the loop's own contract: accumulation is a mean over the step, hooks fire
 at their intervals, a signal checkpoints and stops with 128 + signum, a non-finite step is skipped
 or aborts with the state before it, and TrainState is everything needed to continue bit for bit.

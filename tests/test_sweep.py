@@ -58,7 +58,7 @@ def test_sweep_runs_all_isolates_a_failure_and_skips_finished_runs(tiny, tmp_pat
 
 def test_sweep_then_compare_every_format_and_exit_code(tiny, tmp_path, capsys):
     """2 variants x 3 seeds on tiny models. The geometry loss lowers the Procrustes distance on
-    every seed (see test_distill), so compare must find it, in both directions of --baseline."""
+    every seed (see test_distillation), so compare must find it, in both directions of --baseline."""
     student = {"init": "config", "arch": {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}}
     spec = tiny_spec(tiny, tmp_path, student=student, train={"max_steps": 30, "lr": 2e-3}, monitor={"every": 10, "samples": 32})
     spec["name"] = "sw"

@@ -17,7 +17,13 @@ Not collected by pytest (no ``test_`` names). Prints two tables:
    methods' tables.
 2. Training-path cost: forward + backward of each geometry loss on a (4096 x 768 teacher,
    4096 x 384 student) batch, relative to the projection-MSE baseline (learned W: Y W then MSE,
-   gradients to Y and W). Medians over repetitions; ``torch.set_num_threads(2)``.
+   gradients to Y and W). Medians over alternating repetitions; ``torch.set_num_threads(2)``.
+3. Routes: forward + backward ms of procrustes D^2 and FG with the ``n x n`` route, the ``d x d``
+   route and ``auto``, for n in 64..4096 and widths 768/384, 384/384, 384/256, all measured in
+   turns in one run; ``auto/fastest`` is the picked route's median over the faster one's (goal <= 1.10).
+
+``--routes-only`` skips table 1. The load average is printed at the start and the end: ratios are
+measured side by side, absolute times only mean something on a quiet machine.
 """
 
 from __future__ import annotations
@@ -129,14 +135,14 @@ def _run_probe(method: str, n: int) -> dict[str, object]:
 
 
 def _max_table_diff(a: dict[str, list[list[float]]], b: dict[str, list[list[float]]]) -> float:
-    return max(
-        abs(x - y) for m in PROBE_METRICS for ra, rb in zip(a[m], b[m]) for x, y in zip(ra, rb)
-    )
+    return max(abs(x - y) for m in PROBE_METRICS for ra, rb in zip(a[m], b[m]) for x, y in zip(ra, rb))
 
 
 def probe_table(ns: list[int]) -> None:
-    print(f"\n## All-pairs probe: teacher {T_LAYERS}x{T_WIDTH}, student {S_LAYERS}x{S_WIDTH}, "
-          f"{T_LAYERS * S_LAYERS} pairs, metrics {'+'.join(PROBE_METRICS)}, chunks of {CHUNK} rows")
+    print(
+        f"\n## All-pairs probe: teacher {T_LAYERS}x{T_WIDTH}, student {S_LAYERS}x{S_WIDTH}, "
+        f"{T_LAYERS * S_LAYERS} pairs, metrics {'+'.join(PROBE_METRICS)}, chunks of {CHUNK} rows"
+    )
     print(f"{'n':>7} | {'method':>8} | {'time s':>8} | {'RSS growth MiB':>14} | {'speed-up':>8} | {'max|diff|':>9}")
     print("-" * 70)
     for n in ns:
@@ -144,24 +150,18 @@ def probe_table(ns: list[int]) -> None:
         pairs = _run_probe("per-pair", n)
         diff = _max_table_diff(stream["tables"], pairs["tables"])  # type: ignore[arg-type]
         speed = pairs["seconds"] / stream["seconds"]  # type: ignore[operator]
-        print(f"{n:>7} | {'stream':>8} | {stream['seconds']:>8.2f} | {stream['rss_growth_mb']:>14.0f} | "
-              f"{speed:>7.2f}x | {diff:>9.1e}")
-        print(f"{n:>7} | {'per-pair':>8} | {pairs['seconds']:>8.2f} | {pairs['rss_growth_mb']:>14.0f} | "
-              f"{'1.00x':>8} |")
+        print(
+            f"{n:>7} | {'stream':>8} | {stream['seconds']:>8.2f} | {stream['rss_growth_mb']:>14.0f} | "
+            f"{speed:>7.2f}x | {diff:>9.1e}"
+        )
+        print(f"{n:>7} | {'per-pair':>8} | {pairs['seconds']:>8.2f} | {pairs['rss_growth_mb']:>14.0f} | {'1.00x':>8} |")
     held = lambda n: n * (T_LAYERS * T_WIDTH + S_LAYERS * S_WIDTH) * 4 / 2**20  # noqa: E731
     state = (T_LAYERS * T_WIDTH * S_LAYERS * S_WIDTH + T_LAYERS * T_WIDTH**2 + S_LAYERS * S_WIDTH**2) * 8 / 2**20
-    print(f"(stream state: {state:.0f} MiB float64 for any n; per-pair holds "
-          + ", ".join(f"{held(n):.0f} MiB at n={n}" for n in ns) + " of float32 activations)")
-
-
-def _median_time(fn: Callable[[], None], reps: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    print(
+        f"(stream state: {state:.0f} MiB float64 for any n; per-pair holds "
+        + ", ".join(f"{held(n):.0f} MiB at n={n}" for n in ns)
+        + " of float32 activations)"
+    )
 
 
 def loss_table(reps: int, n: int = 4096) -> None:
@@ -195,36 +195,90 @@ def loss_table(reps: int, n: int = 4096) -> None:
         ("1 - cka (debiased)", fwd_bwd(lambda y: 1.0 - g.cka(x, y, debiased=True))),
         ("gram (FG), n x n route forced", fwd_bwd(lambda y: g.gram_distance(x, y, route="gram"))),
     ]
-    print(f"\n## Training-path loss cost: forward+backward, teacher {n}x{T_WIDTH}, student {n}x{S_WIDTH}, "
-          f"median of {reps}, {torch.get_num_threads()} threads")
+    print(
+        f"\n## Training-path loss cost: forward+backward, teacher {n}x{T_WIDTH}, student {n}x{S_WIDTH}, "
+        f"median of {reps} alternating repeats, {torch.get_num_threads()} threads, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     print(f"{'loss':>32} | {'ms':>8} | {'x baseline':>10}")
     print("-" * 56)
-    base = None
-    for name, fn in cases:
-        t = _median_time(fn, reps)
-        base = base or t
-        print(f"{name:>32} | {t * 1e3:>8.1f} | {t / base:>10.2f}")
+    ts = _alternating_medians(dict(cases), reps)
+    base = ts[cases[0][0]]
+    for name, _ in cases:
+        print(f"{name:>32} | {ts[name] * 1e3:>8.1f} | {ts[name] / base:>10.2f}")
+    print(f"procrustes D^2 / projection-MSE: {ts['procrustes D^2'] / base:.2f}x (goal <= 1.5x)")
 
-    # Procrustes route choice at a small batch (n < min(d_t, d_s)) and at the training batch.
-    print("\n## Procrustes routes (forward+backward ms; 'auto' picks the cheaper by a flop estimate)")
-    print(f"{'n':>6} | {'auto picks':>10} | {'gram (n x n)':>12} | {'cov (d_t x d_s)':>15}")
-    print("-" * 54)
-    for rows in (64, 256, n):
-        xs, ys0 = x[:rows], y0[:rows]
-        pick = "gram" if g._procrustes_gram_route_cheaper(rows, T_WIDTH, S_WIDTH) else "cov"
-        ts = {}
-        for route in ("gram", "cov"):
-            def run(route: str = route) -> None:
-                ys = ys0.clone().requires_grad_(True)
-                g.procrustes_distance(xs, ys, route=route).backward()  # type: ignore[arg-type]
 
-            ts[route] = _median_time(run, reps)
-        print(f"{rows:>6} | {pick:>10} | {ts['gram'] * 1e3:>12.1f} | {ts['cov'] * 1e3:>15.1f}")
+ROUTE_GRID_N = (64, 128, 256, 512, 1024, 2048, 4096)
+ROUTE_GRID_WIDTHS = ((768, 384), (384, 384), (384, 256))
+
+
+def _alternating_medians(fns: dict[str, Callable[[], None]], reps: int) -> dict[str, float]:
+    """Median seconds of each fn, run in turns (A B C, B C A, ...) so load drifts hit all alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    names = list(fns)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for rep in range(reps):
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def route_grid(reps: int, ns: tuple[int, ...] = ROUTE_GRID_N) -> list[float]:
+    """Forward+backward ms of each route and of ``auto`` for procrustes D^2 and FG over n x widths.
+
+    Returns the ratios auto / fastest route (goal <= 1.10 everywhere).
+    """
+    from kdgeo import geometry as g
+
+    ratios: list[float] = []
+    print(
+        f"\n## Routes: forward+backward ms, float32, median of {reps} alternating repeats; "
+        "'auto' is what the default picks (kdgeo.geometry's measured cost model)"
+    )
+    print(
+        f"{'loss':>10} | {'n':>5} | {'d_t/d_s':>7} | {'picks':>5} | {'gram (n x n)':>12} | {'cov (d x d)':>11} | "
+        f"{'auto':>7} | {'auto/fastest':>12} | {'picked/fastest':>14}"
+    )
+    print("-" * 113)
+    for loss in ("procrustes", "gram"):
+        for d_t, d_s in ROUTE_GRID_WIDTHS:
+            for n in ns:
+                gen = torch.Generator().manual_seed(n + d_t + d_s)
+                z = torch.randn(n, LATENT, generator=gen)
+                x = z @ torch.randn(LATENT, d_t, generator=gen) + torch.randn(n, d_t, generator=gen)  # (n, d_t)
+                y0 = z @ torch.randn(LATENT, d_s, generator=gen) + torch.randn(n, d_s, generator=gen)  # (n, d_s)
+                fn = g.procrustes_distance if loss == "procrustes" else g.gram_distance
+
+                def run(route: str, fn: Callable[..., Tensor] = fn, x: Tensor = x, y0: Tensor = y0) -> None:
+                    y = y0.clone().requires_grad_(True)
+                    fn(x, y, route=route).backward()
+
+                ts = _alternating_medians({r: (lambda r=r: run(r)) for r in ("gram", "cov", "auto")}, reps)
+                if loss == "procrustes":
+                    pick = "gram" if g._procrustes_gram_route_cheaper(n, d_t, d_s) else "cov"
+                else:
+                    pick = "gram" if g._gram_route_cheaper(n, d_t, d_s) else "cov"
+                # auto runs the picked route's code, so its own median differs from that route's by noise
+                # only: both are shown, auto's own median over the fastest route's and the picked route's.
+                ratio = ts["auto"] / min(ts["gram"], ts["cov"])
+                picked = ts[pick] / min(ts["gram"], ts["cov"])
+                ratios.append(ratio)
+                print(
+                    f"{loss:>10} | {n:>5} | {f'{d_t}/{d_s}':>7} | {pick:>5} | {ts['gram'] * 1e3:>12.1f} | "
+                    f"{ts['cov'] * 1e3:>11.1f} | {ts['auto'] * 1e3:>7.1f} | {ratio:>12.2f} | {picked:>14.2f}"
+                )
+    print(f"worst auto/fastest: {max(ratios):.2f} (goal <= 1.10)")
+    return ratios
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller n and fewer repetitions")
+    parser.add_argument("--routes-only", action="store_true", help="skip the all-pairs probe table")
     parser.add_argument("--worker", choices=["stream", "per-pair"], help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -238,8 +292,11 @@ def main() -> None:
         f"{'quick' if args.quick else 'full'} run"
     )
     t0 = time.perf_counter()
-    probe_table([1024, 4096] if args.quick else [2048, 32768])
-    loss_table(reps=3 if args.quick else 7)
+    if not args.routes_only:
+        probe_table([1024, 4096] if args.quick else [2048, 32768])
+    loss_table(reps=5 if args.quick else 7)
+    route_grid(reps=5 if args.quick else 7, ns=(64, 256, 1024, 4096) if args.quick else ROUTE_GRID_N)
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
 
 
