@@ -6,8 +6,12 @@ A checkpoint is a directory ``<run>/checkpoint-<step>/`` holding
     objective.safetensors   the learned projection maps (absent when there are none)
     optimizer.pt            AdamW's state (tensors and numbers only: read with weights_only=True)
     rng.safetensors         torch's CPU (and CUDA) generator states
+    best.safetensors        with train.save_best: the best evaluation's student so far (absent
+                            before the first finite score), so a resumed run keeps it
     state.json              step, data position, scheduler and gradient-scaler state, counters,
-                            the last evaluation and monitor values; written last
+                            the last evaluation and monitor values (with train.save_best, under
+                            ``best``: the metric, best score and step, evaluations without a
+                            better score, whether training stopped early); written last
 
 It is written into a temporary directory, each file fsync'ed, then renamed into place, so a
 crash or ``kill -9`` at any moment leaves either the previous checkpoint or the new one, never
@@ -43,6 +47,7 @@ STUDENT = "student.safetensors"
 OBJECTIVE = "objective.safetensors"
 OPTIMIZER = "optimizer.pt"
 RNG = "rng.safetensors"
+BEST = "best.safetensors"
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
 
 STATE_KEYS: Mapping[str, type] = {
@@ -101,8 +106,12 @@ def save_checkpoint(
     student_state: dict[str, torch.Tensor] | None = None,
     optimizer_state: dict[str, Any] | None = None,
     rng: dict[str, torch.Tensor] | None = None,
+    best_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write checkpoint-<step> atomically and prune to the newest ``keep``.
+
+    ``best_state``: the best evaluation's student weights (train.save_best), written as best.safetensors in
+    the same atomic directory, so the checkpoint and the best student it refers to cannot disagree.
 
     Under torchrun the caller passes what the modules alone cannot give: the student's full
     weights gathered from its FSDP shards (``student_state``), the optimizer's full state, and
@@ -128,6 +137,8 @@ def save_checkpoint(
             save_model(objective, str(tmp / "objective.safetensors"))
         torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / "optimizer.pt")
         save_file(rng if rng is not None else rng_states(), str(tmp / "rng.safetensors"))
+        if best_state is not None:
+            save_file({k: v.contiguous() for k, v in best_state.items()}, str(tmp / BEST))
         (tmp / STATE).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
         for child in tmp.iterdir():
             apply_umask(child)
@@ -248,6 +259,16 @@ def _read_optimizer(path: Path, optimizer: torch.optim.Optimizer, device: torch.
                         path, OPTIMIZER, f"'{key}' of parameter {pid} is {list(value.shape)}, not {list(param.shape)}"
                     )
     return saved
+
+
+def read_best(path: Path, student: nn.Module) -> dict[str, torch.Tensor]:
+    """best.safetensors of a checkpoint, checked against ``student``'s weights (read before anything of the
+    checkpoint is applied, like the rest). Raises :class:`DamagedCheckpoint`, also when it is missing."""
+    if not (path / BEST).exists():
+        raise DamagedCheckpoint(path, BEST, "missing, and state.json records a best student to restore")
+    weights = _read_tensors(path, BEST)
+    _check_weights(path, BEST, student, weights)
+    return weights
 
 
 def load_checkpoint(

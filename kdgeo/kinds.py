@@ -63,6 +63,14 @@ METRIC_HIGHER_IS_BETTER: dict[str, bool] = {
 higher-is-better by :func:`higher_is_better`."""
 
 
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "classification": ("accuracy", "macro_f1", "mcc", "f1", "teacher_agreement"),
+    "causal-lm": ("perplexity", "response_nll", "rougeL"),
+}
+"""The scores every evaluation of a distill run of each task gives (``train.save_best`` picks one). ``f1`` is the
+positive class's F1 of a two-label task only; ``rougeL`` needs generation at every evaluation."""
+
+
 def higher_is_better(metric: str) -> bool:
     """``METRIC_HIGHER_IS_BETTER[metric]``; True for a metric not listed (scores, like accuracy, mostly are)."""
     return METRIC_HIGHER_IS_BETTER.get(metric, True)

@@ -152,13 +152,16 @@ class Hooks:
     """What the loop calls out to. ``record`` logs an event (metrics.jsonl and the view);
     ``monitor(step)`` measures the layer pairs and returns their values; ``evaluate(step, epoch,
     final)`` returns the scores; ``checkpoint(state, extra_keep)`` saves and returns the path;
-    ``stop_signal()`` is the signal that asked the run to stop, or None."""
+    ``stop_signal()`` is the signal that asked the run to stop, or None; ``stop_early()`` is True once
+    training should end before ``total_steps`` (early stopping: it is decided by an evaluation, the
+    same on every process, and the run ends as at the last step, not as an interruption)."""
 
     record: Callable[[Event], None]
     monitor: Callable[[int], list[dict[str, float]]]
     evaluate: Callable[[int, float, bool], dict[str, float]]
     checkpoint: Callable[[TrainState, int], Path]
     stop_signal: Callable[[], int | None]
+    stop_early: Callable[[], bool] = lambda: False
 
 
 def train(
@@ -174,7 +177,8 @@ def train(
     hooks: Hooks,
     dist: distributed.Dist,
 ) -> TrainState:
-    """Train from ``state`` to ``cfg.total_steps`` and save the end-of-training checkpoint.
+    """Train from ``state`` to ``cfg.total_steps`` (or until ``hooks.stop_early()``) and save the
+    end-of-training checkpoint.
 
     ``student`` is the module that runs forward and backward (under torchrun its DDP/FSDP wrapper).
     Raises :class:`RunInterrupted` after checkpointing when a stop signal arrives, and
@@ -183,7 +187,7 @@ def train(
     started_at = state.step
     params = [p for g in optimizer.param_groups for p in g["params"]]
     device = next(student.parameters()).device
-    while state.step < cfg.total_steps:
+    while state.step < cfg.total_steps and not hooks.stop_early():
         micro = batches.epoch(state.epoch, dist)
         stream = batches.stream(micro[state.next_micro :], dist)
         while state.next_micro < len(micro) and state.step < cfg.total_steps:
@@ -224,15 +228,17 @@ def train(
                 stop_here = hooks.stop_signal() is not None
             if stop_here and state.step < cfg.total_steps:
                 _interrupt(state, cfg, hooks)
+            if hooks.stop_early():
+                break  # the end-of-training checkpoint below is this step's
             if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step != cfg.total_steps:
                 hooks.checkpoint(state, 0)
-        if state.next_micro >= len(micro):
+        if state.next_micro >= len(micro) and not hooks.stop_early():
             state.epoch += 1
             state.next_micro = 0
             if not cfg.eval_every and state.step < cfg.total_steps:
                 state.last_scores = hooks.evaluate(state.step, float(state.epoch), False)
                 state.evaluated_at = state.step
-    if started_at < cfg.total_steps:
+    if state.step > started_at:
         # Insurance for the final phase (evaluation, saving): resume from here finishes the run.
         # It is removed once summary.json is written, so it does not count against keep_checkpoints.
         hooks.checkpoint(state, 1)

@@ -72,6 +72,10 @@ class TrainArgs:
     loader_workers: int | str
     gather_features: bool
     on_nonfinite: str
+    save_best: str | None = None
+    """The evaluation metric whose best student is kept (None: the final student is)."""
+    early_stopping_patience: int | None = None
+    """Evaluations in a row without a better ``save_best`` score that stop training (None: never)."""
 
 
 @dataclass(frozen=True)
@@ -210,6 +214,7 @@ def make_plan(spec: RunSpec, world: int, gathered: bool, emit: Progress) -> Dist
         candidates = [(s, t) for s in range(1, s_layers + 1) for t in range(1, t_layers + 1)] if probe_pairs else pairs
         check_equal_widths(kinds, candidates, s_widths, t_widths, probe_pairs)
     steps = _count_steps(spec, len(train), kinds, world, gathered, emit)
+    _check_best(spec, steps, loaded.task)
     return DistillPlan(
         name=spec.name,
         variant=spec.variant or spec.name,
@@ -292,7 +297,30 @@ def _train_args(spec: RunSpec) -> TrainArgs:
         loader_workers=t.loader_workers,
         gather_features=t.gather_features,
         on_nonfinite=t.on_nonfinite,
+        save_best=t.save_best,
+        early_stopping_patience=t.early_stopping_patience,
     )
+
+
+def _check_best(spec: RunSpec, steps: Steps, task: Task) -> None:
+    """What the spec could not know: whether the labels give ``f1`` and whether any evaluation comes before the
+    final one (``eval_every = 0`` evaluates at each epoch's end, and an epoch's length needs the data)."""
+    t = spec.train
+    if t.save_best == "f1" and len(task.label_names) != 2:
+        raise KdgeoError(
+            f'train.save_best = "f1" is the positive class\'s F1 of a two-label task, and this data has '
+            f"{len(task.label_names)} labels; choose accuracy, macro_f1, mcc or teacher_agreement."
+        )
+    if t.early_stopping_patience is None:
+        return
+    every = t.eval_every or steps.steps_per_epoch
+    if (steps.total - 1) // every == 0:
+        cadence = f"train.eval_every = {t.eval_every}" if t.eval_every else f"an epoch ({steps.steps_per_epoch} steps)"
+        raise KdgeoError(
+            f"train.early_stopping_patience = {t.early_stopping_patience}: the run has {steps.total} steps and "
+            f"{cadence} is not shorter, so the only evaluation is the final one and nothing can stop early. Set "
+            "train.eval_every below the step count, or train for more steps or epochs."
+        )
 
 
 def _student_plan(spec: RunSpec, t_cfg: Any) -> tuple[list[int], Any, tuple[int, ...] | None, ModelRef | None]:

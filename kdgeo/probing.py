@@ -45,7 +45,9 @@ class ProbeArgs:
     split: str
     text_column: str
     metrics: Sequence[str]
-    rows: Rows = "mean"
+    rows: Rows = "tokens"
+    """The rows distill trains on by default (spec.FeaturesSpec.rows): a map probed on other rows is chosen
+    for a different statistic (on MiniLM, mean rows pick 1->3, 2->4 where token rows pick 1->1, 2->6)."""
     max_samples: int | None = 512
     batch_size: int = 32
     max_length: int = 128
@@ -68,6 +70,9 @@ class ProbeResult:
     map_metric: str
     seconds: float
     meta: dict[str, Any] = field(default_factory=dict)
+    widths: tuple[int, int] = (0, 0)
+    """The widest teacher and student hidden state (d_t, d_s): what :func:`rows_width_warning` weighs n against."""
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         pairs = []
@@ -89,8 +94,35 @@ class ProbeResult:
             "suggested_map": [{"student": s, "teacher": t} for s, t in self.suggested_map],
             "map_metric": self.map_metric,
             "seconds": self.seconds,
+            "widths": {"teacher": self.widths[0], "student": self.widths[1]},
+            "warnings": list(self.warnings),
             **self.meta,
         }
+
+
+ROWS_PER_WIDTH = 2
+"""Fewer than ROWS_PER_WIDTH * max(d_t, d_s) feature rows draws a warning (:func:`rows_width_warning`)."""
+
+
+def rows_width_warning(n: int, d_teacher: int, d_student: int, where: str) -> str | None:
+    """A warning when n feature rows are few for features this wide, else None.
+
+    Procrustes, CKA and the Gram distance are statistics of the n x d feature matrices, and they are
+    biased when n is not large against d: after centring, n rows span at most n - 1 dimensions, so with
+    n <= d any two feature sets can be rotated onto each other far better than their populations can, and
+    the plug-in HSIC behind CKA is biased at small n (Song et al. 2012, the unbiased estimator behind
+    ``cka_debiased``; Kornblith et al. 2019). The values then depend on n, not only on the
+    models: issue 16 reports a MiniLM pair's value moving from 0.099 at n = 32 to 0.273 at n = 512. The rule
+    n >= 2 * max(d_t, d_s) keeps the rows well above the rank limit; it is a rule of thumb, not a bound.
+    """
+    width = max(d_teacher, d_student)
+    if n >= ROWS_PER_WIDTH * width:
+        return None
+    return (
+        f"{where}: only n = {n} feature rows for hidden states up to {width} wide (fewer than "
+        f"{ROWS_PER_WIDTH} x {width} = {ROWS_PER_WIDTH * width}): the similarity values depend on n and move as it "
+        'grows, so compare them only at equal n. Use more samples, or token rows (rows = "tokens").'
+    )
 
 
 def run_probe(args: ProbeArgs, progress: Progress | None = None) -> ProbeResult:
@@ -168,6 +200,9 @@ def run_probe(args: ProbeArgs, progress: Progress | None = None) -> ProbeResult:
     tables = {m: acc.compute(m).cpu() for m in args.metrics}  # each (L_t+1, L_s+1)
     map_metric = args.metrics[0]
     suggested = suggest_layer_map(tables[map_metric], higher_is_better(map_metric))
+    widths = (max(t_widths), max(s_widths))
+    # Returned, not emitted: the progress stream ends with the last ProbeProgress; the CLI prints it after the tables.
+    warning = rows_width_warning(acc.n, *widths, where="probe")
     return ProbeResult(
         teacher=args.teacher.ref,
         student=args.student.ref,
@@ -181,12 +216,15 @@ def run_probe(args: ProbeArgs, progress: Progress | None = None) -> ProbeResult:
         map_metric=map_metric,
         seconds=time.perf_counter() - start,
         meta={"device": str(device), "precision": args.precision, "dataset": args.dataset, "split": args.split},
+        widths=widths,
+        warnings=[warning] if warning else [],
     )
 
 
 def plot_tables(result: ProbeResult, path: str) -> None:
     """One heatmap per metric (teacher layers down, student layers across), suggested map marked."""
     from kdgeo.files import prepare_matplotlib
+    from kdgeo.report import hidden_state_label
 
     prepare_matplotlib()
     import matplotlib
@@ -201,10 +239,11 @@ def plot_tables(result: ProbeResult, path: str) -> None:
         cmap = "viridis" if higher_is_better(metric) else "viridis_r"
         im = ax.imshow(values.numpy(), cmap=cmap, aspect="auto", origin="lower")
         ax.set_title(metric)
-        ax.set_xlabel("student layer")
-        ax.set_ylabel("teacher layer")
-        ax.set_xticks(range(values.shape[1]))
-        ax.set_yticks(range(values.shape[0]))
+        # hidden-state indices, as in the tables, features.pairs and --json: 0 = embeddings, i = after block i
+        ax.set_xlabel("student hidden state (0 = embeddings)")
+        ax.set_ylabel("teacher hidden state (0 = embeddings)")
+        ax.set_xticks(range(values.shape[1]), [hidden_state_label(i) for i in range(values.shape[1])])
+        ax.set_yticks(range(values.shape[0]), [hidden_state_label(i) for i in range(values.shape[0])])
         if metric == result.map_metric:
             xs = [s for s, _ in result.suggested_map]
             ys = [t for _, t in result.suggested_map]

@@ -172,6 +172,24 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+class EtaColumn(TimeRemainingColumn):
+    """Rich's time-remaining column, labelled: "ETA 0:03:12" (a bare 0:03:12 next to the elapsed time is
+    easily read as a second elapsed time)."""
+
+    def render(self, task: Any) -> Text:
+        return Text("ETA ", style="progress.remaining") + super().render(task)
+
+
+def eta_text(seconds: float) -> str:
+    """A plain line's ETA: ``ETA 3m12s`` (``ETA 1h05m``, ``ETA 42s``)."""
+    whole = max(0, round(seconds))
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"ETA {hours}h{minutes:02d}m"
+    return f"ETA {minutes}m{secs:02d}s" if minutes else f"ETA {secs}s"
+
+
 def fmt(value: float | None, digits: int = 4) -> str:
     if value is None:
         return "-"
@@ -190,6 +208,10 @@ class ProbeView:
         self._last_plain = 0.0
 
     def __call__(self, event: Event) -> None:
+        if isinstance(event, RunWarning):  # shown even with --quiet: it changes what the numbers mean
+            self.close()
+            warn(event.message)
+            return
         if self.mode == "quiet":
             return
         match event:
@@ -207,7 +229,7 @@ class ProbeView:
                 BarColumn(),
                 MofNCompleteColumn(),
                 TimeElapsedColumn(),
-                TimeRemainingColumn(),
+                EtaColumn(),
                 console=err_console,
                 transient=True,
             )
@@ -238,11 +260,31 @@ def layer_table(
     table.add_column("teacher \\ student", justify="right", style="dim")
     n_students = len(values[0]) if values else 0
     for s in range(n_students):
-        table.add_column(Text(f"{s}" if s else "emb"), justify="right")
+        table.add_column(Text(hidden_state_label(s)), justify="right")
     for t, row in enumerate(values):
         cells = [Text(fmt(v, 3), style="bold reverse" if (s, t) in highlight else "") for s, v in enumerate(row)]
-        table.add_row(Text(f"{t}" if t else "emb"), *cells)
+        table.add_row(Text(hidden_state_label(t)), *cells)
     return table
+
+
+def hidden_state_label(index: int) -> str:
+    """One label for a hidden-state index in every table and plot: the number (as in ``features.pairs``,
+    ``--json`` and metrics.jsonl), with 0 marked as the embeddings."""
+    return "0=emb" if index == 0 else str(index)
+
+
+def suggested_features_toml(result: Any) -> str:
+    """The suggested layer map as a ``[features]`` table of a run spec (valid TOML, ``rows`` included: a map
+    holds for the rows it was probed on). Indices are hidden states, 0 = embeddings, as ``features.pairs``."""
+    pairs = "[" + ", ".join(f"[{s}, {t}]" for s, t in result.suggested_map) + "]"
+    return (
+        f"# kdgeo probe: best {result.map_metric} map on n = {result.feature_rows} {result.rows} rows "
+        f"({result.samples} samples)\n"
+        "# pairs: [student, teacher] hidden-state indices, 0 = embeddings\n"
+        "[features]\n"
+        f"rows = {json.dumps(result.rows)}\n"
+        f"pairs = {pairs}\n"
+    )
 
 
 def print_probe(result: Any) -> None:
@@ -251,11 +293,14 @@ def print_probe(result: Any) -> None:
         marked = highlight if metric == result.map_metric else set()
         out_console.print(layer_table(metric, values, marked, kinds.higher_is_better(metric)))
     mapping = ", ".join(f"{s}->{t}" for s, t in result.suggested_map)
-    out_console.print(Text(f"suggested layer map (student->teacher, by {result.map_metric}): {mapping}"))
-    pairs = "[" + ", ".join(f"[{s}, {t}]" for s, t in result.suggested_map) + "]"
-    out_console.print(Text(f"as a run spec:  [features] pairs = {pairs}"))
+    out_console.print(Text(f"suggested layer map (student->teacher hidden states, by {result.map_metric}): {mapping}"))
+    out_console.print(Text("for a run spec:\n"))
+    out_console.print(Text(suggested_features_toml(result)), soft_wrap=True)  # TOML: never wrapped mid-line
     out_console.print(
-        Text(f"{result.samples} samples, {result.feature_rows} feature rows ({result.rows}), {result.seconds:.1f}s")
+        Text(
+            f"n = {result.feature_rows} feature rows ({result.rows}) from {result.samples} samples, "
+            f"{result.seconds:.1f}s"
+        )
     )
 
 
@@ -306,6 +351,8 @@ class DistillView:
         self._loss = ""
         self._scores = ""
         self._monitor: Table | None = None
+        self._first_step: tuple[int, float] | None = None
+        """(step, time.monotonic()) of the first Step seen: the plain lines' ETA is the mean pace since then."""
 
     def _render(self) -> Any:
         from rich.console import Group
@@ -330,7 +377,7 @@ class DistillView:
             MofNCompleteColumn(),
             TextColumn("{task.fields[rate]}"),
             TimeElapsedColumn(),
-            TimeRemainingColumn(),
+            EtaColumn(),
             console=err_console,
         )
         self._live = Live(self._render(), console=err_console, refresh_per_second=4, transient=False)
@@ -437,7 +484,21 @@ class DistillView:
             self._loss = text
             self._refresh()
         else:
-            info(f"step {event.step}/{event.total_steps}  {text}  {event.samples_per_s:.1f} samples/s", self.mode)
+            line = f"step {event.step}/{event.total_steps}  {text}  {event.samples_per_s:.1f} samples/s"
+            eta = self._eta(event.step, event.total_steps)
+            info(line + (f"  {eta}" if eta else ""), self.mode)
+
+    def _eta(self, step: int, total: int) -> str:
+        """The plain line's ETA from the pace since the first step this view saw (a resumed run's earlier
+        steps are not counted); empty until two steps are apart."""
+        import time
+
+        now = time.monotonic()
+        if self._first_step is None or step <= self._first_step[0]:
+            self._first_step = (step, now)
+            return ""
+        first, since = self._first_step
+        return eta_text((now - since) / (step - first) * max(0, total - step))
 
     def _show_monitor(self, step: int, pairs: list[dict[str, float]]) -> None:
         if self.mode == "rich":

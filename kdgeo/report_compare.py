@@ -145,7 +145,7 @@ def print_compare(result: CompareResult) -> None:
     con.print(
         Text(
             f"{len(result.runs)} runs, {len(result.variants)} variant{'s' if len(result.variants) != 1 else ''}, "
-            f"baseline {result.baseline}; task: {result.task}"
+            f"baseline {result.baseline}; {task_text(result.task)}"
         )
     )
     for c in result.metrics:
@@ -153,6 +153,23 @@ def print_compare(result: CompareResult) -> None:
     _print_geometry(con, result)
     for note in result.notes:
         con.print(Text(f"note: {note}"))
+
+
+def task_text(key: Any) -> str:
+    """What the runs were evaluated on, for people: ``classification; dataset kdgeo:wordnet-supersenses;
+    eval_split validation; label_names noun.animal, noun.plant`` (no ``task=`` or ``[...]`` reprs: --json has
+    the typed values). Fields the runs do not record are left out; a differing field says so."""
+    parts = [str(key.task) if key.task is not None else "task not recorded"]
+    for name, value in key.fields().items():
+        if name in ("task", "differs"):
+            continue
+        if name in key.differs:
+            parts.append(f"{name} differs between runs")
+        elif value is not None:
+            if isinstance(value, (list, tuple)):
+                value = ", ".join(map(str, value))
+            parts.append(f"{name} {str(value)[:12] if name == 'eval_sha256' else value}")
+    return "; ".join(parts)
 
 
 def _table(title: str, columns: list[tuple[str, int]]) -> Table:
@@ -581,7 +598,7 @@ def write_markdown(result: CompareResult, path: str | Path) -> None:
     lines = [
         f"# kdgeo compare: {len(result.runs)} runs, baseline `{_md(result.baseline)}`",
         "",
-        f"Task: {_md(result.task)}",
+        f"Task: {_md(task_text(result.task))}",
         "",
         f"Gate: {_md(result.verdict)}",
         "",

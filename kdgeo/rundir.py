@@ -590,8 +590,32 @@ class CausalLMData(RunData):
     keyed by the roles that share a tokenizer (``TextSplit.truncation``)."""
 
 
-_OPTIONAL_SUMMARY_KEYS = ("processes", "distributed", "gather_features")
-"""Written only by a run under torchrun."""
+_OPTIONAL_SUMMARY_KEYS = (
+    "processes",
+    "distributed",
+    "gather_features",
+    "best_metric",
+    "best_step",
+    "best_score",
+    "final_scores",
+    "stopped_early",
+)
+"""Written only by a run under torchrun (the first three) or with train.save_best (the others)."""
+
+
+def loss_record(term: Any) -> dict[str, Any]:
+    """A loss term (:class:`kdgeo.losses.LossTerm`) as summary.json records it: kind, weight and every option
+    its ``[[losses]]`` kind has, under the spec's names, defaults filled in (kd: temperature, direction, mix;
+    procrustes: form). The options come from the spec's loss classes, so a new option is recorded without an
+    edit here; without them a run's summary could not tell T = 2 from T = 4, or forward from reverse KL."""
+    from kdgeo.spec import LOSS_CLASSES
+
+    record: dict[str, Any] = {"kind": term.kind, "weight": term.weight}
+    for name in LOSS_CLASSES[term.kind].model_fields:
+        if name not in record:
+            # the term stores procrustes' form as a flag (it selects the formula); the spec's value is the word
+            record[name] = ("angular" if term.angular else "squared") if name == "form" else getattr(term, name)
+    return record
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -625,7 +649,8 @@ class RunSummary:
     student_dir: str | None
     """None when output.save_student = false."""
     losses: list[dict[str, Any]]
-    """[{"kind", "weight"}] per loss term."""
+    """One record per loss term, every parameter resolved (:func:`loss_record`): {"kind", "weight"} plus the
+    kind's options, e.g. kd's temperature, direction and mix, procrustes' form (older runs: kind and weight)."""
     pairs: list[list[int]]
     """[student layer, teacher layer] per monitored pair."""
     rows: str | None
@@ -657,6 +682,16 @@ class RunSummary:
     """torchrun only: "ddp" or "fsdp"."""
     gather_features: bool | None = None
     """torchrun only: train.gather_features."""
+    best_metric: str | None = None
+    """train.save_best only (so are the four below): the metric that chose the student."""
+    best_step: int | None = None
+    """The step of the best evaluation, whose student is ``student_dir`` and whose scores are ``scores``."""
+    best_score: float | None = None
+    """Its ``best_metric`` score (null: no evaluation gave a finite one, and the final student was kept)."""
+    final_scores: Mapping[str, float | None] | None = None
+    """The final student's scores (the last step's; equal to ``scores`` when the final evaluation was the best)."""
+    stopped_early: bool | None = None
+    """Whether train.early_stopping_patience ended training before its last step (``steps`` says where)."""
 
     def to_dict(self) -> dict[str, Any]:
         """The summary.json object, key for key and in order as kdgeo has always written it."""
@@ -729,6 +764,15 @@ class RunSummary:
             processes=as_int(data.get("processes")),
             distributed=_text(data.get("distributed")),
             gather_features=_flag(data.get("gather_features")),
+            best_metric=_text(data.get("best_metric")),
+            best_step=as_int(data.get("best_step")),
+            best_score=_number(data.get("best_score")),
+            final_scores=(
+                {str(k): v for k, v in final.items()}
+                if (final := _object(data.get("final_scores"))) is not None
+                else None
+            ),
+            stopped_early=_flag(data.get("stopped_early")),
         )
 
 

@@ -26,10 +26,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from kdgeo.errors import SpecError
-from kdgeo.kinds import FEATURE_KINDS, GEOMETRY_LOSSES, MIN_GEOMETRY_ROWS, Precision, Rows
+from kdgeo.kinds import FEATURE_KINDS, GEOMETRY_LOSSES, MIN_GEOMETRY_ROWS, TASK_METRICS, Precision, Rows
 from kdgeo.rundir import path_component_problem
 
 if sys.version_info >= (3, 11):
@@ -498,6 +507,17 @@ class TrainSpec(_Strict):
     on_nonfinite: Literal["abort", "skip"] = "abort"
     """A NaN/inf loss or gradient: `abort` (write a checkpoint, name the loss term and layer pair,
     exit 2) or `skip` the update and go on (the skipped steps are counted in summary.json)."""
+    save_best: str | None = None
+    """An evaluation metric of the task (classification: `accuracy`, `macro_f1`, `mcc`, `f1` (two labels),
+    `teacher_agreement`; causal-lm: `perplexity`, `response_nll`, `rougeL` (with generate.every_eval)): keep
+    the student of the best evaluation (the final one counts too) as `student/`, its scores as summary.json's
+    `scores` (the final student's as `final_scores`), and record `best_step`, `best_score` and `best_metric`.
+    Lower is better for perplexity and response_nll, higher for the rest; a tie keeps the earlier student.
+    Only evaluations count: their cadence is `eval_every` (0: every epoch's end) plus the final one."""
+    early_stopping_patience: int | None = Field(None, ge=1)
+    """Stop training after this many evaluations in a row without a better `save_best` score (needs
+    `save_best`, and an evaluation before the final one: `eval_every` below the step count, or more than
+    one epoch). The run then ends as usual: final evaluation, the best student saved, summary.json."""
 
     @field_validator("device")
     @classmethod
@@ -563,6 +583,14 @@ class OutputSpec(_Strict):
     teacher_outputs_dtype: Literal["fp16", "bf16"] = "fp16"
     """Storage precision of cached teacher outputs: fp16 (more mantissa) or bf16 (fp32's range,
     for teachers whose activations exceed 65504)."""
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = []
+    """Experiment trackers that receive the run's losses, learning rate, layer-pair geometry,
+    evaluations, final summary and resolved spec (the Hugging Face Trainer's `report_to`), e.g.
+    `["tensorboard"]`: event files under `tensorboard/` in the run directory. `wandb` and `mlflow`
+    are optional extras (`pip install "kdgeo[wandb]"`, `"kdgeo[mlflow]"`) configured by their own
+    environment variables (WANDB_PROJECT, WANDB_MODE, MLFLOW_TRACKING_URI, ...). Rank 0 logs under
+    torchrun; a resumed run continues the same tracker run; a tracker that fails mid-run is warned
+    about once and dropped, the run goes on. Default: none."""
 
     @field_validator("name")
     @classmethod
@@ -571,6 +599,22 @@ class OutputSpec(_Strict):
         if problem:
             raise ValueError(problem)
         return value
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers_once(cls, value: list[str]) -> list[str]:
+        twice = sorted({name for name in value if value.count(name) > 1})
+        if twice:
+            raise ValueError(f"lists {', '.join(twice)} more than once; name each tracker once")
+        return value
+
+    @model_serializer(mode="wrap")
+    def _no_empty_trackers(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Without trackers the resolved spec (spec.json, spec.toml) stays as it was before the field existed.
+        out: dict[str, Any] = handler(self)
+        if not self.report_to:
+            out.pop("report_to", None)
+        return out
 
 
 class SweepSpec(_Strict):
@@ -730,6 +774,49 @@ class RunSpec(_Strict):
             raise ValueError("; ".join(problems))
         return self
 
+    @model_validator(mode="after")
+    def _best_and_stopping(self) -> RunSpec:
+        """`train.save_best` must be a score every evaluation of this task gives, and early stopping needs it
+        and an evaluation before the final one (the final evaluation cannot stop anything). The exact count of
+        evaluations needs the data (steps per epoch): :func:`kdgeo.plan.make_plan` checks it again."""
+        t, problems = self.train, []
+        choices = TASK_METRICS[self.task]
+        if t.save_best is not None and t.save_best not in choices:
+            other = next((task for task, names in TASK_METRICS.items() if t.save_best in names), None)
+            why = f'a metric of task = "{other}"' if other else "not an evaluation metric"
+            problems.append(
+                f'train.save_best = {_show(t.save_best)} is {why}; a task = "{self.task}" run\'s evaluations give '
+                f"{', '.join(choices)}: choose one of those"
+            )
+        if t.save_best == "rougeL" and not self.generate.every_eval:
+            problems.append(
+                'train.save_best = "rougeL": ROUGE-L is scored only at the final evaluation unless '
+                'generate.every_eval = true; set that (generation is slow), or choose "perplexity"'
+            )
+        if t.early_stopping_patience is not None:
+            if t.save_best is None:
+                problems.append(
+                    f"train.early_stopping_patience = {t.early_stopping_patience} needs train.save_best, the metric "
+                    f"whose improvement it watches (one of {', '.join(choices)})"
+                )
+            only_final = (t.eval_every == 0 and t.max_steps is None and t.epochs <= 1) or (
+                t.eval_every > 0 and t.max_steps is not None and t.eval_every >= t.max_steps
+            )
+            if only_final:
+                cadence = (
+                    f"train.eval_every = {t.eval_every} is not below train.max_steps = {t.max_steps}"
+                    if t.eval_every
+                    else f"train.eval_every = 0 evaluates at each epoch's end and train.epochs = {t.epochs} has "
+                    "no epoch end before the last step"
+                )
+                problems.append(
+                    f"train.early_stopping_patience: {cadence}, so the only evaluation is the final one and nothing "
+                    "can stop early; set train.eval_every to a step count below the run's (or train for more epochs)"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
     @property
     def feature_losses(self) -> list[_LossBase]:
         return [loss for loss in self.losses if loss.kind in FEATURE_KINDS]
@@ -836,6 +923,7 @@ RESUME_SAFE_FIELDS = (
     "output.teacher_outputs_dir",
     "output.dir",
     "output.name",  # where the run lives, not what it computes (a moved run resumes)
+    "output.report_to",  # trackers observe the run; one may be added or dropped on resume
 )
 """Fields a resumed run may change: they affect what is logged or kept, not the numbers."""
 
@@ -852,9 +940,11 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 def resume_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(dotted key, saved value, current value) for every result-changing difference."""
     a, b = _flatten(saved), _flatten(current)
+    # With train.save_best, which steps evaluate decides the student kept (and, with early stopping, the steps).
+    counts = {"train.eval_every"} if a.get("train.save_best") is not None else set()
     diffs = []
     for key in sorted(set(a) | set(b)):
-        if any(key == f or key.startswith(f + ".") for f in RESUME_SAFE_FIELDS):
+        if key not in counts and any(key == f or key.startswith(f + ".") for f in RESUME_SAFE_FIELDS):
             continue
         if a.get(key) != b.get(key):
             diffs.append((key, a.get(key), b.get(key)))

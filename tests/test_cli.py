@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -123,3 +124,99 @@ def test_write_stdout_survives_a_broken_pipe(monkeypatch, capsys):
     report.out_console.print("three")
     assert report.is_stdout_closed()
     assert capsys.readouterr().err.count("stdout was closed") == 1
+
+
+# ---- issue 16 E: --help that can be copied from, names no Python types, lists every exit code -------------------
+
+_COMMANDS = ("", "probe", "distill", "eval", "compare")
+
+
+def _helps(capsys, monkeypatch) -> dict[str, str]:
+    monkeypatch.setenv("COLUMNS", "80")
+    helps = {}
+    for command in _COMMANDS:
+        code, out, _ = run_cli(capsys, *([command] if command else []), "--help")
+        assert code == 0, command
+        helps[command] = out
+    return helps
+
+
+def _examples(text: str) -> list[str]:
+    """The example lines of a help text: each `kdgeo ...` line (with its `\\` continuation lines)."""
+    lines, out = text.splitlines(), []
+    for i, line in enumerate(lines):
+        if line.strip().startswith("kdgeo ") or (i and lines[i - 1].rstrip().endswith("\\")):
+            out.append(line.strip())
+    return out
+
+
+def test_help_examples_stay_on_one_line_at_80_columns(capsys, monkeypatch):
+    """Every example of every command's help appears as one unbroken line of its --help at COLUMNS=80 (click's
+    re-wrapping split `--text-column` into `--text-` / `column`; copy-paste must work)."""
+    from kdgeo.cli import app
+
+    helps = _helps(capsys, monkeypatch)
+    sources = {"": app.info.help, **{(c.name or c.callback.__name__): c.help for c in app.registered_commands}}
+    sources["eval"] = sources.pop("eval", None) or sources.pop("eval_")
+    for command in _COMMANDS:
+        examples = _examples(sources[command] or "")
+        assert examples, command
+        shown = {line.strip() for line in helps[command].splitlines()}
+        for example in examples:
+            assert example in shown, (command, example)
+
+
+def test_help_names_no_python_types(capsys, monkeypatch):
+    import re
+
+    leak = re.compile(r"<(?:str|int|float|bool|path|file|list\[.*?\]|class '.*?')(?: range)?>|\bOptional\b|\bNoneType\b|"
+                      r"\bPath\b|\bList\[")
+    for command, text in _helps(capsys, monkeypatch).items():
+        assert not leak.search(text), (command, leak.search(text))
+    helps = _helps(capsys, monkeypatch)
+    assert "TEACHER  " in helps["probe"] and "--max-samples N" in helps["probe"] and "--json PATH" in helps["probe"]
+
+
+def test_top_level_help_lists_every_exit_code_and_eval_says_it_does_causal_lms(capsys, monkeypatch):
+    helps = _helps(capsys, monkeypatch)
+    codes = [line.split()[0] for line in helps[""].split("Exit codes:")[1].split("Options:")[0].splitlines()
+             if line.strip()]
+    assert codes == ["0", "1", "2", "130", "141", "143"]
+    flat = " ".join(helps["eval"].split())
+    assert "causal language model" in flat and "ROUGE-L" in flat and "perplexity" in flat
+
+
+def test_summary_records_every_loss_parameter(tiny, tmp_path, capsys):
+    """summary.json's losses carry each term's resolved options (defaults filled in), under the spec's names."""
+    from cli_helpers import tiny_spec, write_spec
+
+    from kdgeo.spec import LOSS_CLASSES
+
+    spec = tiny_spec(tiny, tmp_path, losses=[{"kind": "ce"}, {"kind": "kd", "temperature": 4.0, "direction": "reverse"},
+                                             {"kind": "procrustes", "weight": 0.5, "form": "angular"}, {"kind": "gram"}],
+                     train={"max_steps": 1}, monitor={"every": 0})
+    code, _, err = run_cli(capsys, "distill", str(write_spec(tmp_path / "s.toml", spec)), "-q")
+    assert code == 0, err
+    losses = json.loads((tmp_path / "runs" / "t" / "summary.json").read_text())["losses"]
+    assert losses == [
+        {"kind": "ce", "weight": 1.0},
+        {"kind": "kd", "weight": 1.0, "temperature": 4.0, "direction": "reverse", "mix": 0.5},
+        {"kind": "procrustes", "weight": 0.5, "form": "angular"},
+        {"kind": "gram", "weight": 1.0},
+    ]
+    for record in losses:  # exactly the keys a [[losses]] table of that kind has
+        assert set(record) == set(LOSS_CLASSES[record["kind"]].model_fields)
+
+
+def test_distill_shows_the_monitor_batchs_n_and_warns_when_it_is_few(tiny, tmp_path, capsys):
+    """16 pooled monitor rows against 64-wide teacher states: the run says n and warns (the live values would move
+    with n); the warning also reaches --quiet."""
+    from cli_helpers import tiny_spec, write_spec
+
+    spec = tiny_spec(tiny, tmp_path, features={"rows": "mean", "pairs": "uniform"}, losses=[{"kind": "ce"}],
+                     train={"max_steps": 1}, monitor={"every": 1, "samples": 16})
+    code, _, err = run_cli(capsys, "distill", str(write_spec(tmp_path / "s.toml", spec)))
+    flat = " ".join(err.split())
+    assert code == 0, err
+    assert "monitor batch: n = 16 mean rows" in flat
+    assert "warning: the monitor batch: only n = 16 feature rows for hidden states up to 64 wide" in flat, err

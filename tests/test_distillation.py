@@ -246,3 +246,80 @@ def test_loader_workers_give_the_same_run(tiny, tmp_path, capsys):
         events = [json.loads(line) for line in lines]
         runs[workers] = [{k: v for k, v in e.items() if k != "samples_per_s"} for e in events if e["event"] in ("step", "monitor", "eval")]
     assert runs[0] == runs[2] and runs[0]
+
+
+# ---- train.save_best and train.early_stopping_patience (issue 16 C) ------------------------------------------
+
+_BEST_TRAIN = {"eval_every": 1, "lr": 1e-3, "schedule": "constant", "save_best": "accuracy"}
+"""Evaluations after every step at a constant learning rate: a run cut at step k trains exactly the first k steps
+of a longer one, so the best student can be checked against a run that stops at the best step."""
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "student" / "model.safetensors")
+
+
+def _expected_best(evals: list[dict], higher: bool = True) -> dict:
+    """The first evaluation with the best finite accuracy: a plain reference for kdgeo.best."""
+    best = None
+    for e in evals:
+        v = e["scores"]["accuracy"]
+        if math.isfinite(v) and (best is None or (v > best["scores"]["accuracy"] if higher else v < best["scores"]["accuracy"])):
+            best = e
+    return best
+
+
+def test_save_best_keeps_the_best_evaluations_student_and_reports_both(tiny, tmp_path):
+    result = _distill(tiny, tmp_path, train={**_BEST_TRAIN, "max_steps": 6}, output={"name": "best"})
+    s, evals = result.summary, _events(result.run_dir, "eval")
+    assert [e["step"] for e in evals] == list(range(1, 7))  # the final evaluation counts too
+    best = _expected_best(evals)
+    assert best["step"] < 6, "this spec's accuracy peaks early; the test needs a best before the last step"
+    assert (s["best_metric"], s["best_step"], s["best_score"], s["stopped_early"]) == ("accuracy", best["step"], best["scores"]["accuracy"], False)
+    assert s["scores"] == best["scores"]  # the saved student evaluated again gives its first evaluation's scores
+    assert s["final_scores"] == evals[-1]["scores"] and s["steps"] == 6
+    assert len(read_jsonl(result.run_dir / "predictions.jsonl")) == 32
+    # student/ is the student of the best step, bit for bit: a run that stops there.
+    ref = _distill(tiny, tmp_path, train={k: v for k, v in {**_BEST_TRAIN, "max_steps": best["step"]}.items() if k != "save_best"}, output={"name": "ref"})
+    wa, wb = _weights(result.run_dir), _weights(ref.run_dir)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert ref.summary["scores"] == s["scores"]
+    assert not {"best_step", "best_score", "best_metric", "final_scores", "stopped_early"} & ref.summary.keys()
+
+
+def test_early_stopping_ends_the_run_after_patience_evaluations_without_improvement(tiny, tmp_path):
+    result = _distill(tiny, tmp_path, train={**_BEST_TRAIN, "max_steps": 12, "early_stopping_patience": 2}, output={"name": "es"})
+    s, evals = result.summary, _events(result.run_dir, "eval")
+    # The reference: count evaluations since the best, stop when the count reaches the patience.
+    best, bad, stop = None, 0, None
+    for e in evals:
+        v = e["scores"]["accuracy"]
+        if best is None or v > best:
+            best, bad = v, 0
+        else:
+            bad += 1
+        if bad == 2:
+            stop = e["step"]
+            break
+    assert stop is not None and stop < 12, [e["scores"]["accuracy"] for e in evals]
+    assert evals[-1]["step"] == stop and s["steps"] == stop and s["stopped_early"] is True
+    assert max(e["step"] for e in _events(result.run_dir, "step")) == stop
+    assert s["best_score"] == best and s["scores"]["accuracy"] == best and s["final_scores"] == evals[-1]["scores"]
+    assert not list(result.run_dir.glob("checkpoint-*"))  # the end-of-training checkpoint went with summary.json
+
+
+def test_save_best_and_early_stopping_errors_exit_2(tiny, tmp_path, capsys):
+    path = write_spec(tmp_path / "r.toml", tiny_spec(tiny, tmp_path))
+    # f1 needs two labels; the demo data has 8 (known only once the data is read).
+    code, _, err = run_cli(capsys, "distill", str(path), "--set", "train.save_best=f1")
+    flat = " ".join(err.split())
+    assert code == 2 and "two-label" in flat and "8 labels" in flat and "macro_f1" in flat
+    # 64 examples in batches of 16: 4 steps per epoch, so with eval_every = 0 a 4-step run evaluates only at its end.
+    code, _, err = run_cli(
+        capsys, "distill", str(path), "--set", "train.max_steps=4", "--set", "train.save_best=accuracy", "--set", "train.early_stopping_patience=1"
+    )
+    flat = " ".join(err.split())
+    assert code == 2 and "only evaluation is the final one" in flat and "an epoch (4 steps)" in flat
+    assert not (tmp_path / "runs" / "t").exists()

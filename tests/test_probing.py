@@ -19,7 +19,7 @@ def test_probe_prints_tables_writes_json_and_heatmap(tiny, tmp_path, capsys):
     )
     assert code == 0, err
     assert "procrustes (lower = more similar)" in out and "cka (higher = more similar)" in out
-    assert "suggested layer map" in out and "[features] pairs = [[1, " in out
+    assert "suggested layer map" in out and "[features]\nrows = \"tokens\"\npairs = [[1, " in out  # issue 16 E: TOML
     data = json.loads(out_json.read_text())
     assert data["teacher_layers"] == 4 and data["student_layers"] == 2
     assert len(data["pairs"]) == 5 * 3  # every (teacher, student) hidden-state pair, embeddings included
@@ -103,7 +103,7 @@ def test_probe_pooled_rows_work_across_tokenizers(tiny, tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     code, out, err = run_cli(capsys, "probe", str(tiny["teacher"]), str(tiny["student_other_tok"]), "--data", str(data), "--rows", "mean", "-q")
     assert code == 0, err
-    assert "12 samples, 12 feature rows (mean)" in out
+    assert "n = 12 feature rows (mean) from 12 samples" in out
 
 
 def test_probe_works_on_decoder_models(tiny, tmp_path, capsys):
@@ -133,3 +133,61 @@ def test_probe_works_on_decoder_models(tiny, tmp_path, capsys):
     data = json.loads(out_json.read_text())
     assert data["teacher_layers"] == 3 and data["student_layers"] == 2
     assert all(0.0 <= p["procrustes"] <= 2.0 for p in data["pairs"])
+
+
+def _toml_block(out: str) -> str:
+    """The printed [features] table: from its comment line to the first blank line."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("# kdgeo probe:"))
+    end = next(i for i in range(start, len(lines)) if not lines[i].strip())
+    return "\n".join(lines[start:end])
+
+
+def test_probe_defaults_to_distills_rows_and_prints_the_map_as_valid_toml(tiny, tmp_path, capsys):
+    """No --rows: token rows, as features.rows defaults to; the suggested map is a [features] table that tomllib
+    parses, that the run spec accepts, and that equals --json's map; --metric takes a comma-separated list."""
+    import tomllib
+
+    from kdgeo.probing import ProbeArgs
+    from kdgeo.spec import FeaturesSpec
+
+    assert ProbeArgs.rows == FeaturesSpec.model_fields["rows"].default == "tokens"
+    out_json = tmp_path / "p.json"
+    code, out, err = run_cli(capsys, "probe", str(tiny["teacher"]), str(tiny["student"]), "--metric", "procrustes,cka",
+                             "--metric", "gram,cka", "--max-samples", "24", "--json", str(out_json))
+    assert code == 0, err
+    data = json.loads(out_json.read_text())
+    assert data["rows"] == "tokens" and data["metrics"] == ["procrustes", "cka", "gram"]
+    table = tomllib.loads(_toml_block(out))
+    assert table == {"features": {"rows": "tokens", "pairs": [[p["student"], p["teacher"]] for p in data["suggested_map"]]}}
+    FeaturesSpec.model_validate(table["features"])  # a run spec takes it as it is
+    assert f"n = {data['feature_rows']} feature rows (tokens) from 24 samples" in out
+
+
+def test_probe_rejects_an_empty_metric_name(tiny, capsys):
+    code, _, err = run_cli(capsys, "probe", str(tiny["teacher"]), str(tiny["student"]), "--metric", "procrustes,,cka")
+    assert code == 2 and "an empty metric name" in err and "Traceback" not in err
+
+
+def test_rows_width_warning_rule():
+    """n < 2 * max(d_t, d_s) warns (the values still move with n there); at the boundary it does not."""
+    from kdgeo.probing import rows_width_warning
+
+    assert rows_width_warning(128, 64, 32, "probe") is None
+    message = rows_width_warning(127, 32, 64, "probe")
+    assert message is not None and "only n = 127 feature rows" in message and "2 x 64 = 128" in message
+
+
+def test_probe_warns_when_rows_are_few_for_the_widths(tiny, tmp_path, capsys):
+    """16 pooled rows against 64-wide teacher states: a warning on stderr (with -q too) and in --json; 48 samples of
+    token rows are plenty and draw none."""
+    out_json = tmp_path / "p.json"
+    code, _, err = run_cli(capsys, "probe", str(tiny["teacher"]), str(tiny["student"]), "--rows", "mean",
+                           "--max-samples", "16", "--json", str(out_json), "-q")
+    assert code == 0, err
+    flat = " ".join(err.split())
+    assert "warning: probe: only n = 16 feature rows for hidden states up to 64 wide" in flat, err
+    data = json.loads(out_json.read_text())
+    assert data["widths"] == {"teacher": 64, "student": 32} and len(data["warnings"]) == 1
+    code, _, err = run_cli(capsys, "probe", str(tiny["teacher"]), str(tiny["student"]), "--max-samples", "48", "-q")
+    assert code == 0 and "warning" not in err, err

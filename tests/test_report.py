@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -104,3 +105,124 @@ def test_stage_lines_shows_stage_messages_only(capsys):
         show(Stage("evaluating m on 8 examples"))
         show(FinetuneStep(step=1, total=2, loss=0.5))
         assert capsys.readouterr().err == want
+
+
+# ---- issue 16 E: labelled ETA, unwrapped plain lines, one layer-index label, compare without reprs, the --json schema
+
+
+def test_plain_step_lines_carry_a_labelled_eta(capsys, monkeypatch):
+    """The first step seen has no pace yet; later ones say "ETA 3m12s" from the mean pace since then."""
+    import time
+
+    clock = iter([100.0, 110.0])  # step 1 at t = 100 s, step 2 at t = 110 s: 10 s a step, 18 steps left
+    monkeypatch.setattr(time, "monotonic", lambda: next(clock))
+    view = report.DistillView("plain")
+    capsys.readouterr()
+    view(events.Step(step=1, total_steps=20, epoch=0.1, lr=1e-3, samples_per_s=8.0, losses={"loss": 1.0}))
+    view(events.Step(step=2, total_steps=20, epoch=0.2, lr=1e-3, samples_per_s=8.0, losses={"loss": 1.0}))
+    lines = capsys.readouterr().err.splitlines()
+    assert "ETA" not in lines[0] and lines[1].endswith("8.0 samples/s  ETA 3m00s"), lines
+    assert [report.eta_text(s) for s in (0.4, 42, 192, 3900)] == ["ETA 0s", "ETA 42s", "ETA 3m12s", "ETA 1h05m"]
+
+
+def test_the_rich_eta_column_is_labelled():
+    from rich.progress import Progress
+
+    with Progress(report.EtaColumn(), disable=True) as progress:
+        task = progress.add_task("x", total=10)
+        progress.update(task, completed=5)
+        assert report.EtaColumn().render(progress.tasks[0]).plain.startswith("ETA ")
+
+
+def test_plain_lines_never_wrap_mid_number(capsys):
+    """Off a terminal the console is 80 columns wide; a long step line (many loss terms) stays one line, so no
+    number is split across two."""
+    losses = {k: 1234.567891 for k in report.LOSS_ORDER}
+    pairs = [{"student": s, "teacher": 2 * s, "procrustes": 0.123456, "cka": 0.654321} for s in range(1, 7)]
+    capsys.readouterr()
+    view = report.DistillView("plain")
+    view(events.Step(step=7, total_steps=1000, epoch=0.25, lr=3e-5, samples_per_s=1234.5, losses=losses))
+    view(Monitor(step=7, pairs=pairs))
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and all(len(line) > 80 for line in lines), lines
+    assert lines[0].endswith("cosine 1234.5679  1234.5 samples/s") and lines[1].endswith("6->12 procrustes 0.1235 cka 0.6543")
+
+
+def test_tables_label_hidden_state_zero_as_the_embeddings(capsys):
+    from rich.console import Console
+
+    table = report.layer_table("procrustes", [[0.1, 0.2], [0.3, 0.4]], {(1, 1)}, False)
+    console = Console(width=120, record=True, file=open("/dev/null", "w"))
+    console.print(table)
+    text = console.export_text()
+    assert "0=emb" in text and "emb " not in text.replace("0=emb", "")
+    assert report.hidden_state_label(0) == "0=emb" and report.hidden_state_label(3) == "3"
+
+
+def test_compare_prints_no_python_reprs(tmp_path, capsys):
+    """The header names the task and evaluation set in words: no `task: task=...`, no `['a', 'b']` lists, no
+    TaskKey(...); the Markdown says the same."""
+    from test_comparison import write_run
+
+    from cli_helpers import run_cli
+
+    for variant, acc in (("ce", 0.70), ("kd", 0.72)):
+        for seed in range(3):
+            write_run(tmp_path / "s", variant, seed, acc + 0.01 * seed)
+    code, out, err = run_cli(capsys, "compare", str(tmp_path / "s"))
+    assert code == 0, err
+    header = " ".join(out.split("accuracy (higher")[0].split())
+    assert header == ("6 runs, 2 variants, baseline ce; classification; dataset kdgeo:wordnet-supersenses; eval_split "
+                      "validation; label_names noun.animal, noun.artifact, noun.plant")
+    for text in (out, err):
+        assert "task=" not in text and "TaskKey(" not in text and "['" not in text and "('" not in text
+    code, md, _ = run_cli(capsys, "compare", str(tmp_path / "s"), "--markdown", "-")
+    assert code == 0 and "Task: classification; dataset kdgeo:wordnet-supersenses;" in md and "['" not in md
+
+
+def _readme_event_table() -> dict[str, dict[str, str]] | None:
+    """README's `kdgeo distill --json` events table: event -> {key: JSON type}. KDGEO_README (a draft) or the
+    repository's README.md; None when it has no such section yet."""
+    import os
+    import re
+
+    from cli_helpers import REPO
+
+    path = Path(os.environ.get("KDGEO_README") or REPO / "README.md")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        start = lines.index("### `kdgeo distill --json` events")
+    except ValueError:
+        return None
+    table: dict[str, dict[str, str]] = {}
+    for line in lines[start + 1:]:
+        if line.startswith("#"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and len(cells) >= 2:
+            keys = re.findall(r"`([\w/-]+)` \((string|integer|number|array|object)", cells[1])
+            table[cells[0].strip("`")] = dict(keys)
+    return table
+
+
+def test_the_documented_json_event_schema_is_what_the_events_write():
+    """Every kind --json writes is documented with exactly its keys (a Step's loss terms: `loss` only, the rest
+    are named per run) and each documented type matches the value events.to_dict gives."""
+    from test_events import RUN_EVENTS
+
+    documented = _readme_event_table()
+    if documented is None:
+        pytest.skip("README.md has no '### `kdgeo distill --json` events' section yet; set KDGEO_README to a draft")
+    json_kinds = {e.kind for e in RUN_EVENTS} - {"finetune_step"}  # the teacher's fine-tune is not in --json
+    assert set(documented) == json_kinds
+    types = {"string": str, "integer": int, "number": (int, float), "array": list, "object": dict}
+    for event in RUN_EVENTS:
+        if event.kind not in json_kinds:
+            continue
+        record = events.to_dict(event)
+        del record["event"]
+        if isinstance(event, events.Step):
+            record = {k: v for k, v in record.items() if k == "loss" or k not in event.losses}
+        assert set(documented[event.kind]) == set(record), event.kind
+        for key, kind in documented[event.kind].items():
+            assert isinstance(record[key], types[kind]) and not isinstance(record[key], bool), (event.kind, key)

@@ -576,3 +576,42 @@ def test_more_steps_are_refused_on_resume_and_a_new_run_from_the_student_trains_
     code, _, err = run_cli(capsys, "distill", str(write_spec(tmp_path / "further.toml", further)), "-q")
     assert code == 0, err
     assert json.loads((tmp_path / "runs" / "further" / "summary.json").read_text())["steps"] == 2
+
+
+def test_save_best_and_early_stopping_resume_bit_for_bit(with_dropout, tmp_path, capsys):
+    """A checkpoint between the best evaluation and the early stop carries the best score, its step, the count of
+    evaluations since it and the best student's weights: resuming from it ends the run exactly as the
+    uninterrupted one did (the same stop, the same student/ from the checkpoint's best.safetensors)."""
+    from cli_helpers import tiny_spec
+
+    train = {"max_steps": 16, "eval_every": 1, "lr": 1e-3, "schedule": "constant", "checkpoint_every": 1, "keep_checkpoints": 20}
+    spec = tiny_spec(with_dropout, tmp_path, train={**train, "save_best": "accuracy", "early_stopping_patience": 3})
+    path = write_spec(tmp_path / "run.toml", spec)
+    code, _, err = run_cli(capsys, "distill", str(path), "-q", "--set", "output.name=full")
+    assert code == 0, err
+    full = tmp_path / "runs" / "full"
+    summary = json.loads((full / "summary.json").read_text())
+    best, stop = summary["best_step"], summary["steps"]
+    assert summary["stopped_early"] and best < stop - 1 < 16, summary
+    # Copy the run to the moment after checkpoint `cut` (past the best, before the stop) and resume it.
+    import shutil
+
+    cut = stop - 1
+    crash = tmp_path / "runs" / "crash"
+    shutil.copytree(full, crash)
+    for name in ("summary.json", "predictions.jsonl"):
+        (crash / name).unlink()
+    shutil.rmtree(crash / "student")
+    for ckpt in crash.glob("checkpoint-*"):
+        if int(ckpt.name.split("-")[1]) > cut:
+            shutil.rmtree(ckpt)
+    saved = json.loads((crash / f"checkpoint-{cut}" / "state.json").read_text())["best"]
+    assert saved["step"] == best and saved["bad"] == cut - best and not saved["stop"] and saved["metric"] == "accuracy"
+    assert (crash / f"checkpoint-{cut}" / "best.safetensors").exists()
+    code, _, err = run_cli(capsys, "distill", str(path), "-q", "--set", "output.name=crash", "--resume")
+    assert code == 0, err
+    _assert_same_run(full, crash)
+    again = json.loads((crash / "summary.json").read_text())
+    keys = ("best_metric", "best_step", "best_score", "final_scores", "stopped_early", "steps")
+    assert {k: again[k] for k in keys} == {k: summary[k] for k in keys}
+    assert again["resumed_from"].endswith(f"checkpoint-{cut}")

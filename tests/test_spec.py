@@ -810,3 +810,49 @@ def test_loader_workers_is_one_problem_with_a_bound(value, needle):
     path, msg = only_problem(MINIMAL + f"\n[train]\nloader_workers = {value}\n")
     assert path == "train.loader_workers" and needle in msg
 
+
+
+# --------------------------------------------------------------------------------------------
+# train.save_best and train.early_stopping_patience (issue 16 C)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["train.save_best=accurcy"], ["is not an evaluation metric", "accuracy, macro_f1, mcc, f1, teacher_agreement"]),
+        (["train.save_best=perplexity"], ['is a metric of task = "causal-lm"', "choose one of those"]),
+        (["task=causal-lm", "train.save_best=accuracy"], ['metric of task = "classification"', "perplexity, response_nll, rougeL"]),
+        (["task=causal-lm", "train.save_best=rougeL"], ["generate.every_eval = true", '"perplexity"']),
+        (["train.early_stopping_patience=2", "train.eval_every=5"], ["needs train.save_best", "accuracy"]),
+        (["train.save_best=accuracy", "train.early_stopping_patience=2", "train.epochs=1"], ["train.epochs = 1.0", "only evaluation is the final one"]),
+        (["train.save_best=accuracy", "train.early_stopping_patience=2", "train.max_steps=10", "train.eval_every=10"], ["train.eval_every = 10 is not below train.max_steps = 10"]),
+        (["train.save_best=accuracy", "train.early_stopping_patience=0", "train.eval_every=5"], ["early_stopping_patience"]),
+    ],
+)
+def test_save_best_and_early_stopping_are_checked_at_validation(overrides, expected):
+    where, message = only_problem(MINIMAL, overrides=overrides)
+    flat = f"{where} {message}"
+    assert all(e in flat for e in expected), flat
+
+
+def test_save_best_and_early_stopping_are_valid_together_and_default_off():
+    spec = parse_spec(MINIMAL, "x.toml")
+    assert spec.train.save_best is None and spec.train.early_stopping_patience is None
+    assert "save_best" not in spec.model_dump(mode="json", exclude_none=True)["train"]  # old runs' spec.json unchanged
+    lm = parse_spec(
+        MINIMAL, "x.toml", overrides=["task=causal-lm", "train.save_best=rougeL", "generate.every_eval=true", "train.early_stopping_patience=1", "train.eval_every=5"]
+    )
+    assert (lm.train.save_best, lm.train.early_stopping_patience) == ("rougeL", 1)
+    # Three epochs evaluate at the first two epochs' ends: valid here (the exact count needs the data: the plan checks it).
+    epochs = parse_spec(MINIMAL, "x.toml", overrides=["train.save_best=accuracy", "train.early_stopping_patience=2"])
+    assert epochs.train.early_stopping_patience == 2
+
+
+def test_resume_with_save_best_refuses_a_changed_eval_every():
+    saved = parse_spec(MINIMAL, "x.toml", overrides=["train.save_best=accuracy", "train.eval_every=5"]).model_dump(mode="json", exclude_none=True)
+    changed = parse_spec(MINIMAL, "x.toml", overrides=["train.save_best=accuracy", "train.eval_every=7"]).model_dump(mode="json", exclude_none=True)
+    assert spec_mod.resume_differences(saved, changed) == [("train.eval_every", 5, 7)]
+    plain = [parse_spec(MINIMAL, "x.toml", overrides=[f"train.eval_every={n}"]).model_dump(mode="json", exclude_none=True) for n in (5, 7)]
+    assert spec_mod.resume_differences(*plain) == []  # without save_best it only changes what is logged
+    patience = parse_spec(MINIMAL, "x.toml", overrides=["train.save_best=accuracy", "train.eval_every=5", "train.early_stopping_patience=2"])
+    assert [d[0] for d in spec_mod.resume_differences(saved, patience.model_dump(mode="json", exclude_none=True))] == ["train.early_stopping_patience"]

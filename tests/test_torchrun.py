@@ -141,3 +141,18 @@ def test_a_rank_0_error_stops_every_process_with_exit_2(tiny, tmp_path):
     assert "exitcode  : 2" in done.stderr and "/kdgeo/" not in done.stderr
     assert "[rank 1] error:" in done.stderr and "already exists" in done.stderr
     assert (tmp_path / "runs" / "exists" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.slow  # about 2 minutes a strategy on 2 cores: two torchrun launches and two one-process runs
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_save_best_and_early_stopping_under_torchrun_match_one_process(tiny, tmp_path, capsys, strategy):
+    """Rank 0 judges each evaluation and every process stops at the same step; student/ is the best step's
+    student, as in one process with the doubled batch."""
+    train = {"eval_every": 1, "lr": 1e-3, "schedule": "constant", "max_steps": 12, "distributed": strategy,
+             "save_best": "accuracy", "early_stopping_patience": 2}
+    two, one = _pair(tiny, tmp_path, capsys, f"best-{strategy}", [{"kind": "ce"}], train)
+    _assert_same(two, one, ("ce", "loss"))
+    s2, s1 = (json.loads((run / "summary.json").read_text()) for run in (two, one))
+    keys = ("best_step", "best_score", "stopped_early", "steps")
+    assert {k: s2[k] for k in keys} == {k: s1[k] for k in keys} and s2["stopped_early"] and s2["steps"] < 12
+    assert s2["scores"]["accuracy"] == s2["best_score"]
