@@ -480,8 +480,8 @@ def _versus(
         scope = (
             "evaluation noise only (one run per variant), not seed-to-seed variation"
             if len(a_ex) == 1
-            else f"hierarchical over {len(a_ex)} paired seeds and the examples (seed-to-seed variation estimated "
-            f"from {len(a_ex)} seeds only)"
+            else f"the examples and the {len(a_ex)} paired seeds (a hierarchical bootstrap; seed-to-seed variation "
+            f"estimated from {len(a_ex)} seeds only)"
         )
         examples_note = f"per-example evidence over {len(a_ex[0])} examples covers {scope}"
 
@@ -513,6 +513,8 @@ def _versus(
             _cannot_reach(args.test, paired, len(a), len(b), seed_min_p, args.alpha, needed, why)
             + f"; {test} over the {examples.examples} examples' predictions decides instead ({examples_note})"
         )
+        if not can_reach:  # e.g. McNemar with few discordant examples: 2 of them give p >= 0.5 whatever they say
+            gate_note += f", but its smallest p here is {min_p:.3g}, so it cannot reach alpha={args.alpha:g} either"
 
     margin_p = margin_estimate = math.nan
     if margin is not None:
@@ -605,7 +607,10 @@ def _compare_metric(
             if row.test == "bootstrap" and row.examples.bootstrap.note:
                 notes.append(f"{row.variant}: {row.examples.bootstrap.method}: {row.examples.bootstrap.note}")
         if chosen is not None and chosen.note:
-            notes.append(f"{row.variant}: {chosen.method}: {chosen.note}")
+            note = chosen.note
+            if row.test == "mcnemar":  # stats speaks of samples a and b: name them
+                note = note.replace("only a got", f"only {row.variant} got").replace("only b", f"only {baseline}")
+            notes.append(f"{row.variant}: {chosen.method}: {note}")
         if not row.paired:
             notes.append(
                 f"{row.variant} vs {baseline}: {row.pairing}; used Welch t, Mann-Whitney U and a two-sample "
