@@ -901,7 +901,9 @@ def _gate(
         return (1, line + " (exit code 1)") if args.fail_if_worse else (0, line)
     blind = sum(1 for c in comparisons for v in c.versus if not v.can_reach_alpha)
     total = sum(len(c.versus) for c in comparisons)
-    line = f"no variant significantly worse than {baseline} (Holm-adjusted {args.test} p, alpha {args.alpha:g})"
+    deciders = sorted({v.test for c in comparisons for v in c.versus})  # --test, or mcnemar / bootstrap
+    tests = " / ".join(deciders)
+    line = f"no variant significantly worse than {baseline} (Holm-adjusted {tests} p, alpha {args.alpha:g})"
     if blind:
         line += f"; {blind} of {total} comparison{'s' if total != 1 else ''} could not have failed (see warnings)"
     return 0, line
