@@ -928,18 +928,19 @@ RESUME_SAFE_FIELDS = (
 """Fields a resumed run may change: they affect what is logged or kept, not the numbers."""
 
 
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+def flatten_dotted(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys for nested tables (``train.lr``); lists stay values."""
     if isinstance(data, dict):
         out: dict[str, Any] = {}
         for key, value in data.items():
-            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+            out.update(flatten_dotted(value, f"{prefix}.{key}" if prefix else str(key)))
         return out
     return {prefix: data}
 
 
 def resume_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(dotted key, saved value, current value) for every result-changing difference."""
-    a, b = _flatten(saved), _flatten(current)
+    a, b = flatten_dotted(saved), flatten_dotted(current)
     # With train.save_best, which steps evaluate decides the student kept (and, with early stopping, the steps).
     counts = {"train.eval_every"} if a.get("train.save_best") is not None else set()
     diffs = []

@@ -43,6 +43,7 @@ from typing import Any, Protocol
 
 from kdgeo import events, rundir
 from kdgeo.errors import KdgeoError
+from kdgeo.spec import flatten_dotted
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 """The names ``output.report_to`` accepts."""
@@ -131,16 +132,6 @@ def _numbers(values: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
-    """Dotted keys for nested tables (``train.lr``); lists stay values, as in spec.resume_differences."""
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: data}
-
-
 def _plain(value: Any) -> int | float | str | bool:
     return value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
 
@@ -179,7 +170,7 @@ class _TensorBoard:
 
         self.writer.add_text("spec", _as_code(resolved), 0)
         # hparams in this writer's own directory (SummaryWriter.add_hparams would make a new one per call).
-        for summary in hparams({k: _plain(v) for k, v in _flat(resolved).items()}, {}):
+        for summary in hparams({k: _plain(v) for k, v in flatten_dotted(resolved).items()}, {}):
             self.writer._get_file_writer().add_summary(summary)
 
     def log(self, values: dict[str, float], step: int) -> None:
@@ -253,7 +244,7 @@ class _MLflow:
     def config(self, resolved: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        params = [Param(k, str(_plain(v))[:_MLFLOW_PARAM_CHARS]) for k, v in _flat(resolved).items()]
+        params = [Param(k, str(_plain(v))[:_MLFLOW_PARAM_CHARS]) for k, v in flatten_dotted(resolved).items()]
         for i in range(0, len(params), _MLFLOW_BATCH):
             self.client.log_batch(self.id, params=params[i : i + _MLFLOW_BATCH])
         self.client.log_dict(self.id, resolved, rundir.SPEC_JSON)
