@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal, Union
 
 from kdgeo.errors import KdgeoError, RunInterrupted, SpecError
 from kdgeo.events import Event
+from kdgeo.kinds import DEFAULT_PROBE_METRICS
 
 if TYPE_CHECKING:  # the engine modules import torch; only their types are needed here
     from kdgeo.comparison import CompareResult, MetricComparison
@@ -48,9 +49,6 @@ SpecArg = Union[str, "os.PathLike[str]", Mapping[str, Any], "RunSpec"]
 OverridesArg = Union[Sequence[str], Mapping[str, Any], None]
 """``["train.lr=3e-5", ...]`` exactly as the CLI's ``--set`` (values are TOML), or ``{"train.lr": 3e-5, ...}``
 (dotted keys, Python values; a dict value sets each key inside it; list items by index: ``losses.1.weight``)."""
-
-DEFAULT_PROBE_METRICS: tuple[str, ...] = ("procrustes", "cka", "gram")
-"""The metrics :func:`probe` measures when none are given (the CLI's ``kdgeo probe`` default)."""
 
 
 # ---- results -----------------------------------------------------------------------------------
@@ -183,6 +181,11 @@ class ProbeResult:
     def student_layers(self) -> int:
         return self.raw.student_layers
 
+    @property
+    def warnings(self) -> list[str]:
+        """What ``kdgeo probe`` prints as warnings, e.g. too few feature rows for the widths."""
+        return list(self.raw.warnings)
+
     def to_dict(self) -> dict[str, Any]:
         """What ``kdgeo probe --json`` writes."""
         return self.raw.to_json()
@@ -253,8 +256,10 @@ def load_spec(spec: SpecArg, overrides: OverridesArg = None, *, preset: str | No
 
     ``overrides`` are the CLI's ``--set``: a list of ``"dotted.key=TOML value"`` strings, or a mapping of dotted
     keys to Python values (``{"train.lr": 3e-5, "losses.2.weight": 0.3}``). ``preset`` merges the spec's
-    ``[presets.NAME]`` over its top level (``--preset``). A run directory (one holding spec.toml) gives that
-    run's resolved spec, pointed at the directory where it is now, as ``kdgeo distill RUN_DIR --resume`` reads it.
+    ``[presets.NAME]`` over its top level (``--preset``). As in ``kdgeo distill``, ``"examples.toml"`` where no
+    such file is and a bare shipped name (``"demo"``, ``"glue-cola"``) mean the specs shipped with kdgeo. A run
+    directory (one holding spec.toml) gives that run's resolved spec, pointed at the directory where it is now,
+    as ``kdgeo distill RUN_DIR --resume`` reads it.
 
     Raises :class:`kdgeo.errors.SpecError` listing every problem at once (dotted paths, what was found, what to do).
     """
@@ -271,6 +276,11 @@ def load_spec(spec: SpecArg, overrides: OverridesArg = None, *, preset: str | No
         return spec_mod.spec_from_dict(dict(spec), "<dict>", overrides=items, preset=preset)
     if isinstance(spec, (str, os.PathLike)):
         path = Path(os.fspath(spec))
+        if not path.is_dir():  # `examples.toml` outside a checkout, or a shipped name ("demo", "glue-cola")
+            from kdgeo import shipped
+
+            choice = shipped.resolve_spec_argument(path, preset)
+            path, preset = choice.path, choice.preset
         if path.is_dir() and (path / "spec.toml").is_file():
             # A run directory: its own resolved spec, and the run lives where the directory is now.
             run_path = path.resolve()
@@ -456,8 +466,9 @@ def probe(
     ``metrics``: names or one comma-separated string (procrustes, procrustes_angular, gram, cka,
     cka_debiased, projection); the first picks :attr:`ProbeResult.suggested_map`. Default
     :data:`DEFAULT_PROBE_METRICS`. An argument left at None takes ``kdgeo probe``'s default (split
-    "validation", text column "text", rows, 512 samples, batch 32, 128 tokens, fp32). ``options``: further
-    fields of :class:`kdgeo.probing.ProbeArgs`, passed through.
+    "validation", text column "text", rows, 512 samples, batch 32, 128 tokens or fewer when the models hold
+    fewer positions, fp32); a ``max_length`` given and longer than a model takes is an error. ``options``:
+    further fields of :class:`kdgeo.probing.ProbeArgs`, passed through.
 
     Raises :class:`kdgeo.errors.KdgeoError` on bad input (unknown metric or rows, a missing model, a dataset
     without the text column, tokenizers that split differently with ``rows="tokens"``). Signals are not

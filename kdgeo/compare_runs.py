@@ -44,7 +44,8 @@ resumed run may change because they affect what is logged, kept or where, not th
 (:data:`kdgeo.spec.RESUME_SAFE_FIELDS`: description, monitor.every, monitor.metrics, train.log_every,
 train.eval_every, train.checkpoint_every, train.keep_checkpoints, train.on_nonfinite, train.loader_workers,
 train.timeout_minutes, output.*). Everything else (epochs, lr, losses, teacher, data, precision, device, ...) must
-agree among the runs of one variant."""
+agree among the runs of one variant. A grid sweep's ``swept`` values are not ignored: its combinations are distinct
+variants (each has its own name), and a run recording other values under one name is a different experiment."""
 MAX_SEARCH_DEPTH = 4
 """How many directory levels below a RUN argument are searched for run directories (a sweep of sweeps is 2)."""
 
@@ -104,6 +105,10 @@ class RunRecord:
     settings: dict[str, Any] | None = None
     """The resolved spec (spec.json) flattened to dotted keys, without :data:`SETTINGS_IGNORED`: what identifies
     the variant apart from its name. None when the run has no readable spec.json."""
+    swept: dict[str, Any] | None = None
+    """A grid sweep's run: its grid values by key ({"losses[2].weight": 0.3}); None for other runs."""
+    variant_base: str | None = None
+    """A grid sweep's run: the variant the grid crossed (``kd-procrustes`` of ``kd-procrustes/weight=0.3``)."""
 
     def geometry_value(self, metric: str, pairs: list[dict[str, Any]] | None = None) -> float | None:
         """Mean of ``metric`` over layer pairs (the final ones by default); None if absent."""
@@ -356,6 +361,8 @@ def _record(run: rundir.RunDirectory) -> RunRecord:
         geometry_curve,
         unrecorded,
         _settings(run),
+        run.swept,
+        run.variant_base,
     )
 
 
@@ -390,6 +397,42 @@ def load_runs(paths: Sequence[str], warnings: list[str] | None = None) -> list[R
         )
     records.sort(key=lambda r: (r.variant, r.seed is None, r.seed if r.seed is not None else 0, str(r.path)))
     return records
+
+
+def _value_order(value: Any) -> tuple[int, Any]:
+    """Numbers by value, then booleans, then text: how swept values are ordered (0.1 < 0.3 < 3 < 10)."""
+    if isinstance(value, bool):
+        return (1, int(value))
+    if isinstance(value, (int, float)):
+        return (0, float(value))
+    return (2, str(value))
+
+
+def variant_order(runs: Sequence[RunRecord]) -> list[str]:
+    """The variants of ``runs``: sorted by name, except that the variants of a grid sweep sort by their base variant,
+    then by their swept values in the grid's key order, numbers by value (``weight=3.0`` before ``weight=10.0``,
+    which a sort by name would swap). Without grid runs this is ``sorted`` of the names."""
+    keys: dict[str, tuple[Any, ...]] = {}
+    for r in runs:
+        if r.variant not in keys:
+            values = tuple((k, _value_order(v)) for k, v in (r.swept or {}).items())
+            keys[r.variant] = (r.variant_base or r.variant, values, r.variant) if r.swept else (r.variant, (), "")
+    return sorted(keys, key=lambda v: keys[v])
+
+
+def swept_values(runs: Sequence[RunRecord]) -> tuple[dict[str, dict[str, Any]], dict[str, str], list[str]]:
+    """(variant -> its grid values, variant -> its base variant, every swept key in the order first seen) for the
+    variants of a grid sweep; empty for other runs. The runs of one variant agree on them: :func:`check_variants`
+    compares their spec.json, which records ``swept``."""
+    swept: dict[str, dict[str, Any]] = {}
+    bases: dict[str, str] = {}
+    keys: dict[str, None] = {}
+    for r in runs:
+        if r.swept and r.variant not in swept:
+            swept[r.variant] = dict(r.swept)
+            bases[r.variant] = r.variant_base or r.variant.partition("/")[0]
+            keys.update(dict.fromkeys(r.swept))
+    return swept, bases, list(keys)
 
 
 # ---- checks ------------------------------------------------------------------------------------

@@ -70,7 +70,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -85,6 +85,8 @@ from kdgeo.compare_runs import (
     load_runs,
     pair_on_shared_seeds,
     pick_baseline,
+    swept_values,
+    variant_order,
 )
 from kdgeo.errors import KdgeoError
 from kdgeo.kinds import METRIC_HIGHER_IS_BETTER, higher_is_better  # the one table of metric directions
@@ -300,6 +302,12 @@ class CompareResult:
     """The Holm family: "variants" (per metric) or "variants x metrics" (fail_if_worse with several metrics)."""
     verdict: str = ""
     """One line: whether the gate passes and why (printed on stderr; the reason for exit code 1)."""
+    swept: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Variants of a grid sweep ([sweep.grid]) -> their swept values by key; other variants are not in it."""
+    bases: dict[str, str] = field(default_factory=dict)
+    """Variants of a grid sweep -> the variant the grid crossed (``kd-procrustes`` of ``kd-procrustes/weight=0.3``)."""
+    swept_keys: list[str] = field(default_factory=list)
+    """Every swept key, in the grid's order (empty without grid runs)."""
 
 
 # ---- comparing ---------------------------------------------------------------------------------
@@ -837,7 +845,7 @@ def compare(args: CompareArgs) -> CompareResult:
         args = replace(args, metric=chosen)
     metrics = args.metrics
     check_metrics(runs, metrics, (task.task or "classification") if chosen else None)
-    variants = sorted({r.variant for r in runs})
+    variants = variant_order(runs)  # a grid's variants by base, then swept value
     baseline, picked = pick_baseline(variants, args.baseline)
     if picked is not None:
         loading_notes.append(picked)
@@ -869,8 +877,24 @@ def compare(args: CompareArgs) -> CompareResult:
     if exit_code:
         notes.append(verdict)
     geometry = _geometry_rows(by_variant, metrics[0])
+    swept, bases, swept_keys = swept_values(runs)
     return CompareResult(
-        args, runs, task, ordered, baseline, comparisons, geometry, notes, warnings, exit_code, chosen, family, verdict
+        args,
+        runs,
+        task,
+        ordered,
+        baseline,
+        comparisons,
+        geometry,
+        notes,
+        warnings,
+        exit_code,
+        chosen,
+        family,
+        verdict,
+        swept,
+        bases,
+        swept_keys,
     )
 
 

@@ -33,15 +33,79 @@ def is_local_file(ref: str) -> bool:
     return Path(os.path.expanduser(ref)).suffix.lower() in LOCAL_FORMATS or os.path.exists(os.path.expanduser(ref))
 
 
-def load_split(ref: str, config: str | None, split: str, where: str = "data.dataset") -> Any:
+SLICE_SYNTAX = "train[:90%], train[90%:], train[:1000], train[10%:20%], train[:5%]+train[-5%:]"
+"""Examples of the datasets library's split-slicing syntax (``datasets.ReadInstruction``), for messages."""
+
+
+def is_sliced(split: str) -> bool:
+    """A split spec with a slice or a sum (``train[:90%]``, ``train+test``), not a plain split name."""
+    return "[" in split or "+" in split
+
+
+def split_instruction(split: str, split_key: str) -> Any:
+    """``split`` parsed as a ``datasets.ReadInstruction``, or a DataError naming ``split_key`` and the syntax.
+
+    Parsed here for every source, hub datasets included: the datasets library's own message for a bad
+    slice ("Unrecognized instruction format") names neither the setting nor the syntax.
+    """
+    import datasets
+
+    try:
+        return datasets.ReadInstruction.from_spec(split)
+    except (ValueError, AssertionError) as err:
+        raise DataError(
+            f"{split_key} = '{split}' is not a split name or a split slice ({_first_line(err).rstrip('.')}); write a "
+            f"split name (train) or a slice in the datasets syntax: {SLICE_SYNTAX}."
+        ) from None
+
+
+def _sliced(split: str, split_key: str, label: str, splits: dict[str, Any]) -> Any:
+    """The rows of the sliced split spec ``split`` taken from the named, already loaded ``splits``
+    (a local file's one ``train`` split, or the built-in dataset's): what ``datasets.load_dataset(...,
+    split=split)`` gives a hub dataset, the same percent rounding (``ReadInstruction.to_absolute``)."""
+    import datasets
+
+    instruction = split_instruction(split, split_key)
+    try:
+        ranges = instruction.to_absolute({name: len(ds) for name, ds in splits.items()})
+    except ValueError as err:
+        import re
+
+        unknown = re.search(r'Unknown split "([^"]*)"', str(err))
+        what = f"has no split '{unknown.group(1)}'" if unknown else f"cannot be sliced so ({_first_line(err)})"
+        raise DataError(
+            f"{split_key} = '{split}': {label} {what}; its splits: {', '.join(splits)}. Slice one of them, e.g. "
+            f"{next(iter(splits))}[:90%]."
+        ) from None
+    # A slice past the end is empty (datasets clamps its bounds): select() would refuse its start.
+    parts = [splits[r.splitname].select(range(r.from_, r.to)) for r in ranges if r.to > r.from_]
+    rows = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0] if parts else []
+    if len(rows) == 0:
+        sizes = ", ".join(f"{name} has {len(ds)} rows" for name, ds in splits.items())
+        raise DataError(f"{split_key} = '{split}' selects no rows of {label} ({sizes}); widen the slice.")
+    return rows
+
+
+def load_split(
+    ref: str, config: str | None, split: str, where: str = "data.dataset", split_key: str = "the split"
+) -> Any:
     """Load one split as a ``datasets.Dataset``.
 
-    Local files have a single split: ``split`` is ignored for them (use ``data.eval_dataset``
-    for a separate evaluation file).
+    Local files have a single split, named ``train``: a plain split name is ignored for them (use
+    ``data.eval_dataset`` for a separate evaluation file), a slice of it (``train[:90%]``) selects
+    those rows, as for a hub dataset. ``split_key`` names the setting that gave ``split`` in messages
+    (``data.train_split``, ``--split``).
     """
     import datasets
 
     datasets.disable_progress_bars()
+    if is_sliced(split):
+        split_instruction(split, split_key)  # a bad slice is named before any file or hub is read
+    if ref.startswith(BUILTIN_PREFIX) and is_sliced(split):
+        from kdgeo import demo
+
+        label = f"{where} = '{ref}'"
+        return _sliced(split, split_key, label, {name: load_split(ref, None, name, where) for name in demo.SPLIT_FILES})
     if ref.startswith(BUILTIN_PREFIX):
         name = ref[len(BUILTIN_PREFIX) :]
         if name != "wordnet-supersenses":
@@ -66,7 +130,12 @@ def load_split(ref: str, config: str | None, split: str, where: str = "data.data
         )
         return datasets.Dataset.from_list(rows, features=features)
     if is_local_file(ref):
-        return _load_local(ref, where)
+        rows = _load_local(ref, where)
+        return (
+            _sliced(split, split_key, f"{where} = '{ref}' (a local file: one split, named train)", {"train": rows})
+            if is_sliced(split)
+            else rows
+        )
     try:
         return datasets.load_dataset(ref, config, split=split)
     except ValueError as err:

@@ -15,6 +15,7 @@ as :mod:`kdgeo.events` to a callback; :mod:`kdgeo.report` draws them.
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import shutil
 import signal
@@ -29,7 +30,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdgeo import __version__, checkpoint, distributed, events, locks, rundir, stopping, trackers
+from kdgeo import (
+    __version__,
+    checkpoint,
+    data_split,
+    distributed,
+    events,
+    locks,
+    on_policy,
+    rundir,
+    stopping,
+    trackers,
+)
 from kdgeo import data as data_mod
 from kdgeo import teacher as teacher_mod
 from kdgeo.best import BestRecord
@@ -41,7 +53,7 @@ from kdgeo.losses import Objective
 from kdgeo.models import SAVE_ERRORS, ModelRef, build_student, fingerprint_model, save_model_dir
 from kdgeo.monitor import MonitorBatch
 from kdgeo.optim import build_optimizer, build_scheduler, param_groups
-from kdgeo.plan import DistillPlan, check_equal_widths, few_rows_warning, make_plan
+from kdgeo.plan import DistillPlan, check_equal_widths, effective_spec, few_rows_warning, make_plan
 from kdgeo.probing import rows_width_warning
 from kdgeo.rundir import RunSummary
 from kdgeo.runtime import autocast_dtype, precision_name, weight_dtype
@@ -134,8 +146,11 @@ def _run_distill(
     _check_launch(spec, device, dist)
     run_name = spec.output.name or spec.name
     held.enter_context(_run_dir_lock(spec, run_name, resume, dist))
+    recorded_split = None
     if resume:
         run_dir = _check_resumable(Path(spec.output.dir).expanduser() / run_name, spec)
+        spec = _recorded_lengths(spec, rundir.read_json(run_dir / rundir.SPEC_JSON))
+        recorded_split = data_split.read_split(run_dir)
     else:
         run_dir = distributed.on_main(
             lambda: rundir.prepare_run_dir(spec.output.dir, run_name, spec.output.overwrite), dist
@@ -145,18 +160,24 @@ def _run_distill(
         rundir.check_writable_dir(
             spec.output.teacher_cache, "output.teacher_cache", "the fine-tuned teacher is cached there"
         )
-    if spec.output.teacher_outputs:
+    if spec.output.teacher_outputs or spec.train.sequence_kd:
         rundir.check_writable_dir(
             spec.output.teacher_outputs_dir,
             "output.teacher_outputs_dir",
-            "output.teacher_outputs = true writes the teacher's outputs there",
+            "output.teacher_outputs = true writes the teacher's outputs there"
+            if spec.output.teacher_outputs
+            else "train.sequence_kd = true caches the teacher's responses there",
         )
 
     where.run_dir = run_dir
     kept = "the run directory is as it was" if resume else "nothing of the run was written yet"
-    plan = make_plan(spec, dist.world_size, dist.enabled and t.gather_features, emit)
+    plan = make_plan(spec, dist.world_size, dist.enabled and t.gather_features, emit, data_split=recorded_split)
+    spec = effective_spec(spec, plan)  # a default data.max_length clamped to the models: spec.json records it
     if signum := _stop_agreed(dist):
         raise stopping.interrupted(signum, f"during pre-flight: {kept}.", run_dir=str(run_dir))
+    if resume and plan.data_split is not None and recorded_split is None:
+        # A run started by a kdgeo that wrote spec.json before data_split.json, or a deleted file: keep it now.
+        distributed.on_main(lambda: data_split.write_split(run_dir, plan.data_split), dist)
     run = _Run(plan, dist, device, run_dir, emit)
     if dist.is_main and spec.output.report_to:  # rank 0 alone reports, to trackers as to the screen
         settings = trackers.TrackerSettings(
@@ -173,7 +194,7 @@ def _run_distill(
         )
 
     def write_run_files() -> None:
-        _write_run_files(run_dir, spec)
+        _write_run_files(run_dir, spec, plan.data_split)
         where.started = True
 
     state = run.start(resume, write_run_files)
@@ -185,7 +206,7 @@ def _run_distill(
         run.scheduler,
         run.scaler,
         run.batches(),
-        run.step_loss(),
+        run.step_loss(state),
         run.loop_config(),
         state,
         run.hooks(),
@@ -260,6 +281,7 @@ class _Run:
         self.teacher_preds: list[int] | None = None
         self.final_records: list[dict[str, Any]] | None = None  # the final evaluation's, for predictions.jsonl
         self.cached: TeacherOutputs | None = None
+        self.sequence_kd: dict[str, Any] | None = None  # train.sequence_kd's record, summary.json's "sequence_kd"
         self.trackers = trackers.Trackers(trackers.TrackerSettings(), self.tracker_warning)  # output.report_to
         tr = plan.training
         self.best = BestRecord(tr.save_best, tr.early_stopping_patience) if tr.save_best else None
@@ -269,6 +291,9 @@ class _Run:
     def build(self) -> None:
         plan, dist, device = self.plan, self.dist, self.device
         self.teacher = teacher_mod.prepare(plan, dist, device, self.amp, self.param_dtype, self.emit)
+        if plan.training.sequence_kd:  # before anything reads the training split (the teacher fine-tunes on references)
+            self._use_teacher_responses()
+            plan = self.plan
         self.model = build_student(plan, self.teacher.model, device, self.param_dtype)  # the user's module
         self.monitor = MonitorBatch(
             self.teacher.model,
@@ -344,6 +369,42 @@ class _Run:
         self.scheduler = build_scheduler(self.optimizer, plan.steps.total, tr.warmup_ratio, tr.schedule)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
 
+    def _use_teacher_responses(self) -> None:
+        """train.sequence_kd: the training split's responses become the teacher's own (:mod:`kdgeo.sequence_kd`),
+        generated once into a cache entry (by rank 0 under torchrun, with the whole teacher: FSDP shards it
+        later; the other ranks then read the entry)."""
+        from kdgeo import sequence_kd
+
+        plan = self.plan
+        assert plan.generation is not None  # a causal-LM plan; the spec refuses sequence_kd for classification
+        decoding = sequence_kd.Decoding.of(plan.generation)
+        payload = sequence_kd.entry_payload(plan, self.precision, (self.teacher.finetune or {}).get("key"))
+        root = sequence_kd.cache_root(plan.output.teacher_outputs_dir)
+        max_length = int(plan.data["max_length"])
+
+        def ensure(emit: Progress, build: bool = True) -> sequence_kd.Generations:
+            return sequence_kd.ensure(
+                root, payload, self.teacher.model, plan.t_tok, plan.train, decoding, max_length, self.device,
+                self.amp, emit, build=build,
+            )  # fmt: skip
+
+        built: list[sequence_kd.Generations] = []
+        distributed.on_main(lambda: built.append(ensure(self.emit)), self.dist)
+        gens = built[0] if built else ensure(events.ignore, build=False)
+        tokenizers = {"student": plan.s_tok, "teacher": plan.t_tok}
+        pair_tokens = plan.rows == "tokens" or "kd" in plan.loss_kinds
+        train = sequence_kd.apply(plan.train, gens, tokenizers, max_length, pair_tokens)
+        self.plan = dataclasses.replace(plan, train=train)
+        self.sequence_kd = record = sequence_kd.record(gens, decoding)
+        self.emit(
+            Stage(
+                f"sequence_kd: training on the teacher's responses (cache entry {gens.key}): "
+                f"{record['generated_tokens_mean']:g} new tokens on average, {record['hit_token_limit']} of "
+                f"{record['examples']} cut at the token limit, {record['empty_kept_reference']} empty (their "
+                "reference kept)"
+            )
+        )
+
     def _trained(self) -> nn.Module:
         """Under FSDP the optimizer state is read and written by parameter name across both modules."""
         return nn.ModuleDict({"student": self.student, "objective": self.objective})
@@ -361,11 +422,15 @@ class _Run:
             "revision": plan.teacher_ref.revision,
             "teacher_files": fingerprint_model(ModelRef(self.teacher.source)),
             "finetune": (self.teacher.finetune or {}).get("key"),
-            "data": {k: v for k, v in plan.data.items() if k not in ("eval_split", "eval_dataset", "max_eval_samples")},
+            # eval_fraction / split_seed change the training rows, which teacher_examples hashes; left out so the
+            # keys of runs without them stay as they were
+            "data": {k: v for k, v in plan.data.items() if k not in CACHE_FREE_DATA},
             "data_fingerprint": data_mod.fingerprint(plan.data["dataset"]),
             "teacher_examples": encoding_digest(plan.train),
             "precision": self.precision,
         }
+        if self.sequence_kd is not None:  # the teacher's responses are the inputs (teacher_examples changes too)
+            payload["sequence_kd"] = self.sequence_kd["entry"]
         t_idx = [t for _, t in self.pairs]
         layout = OutputPlan(
             task=plan.task,
@@ -528,7 +593,8 @@ class _Run:
             pin_memory=self.device.type == "cuda",
         )
 
-    def step_loss(self) -> StepLoss:
+    def step_loss(self, state: TrainState | None = None) -> StepLoss:
+        """The loss of one micro-batch; with train.on_policy its batch source counts into ``state.on_policy``."""
         plan = self.plan
         return StepLoss(
             self.student,
@@ -544,6 +610,28 @@ class _Run:
             getattr(plan.task, "logit_width", None),
             plan.steps.gathered,
             self.dist,
+            self._on_policy(state),
+        )
+
+    def _on_policy(self, state: TrainState | None) -> on_policy.OnPolicy | None:
+        plan, gen = self.plan, self.plan.generation
+        if plan.training.on_policy <= 0 or gen is None:
+            return None
+        from kdgeo.evaluate_lm import stop_tokens  # the stop tokens evaluation generates with
+
+        return on_policy.OnPolicy(
+            rate=plan.training.on_policy,
+            seed=plan.seed,
+            max_new_tokens=gen.max_new_tokens,
+            temperature=gen.temperature,
+            top_p=gen.top_p,
+            max_length=int(plan.data["max_length"]),
+            gen_batch_size=gen.batch_size,
+            stop_ids=stop_tokens(self.model, plan.s_tok),
+            eos_id=plan.s_tok.eos_token_id,
+            pad_ids={role: enc.pad_id for role, enc in plan.train.encodings.items()},
+            rank=self.dist.rank,
+            counts=state.on_policy if state is not None else {},
         )
 
     def loop_config(self) -> LoopConfig:
@@ -783,6 +871,8 @@ class _Run:
             format_version=rundir.FORMAT_VERSION,
             name=plan.name,
             variant=plan.variant,
+            variant_base=plan.variant.partition("/")[0] if plan.swept else None,
+            swept=dict(plan.swept) if plan.swept else None,
             data=plan.task.summary_data(plan.data, plan.train, plan.evals),
             run_dir=str(self.run_dir),
             task=plan.task.name,
@@ -822,6 +912,8 @@ class _Run:
             processes=dist.world_size if dist.enabled else None,
             distributed=plan.training.strategy if dist.enabled else None,
             gather_features=plan.training.gather_features if dist.enabled else None,
+            sequence_kd=self.sequence_kd,
+            on_policy=on_policy.summary(state.on_policy, plan.training.on_policy),
             **self._best_fields(final_scores),
         )
 
@@ -869,7 +961,7 @@ def _check_resumable(run_dir: Path, spec: RunSpec) -> Path:
             f"{rundir.FORMAT_VERSION} and cannot resume it. Start a new run."
         )
     saved = rundir.read_json(run_dir / rundir.SPEC_JSON)
-    current = spec.model_dump(mode="json", exclude_none=True)
+    current = _recorded_lengths(spec, saved).model_dump(mode="json", exclude_none=True)
     diffs = resume_differences(saved, current)
     if diffs:
         lines = "; ".join(f"{k}: run has {a!r}, spec now has {b!r}" for k, a, b in diffs[:12])
@@ -895,8 +987,24 @@ def _train_further(run_dir: Path) -> str:
     )
 
 
-def _write_run_files(run_dir: Path, spec: RunSpec) -> None:
-    """A new run's directory: the format marker and the resolved spec (JSON and TOML)."""
+CACHE_FREE_DATA = ("eval_split", "eval_dataset", "max_eval_samples", "eval_fraction", "split_seed")
+"""[data] keys the teacher-output cache key leaves out: the evaluation set's, and the eval_fraction split's (its
+training rows are hashed, as teacher_examples, with every other run's)."""
+
+
+def _recorded_lengths(spec: RunSpec, saved: dict[str, Any]) -> RunSpec:
+    """A resumed run keeps the data.max_length its spec.json recorded when the spec leaves it unset: the default
+    was clamped to the models' positions when the run began, and the run goes on with the value it trained with
+    (marked as set, so a model that no longer holds it is an error, not a silent change)."""
+    recorded = (saved.get("data") or {}).get("max_length") if isinstance(saved.get("data"), dict) else None
+    if "max_length" in spec.data.model_fields_set or not isinstance(recorded, int) or isinstance(recorded, bool):
+        return spec
+    return spec.model_copy(update={"data": spec.data.model_copy(update={"max_length": recorded})})
+
+
+def _write_run_files(run_dir: Path, spec: RunSpec, held_out: data_split.DataSplit | None = None) -> None:
+    """A new run's directory: the format marker, the data.eval_fraction split (before spec.json: a run directory
+    with a spec has its split) and the resolved spec (JSON and TOML)."""
     import tomli_w
 
     try:
@@ -912,5 +1020,7 @@ def _write_run_files(run_dir: Path, spec: RunSpec) -> None:
             shutil.rmtree(old, ignore_errors=True)
     resolved = spec.model_dump(mode="json", exclude_none=True)
     rundir.write_json(run_dir / rundir.RUN_MARKER, {"format_version": rundir.FORMAT_VERSION, "kdgeo": __version__})
+    if held_out is not None:
+        data_split.write_split(run_dir, held_out)
     rundir.write_json(run_dir / rundir.SPEC_JSON, resolved)
     rundir.write_text_atomic(run_dir / rundir.SPEC_TOML, tomli_w.dumps(resolved))

@@ -50,6 +50,9 @@ class RunCheck:
     steps_per_epoch: int = 0
     train_examples: int = 0
     eval_examples: int = 0
+    data_split: dict[str, Any] | None = None
+    """data.eval_fraction: {"rows", "eval_fraction", "split_seed", "eval_examples"} of the split the two counts
+    above come from (after it, max_train_samples and max_eval_samples cap each part); None without it."""
     pairs: list[list[int]] | str = field(default_factory=list)
     """(student, teacher) hidden-state indices, or "probe" (chosen on the monitor batch after the build)."""
     losses: list[dict[str, Any]] = field(default_factory=list)
@@ -62,6 +65,12 @@ class RunCheck:
     cache_bytes: int | None = None
     """The teacher-output cache entry (output.teacher_outputs), else None."""
     cache_dir: str | None = None
+    sequence_kd_entry: str | None = None
+    """train.sequence_kd: the path of the cache entry of the teacher's responses, else None."""
+    sequence_kd_cached: bool | None = None
+    """Whether that entry is there, complete (the run reads it instead of generating)."""
+    sequence_kd_bytes: int | None = None
+    """Its size on disk when cached, else the most it takes (every response at its token limit)."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -184,13 +193,25 @@ def check_run(spec: RunSpec, resume: bool = False, sweep: bool = False, estimate
     check_writable(spec.output.dir, "output.dir", "the run directory is created there")
     if spec.teacher.finetune is not None:
         check_writable(spec.output.teacher_cache, "output.teacher_cache", "the fine-tuned teacher is cached there")
-    if spec.output.teacher_outputs:
+    if spec.output.teacher_outputs or spec.train.sequence_kd:
         check_writable(
             spec.output.teacher_outputs_dir,
             "output.teacher_outputs_dir",
-            "output.teacher_outputs = true writes the teacher's outputs there",
+            "output.teacher_outputs = true writes the teacher's outputs there"
+            if spec.output.teacher_outputs
+            else "train.sequence_kd = true caches the teacher's responses there",
         )
-    plan = make_plan(spec, dist.world_size, dist.enabled and spec.train.gather_features, events.ignore)
+    recorded = None
+    if status == "resume":  # as run_distill does: the run's own data.max_length and data split
+        from kdgeo import data_split
+        from kdgeo.distillation import _recorded_lengths
+
+        spec = _recorded_lengths(spec, rundir.read_json(run_dir / rundir.SPEC_JSON))
+        recorded = data_split.read_split(run_dir)
+    plan = make_plan(
+        spec, dist.world_size, dist.enabled and spec.train.gather_features, events.ignore, data_split=recorded
+    )
+    held_out = plan.data_split
     check = RunCheck(
         name=plan.name,
         variant=plan.variant,
@@ -204,6 +225,14 @@ def check_run(spec: RunSpec, resume: bool = False, sweep: bool = False, estimate
         steps_per_epoch=plan.steps.steps_per_epoch,
         train_examples=len(plan.train),
         eval_examples=len(plan.evals),
+        data_split=None
+        if held_out is None
+        else {
+            "rows": held_out.rows,
+            "eval_fraction": held_out.eval_fraction,
+            "split_seed": held_out.split_seed,
+            "eval_examples": len(held_out.eval_indices),
+        },
         pairs="probe" if plan.probe_pairs else [list(p) for p in plan.pairs],
         losses=[{"kind": t.kind, "weight": t.weight} for t in plan.terms],
         rows=plan.rows,
@@ -224,8 +253,30 @@ def check_run(spec: RunSpec, resume: bool = False, sweep: bool = False, estimate
             "student_bytes": params * per_param if params is not None and plan.output.save_student else None,
             "cache_bytes": cache,
             "cache_dir": plan.output.teacher_outputs_dir if cache is not None else None,
+            **sequence_kd_estimate(plan, check.precision),
         }
     )
+
+
+def sequence_kd_estimate(plan: Any, precision: str) -> dict[str, Any]:
+    """train.sequence_kd: RunCheck's ``sequence_kd_*`` fields (the entry's path, whether it is cached, its
+    size or the most it takes), from the key the run will compute (:func:`kdgeo.sequence_kd.entry_payload`);
+    empty without train.sequence_kd. ``precision``: the run's, as :func:`kdgeo.runtime.precision_name` says it."""
+    if not plan.training.sequence_kd:
+        return {}
+    from kdgeo import lm_data, output_cache, sequence_kd
+    from kdgeo.teacher import finetune_key
+
+    ft = finetune_key(plan, plan.finetune, plan.training.precision == "fp64") if plan.finetune is not None else None
+    key = output_cache.cache_key(sequence_kd.entry_payload(plan, precision, ft))
+    root = sequence_kd.cache_root(plan.output.teacher_outputs_dir)
+    cached = sequence_kd.check_entry(root, key, len(plan.train))[0] == "ok"
+    if cached:
+        size = sum(f.stat().st_size for f in (root / key).iterdir() if f.is_file())
+    else:
+        prompts = lm_data.prompt_ids(plan.train.encodings["teacher"])
+        size = sequence_kd.estimate_bytes(prompts, int(plan.data["max_length"]), plan.generation.max_new_tokens)
+    return {"sequence_kd_entry": str(root / key), "sequence_kd_cached": cached, "sequence_kd_bytes": size}
 
 
 def student_parameters(plan: Any) -> int | None:
@@ -300,6 +351,7 @@ def disk_needs(checks: list[RunCheck]) -> list[DiskNeed]:
     teacher-output cache once) next to its free space."""
     per_fs: dict[int, list[Any]] = {}
     seen_caches: set[tuple[str, int]] = set()
+    seen_entries: set[str] = set()
 
     def add(where: str, n: int | None) -> None:
         if not n:
@@ -316,6 +368,9 @@ def disk_needs(checks: list[RunCheck]) -> list[DiskNeed]:
         if c.cache_bytes and c.cache_dir is not None and (c.cache_dir, c.cache_bytes) not in seen_caches:
             seen_caches.add((c.cache_dir, c.cache_bytes))  # the runs of a sweep share one entry per teacher/data
             add(c.cache_dir, c.cache_bytes)
+        if c.sequence_kd_entry and not c.sequence_kd_cached and c.sequence_kd_entry not in seen_entries:
+            seen_entries.add(c.sequence_kd_entry)  # one entry serves every run with the same teacher and prompts
+            add(c.sequence_kd_entry, c.sequence_kd_bytes)
     return [DiskNeed(where, needed, shutil.disk_usage(where).free) for where, needed in per_fs.values()]
 
 

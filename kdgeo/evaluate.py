@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from kdgeo import data as data_mod
-from kdgeo import files, locks, rundir
+from kdgeo import data_split, files, locks, rundir
 from kdgeo.errors import DataError, KdgeoError, ModelLoadError, SpecError
 from kdgeo.events import Progress, Stage, ignore
 from kdgeo.metrics import agreement, classification_scores
-from kdgeo.models import ModelRef, align_pad_token, check_max_length, load_classifier, load_tokenizer
+from kdgeo.models import ModelRef, align_pad_token, fit_length, load_classifier, load_tokenizer
 from kdgeo.runtime import autocast, autocast_dtype, resolve_device
 from kdgeo.spec import DataSpec, RunSpec, validate_spec
 
@@ -238,7 +238,12 @@ def run_eval(args: EvalArgs, progress: Progress | None = None) -> EvalResult:
     amp = autocast_dtype(args.precision, device)
 
     where = f"--data {dataset}"
-    ds = data_mod.load_split(dataset, config, split, where="--data")
+    if target.run is not None and own_data and args.split is None and run_data.eval_fraction is not None:
+        # The run held its evaluation set out of its training split: re-score those very rows.
+        split = f"{run_data.train_split} (held out: data.eval_fraction = {run_data.eval_fraction})"
+        ds = data_split.held_out_rows(target.run.path, run_data, where)
+    else:
+        ds = data_mod.load_split(dataset, config, split, where="--data", split_key="--split")
     data_mod.check_columns(
         ds, {"text_column": text_col, "text_pair_column": pair_col, "label_column": label_col}, where, setting="--{key}"
     )
@@ -261,7 +266,20 @@ def run_eval(args: EvalArgs, progress: Progress | None = None) -> EvalResult:
             "classifier or a kdgeo run directory."
         )
     num_labels = int(getattr(cfg, "num_labels", info.num_labels) or info.num_labels)
-    check_max_length(cfg, max_length, "--max-length", f"the model {args.model}")
+    limits = [(cfg, f"the model {args.model}", "model")]
+    if teacher_ref is not None:
+        limits.append(
+            (
+                load_config(ModelRef(teacher_ref, trust_remote_code=args.trust_remote_code)),
+                f"the teacher {teacher_ref}",
+                "teacher",
+            )
+        )
+    # Only a length given with --max-length is the user's: the run's (or the default) is clamped to the models.
+    origin = "the run's" if target.spec is not None else "the default"
+    max_length, note = fit_length(max_length, args.max_length is not None, limits, "--max-length", origin)
+    if note is not None:
+        emit(Stage(note))
     id2label = {int(k): str(v) for k, v in (getattr(cfg, "id2label", None) or {}).items()}
     named = len(id2label) == num_labels and any(v != f"LABEL_{k}" for k, v in id2label.items())
     if info.string_to_id is not None and named:

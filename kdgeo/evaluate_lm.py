@@ -17,6 +17,7 @@ reports ROUGE-L of sampled responses (temperature 1, top-p 1) averaged over 5 se
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from kdgeo import data as data_mod
-from kdgeo import lm_data, rundir
+from kdgeo import data_split, lm_data, rundir
 from kdgeo.errors import DataError, KdgeoError
 from kdgeo.evaluate import EvalTarget, eval_target, open_run
 from kdgeo.events import Progress, Stage, ignore
@@ -261,9 +262,13 @@ def plan_lm_eval(args: LMEvalArgs, target: EvalTarget) -> LMEvalPlan:
     )
 
 
-def _read_examples(plan: LMEvalPlan) -> lm_data.LMExamples:
+def _read_examples(plan: LMEvalPlan, target: EvalTarget, held_out: bool) -> lm_data.LMExamples:
+    """The examples to score; ``held_out``: the run's data.eval_fraction rows of its train split (data_split.json)."""
     where = f"--data {plan.dataset}"
-    ds = data_mod.load_split(plan.dataset, plan.config, plan.split, where="--data")
+    if held_out and target.run is not None:
+        ds = data_split.held_out_rows(target.run.path, target.data, where)
+    else:
+        ds = data_mod.load_split(plan.dataset, plan.config, plan.split, where="--data", split_key="--split")
     data_mod.check_columns(ds, plan.columns, where, setting="--{key}")
     if plan.max_samples is not None:
         ds = ds.select(range(min(plan.max_samples, len(ds))))
@@ -289,7 +294,7 @@ def run_lm_eval(args: LMEvalArgs, progress: Progress | None = None) -> dict[str,
 
     Returns the JSON `kdgeo eval --json` writes (plus "texts": prompts, references, predictions).
     """
-    from kdgeo.models import ModelRef, check_decoder, check_max_length, load_causal_lm, load_config, load_tokenizer
+    from kdgeo.models import ModelRef, check_decoder, fit_length, load_causal_lm, load_config, load_tokenizer
     from kdgeo.runtime import autocast_dtype, resolve_device
 
     emit = progress or ignore
@@ -298,7 +303,8 @@ def run_lm_eval(args: LMEvalArgs, progress: Progress | None = None) -> dict[str,
     gen = plan.gen
     device = resolve_device(args.device)
     amp = autocast_dtype(args.precision, device)
-    examples = _read_examples(plan)
+    held_out = target.run is not None and plan.own_data and args.split is None and target.data.eval_fraction is not None
+    examples = _read_examples(plan, target, held_out)
 
     models = [("model", target.location, args.model)]
     if args.teacher:
@@ -308,8 +314,18 @@ def run_lm_eval(args: LMEvalArgs, progress: Progress | None = None) -> dict[str,
         ref = ModelRef(path, trust_remote_code=args.trust_remote_code)
         cfg = load_config(ref)
         check_decoder(cfg, name, "MODEL" if role == "model" else "--teacher")
-        check_max_length(cfg, plan.max_length, "--max-length", f"the model {name}")
         loaded[role] = (ref, cfg, load_tokenizer(ref))
+    # Only a length given with --max-length is the user's: the run's (or the default) is clamped to the models.
+    max_length, note = fit_length(
+        plan.max_length,
+        args.max_length is not None,
+        [(cfg, f"the model {name}", role) for (role, _, name), (_, cfg, _) in zip(models, loaded.values())],
+        "--max-length",
+        "the run's" if target.spec is not None else "the default",
+    )
+    if note is not None:
+        emit(Stage(note))
+        plan = plan_lm_eval(dataclasses.replace(args, max_length=max_length), target)
     tokenizers = {role: tok for role, (_, _, tok) in loaded.items()}
     run_teacher = _run_teacher_tokenizer(target, args.trust_remote_code) if plan.own_data else None
     if run_teacher is not None:

@@ -77,6 +77,8 @@ class Step:
     lr: float
     samples_per_s: float
     losses: dict[str, float] = field(default_factory=dict)
+    on_policy: dict[str, float] | None = None
+    """train.on_policy runs only: the run's cumulative counts so far (:data:`kdgeo.on_policy.COUNTS`)."""
     kind: ClassVar[str] = "step"
 
 
@@ -204,6 +206,8 @@ def to_dict(event: Event) -> dict[str, Any]:
         value = getattr(event, f.name)
         if isinstance(event, Step) and f.name == "losses":
             out.update(value)
+        elif isinstance(event, Step) and f.name == "on_policy" and value is None:
+            continue  # other runs' step records keep their keys
         else:
             out[f.name] = value
     return out

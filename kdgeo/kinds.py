@@ -22,6 +22,8 @@ Precision = Literal[AutocastPrecision, "fp64"]
 ROWS: tuple[str, ...] = get_args(Rows)
 AUTOCAST_PRECISIONS: tuple[str, ...] = get_args(AutocastPrecision)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
+DEFAULT_PROBE_METRICS: tuple[str, ...] = ("procrustes", "cka", "gram")
+"""The metrics ``kdgeo probe`` and :func:`kdgeo.api.probe` measure when none are given."""
 
 LOGIT_KINDS = frozenset({"ce", "kd"})
 """Loss kinds on the student's logits (against labels or the teacher's logits)."""

@@ -31,6 +31,7 @@ always dropped and counted: it would contribute nothing.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -305,6 +306,42 @@ def prompt_ids(encoded: data_mod.Encoded) -> list[list[int]]:
 def response_ids(encoded: data_mod.Encoded) -> list[list[int]]:
     assert encoded.response_start is not None
     return [ids[start:] for ids, start in zip(encoded.input_ids, encoded.response_start)]
+
+
+NewResponse = Callable[[Any, int], "list[int] | None"]
+"""(tokenizer, example index) -> that example's new response ids, end-of-sequence included where the
+response ended; None keeps the example's reference response."""
+
+
+def replace_responses(
+    split: data_mod.TextSplit, tokenizers: dict[str, Any], new: NewResponse, texts: list[str], max_length: int
+) -> data_mod.TextSplit:
+    """A copy of ``split`` with every example's response replaced (sequence-level KD: the teacher's own
+    responses, :mod:`kdgeo.sequence_kd`); the prompts, their cuts and the examples kept are unchanged.
+
+    Each distinct tokenizer's encoding is rebuilt once (roles sharing a tokenizer share it, as in
+    :func:`build_split`): prompt + ``new(tokenizer, k)``, cut at its end to fit ``max_length`` (the
+    prompt is at most max_prompt_length < max_length, so at least one response token stays); where
+    ``new`` gives None the reference response stays. ``texts`` are the responses as text (the split's
+    ``responses``). Where one encoding's response was cut shorter than the other's (its prompt took more
+    of max_length), the other is cut to match, so response tokens still pair one by one.
+    """
+    rebuilt: dict[int, data_mod.Encoded] = {}
+    encodings: dict[str, data_mod.Encoded] = {}
+    for role, tok in tokenizers.items():
+        enc = split.encodings[role]
+        if id(enc) not in rebuilt:
+            assert enc.response_start is not None  # build_split marks every causal-LM example's response
+            ids = []
+            for k, (row, start) in enumerate(zip(enc.input_ids, enc.response_start)):
+                response = new(tok, k)
+                ids.append(list(row) if response is None else (list(row[:start]) + list(response))[:max_length])
+            rebuilt[id(enc)] = data_mod.Encoded(
+                input_ids=ids, token_type_ids=None, pad_id=enc.pad_id, response_start=list(enc.response_start)
+            )
+        encodings[role] = rebuilt[id(enc)]
+    _align_cut_responses(list(rebuilt.values()))
+    return dataclasses.replace(split, encodings=encodings, responses=list(texts))
 
 
 def build_split(

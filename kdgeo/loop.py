@@ -51,6 +51,8 @@ class TrainState:
     last_monitor: list[dict[str, float]] = field(default_factory=list)
     skipped_nonfinite: int = 0
     skipped_scaler: int = 0
+    on_policy: dict[str, float] = field(default_factory=dict)
+    """train.on_policy: the cumulative counts of :data:`kdgeo.on_policy.COUNTS` (empty without it)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -164,6 +166,92 @@ class Hooks:
     stop_early: Callable[[], bool] = lambda: False
 
 
+class _StepValues:
+    """One step's logged values, kept on the device until something needs them on the host.
+
+    ``names``: the loss terms, then ``"loss"`` (the total). ``values``: float64, one per name, the
+    sum over micro-batches of value * share (this process's share of the step mean). ``bad``: bool,
+    one per name, whether it was non-finite in any micro-batch. float64 on the device is the same
+    IEEE arithmetic as the Python floats summed before (float32 -> float64 is exact; one multiply
+    and one add per value, in the same order), so the logged numbers are bit for bit the same, but
+    a step no longer waits for the device once per term per micro-batch (``float(v)`` is a host
+    sync on CUDA): the loop syncs once per step for the finiteness check and once per log event.
+    """
+
+    def __init__(self, names: list[str], device: torch.device) -> None:
+        self.names = names
+        self.values = torch.zeros(len(names), dtype=torch.float64, device=device)
+        self.bad = torch.zeros(len(names), dtype=torch.bool, device=device)
+        self.losses_finite = True
+        """Set by :meth:`nonfinite`: whether the total loss was finite in every micro-batch."""
+
+    def add(self, row: list[torch.Tensor], share: float) -> None:
+        """Add one micro-batch's values (0-dim tensors, one per name) weighted by ``share``."""
+        if len(row) != len(self.names):
+            raise RuntimeError(f"a micro-batch logged {len(row) - 1} loss terms, the step's first {self.names[:-1]}")
+        x = torch.stack([v.detach().to(self.values.device, torch.float64) for v in row])
+        self.values = self.values + x * share  # 0.0 + v first, as the float sums did (-0.0 stays 0.0)
+        self.bad = self.bad | ~torch.isfinite(x)
+
+    def nonfinite(self, norm: torch.Tensor | None = None) -> list[str]:
+        """The step's non-finite terms, read in one host sync (with the gradient ``norm`` when given).
+
+        A non-finite total loss names its non-finite terms (or "the total loss" when none is); a
+        finite loss with a non-finite gradient norm names the gradients; all finite: []."""
+        if norm is None:
+            flags = self.bad
+        else:  # FSDP's sharded clipping returns its norm on the CPU
+            flags = torch.cat([self.bad, ~torch.isfinite(norm.detach().reshape(1)).to(self.bad.device)])
+        bad = flags.tolist()
+        self.losses_finite = not bad[len(self.names) - 1]
+        if not self.losses_finite:
+            return [n for n, b in zip(self.names[:-1], bad) if b] or ["the total loss"]
+        if norm is not None and bad[-1]:
+            return ["the gradients (loss finite, gradient norm not)"]
+        return []
+
+    def floats(self) -> dict[str, float]:
+        return dict(zip(self.names, self.values.tolist(), strict=True))
+
+    def replaced(self, floats: dict[str, float]) -> _StepValues:
+        """The same names with ``floats`` as values (the all-reduced ones under torchrun)."""
+        out = _StepValues(self.names, self.values.device)
+        out.values = torch.tensor([floats[n] for n in self.names], dtype=torch.float64, device=self.values.device)
+        out.bad, out.losses_finite = self.bad, self.losses_finite
+        return out
+
+
+class _Window:
+    """The logged values summed since the last logged step, on the device (see :class:`_StepValues`);
+    :class:`TrainState`'s ``window`` holds them as floats, written by :meth:`floats` before a
+    checkpoint or a log event reads them."""
+
+    def __init__(self, saved: dict[str, float], device: torch.device) -> None:
+        self.device = device
+        self.names: list[str] = list(saved)
+        self.sums = torch.tensor(list(saved.values()), dtype=torch.float64, device=device)
+
+    def add(self, step: _StepValues) -> None:
+        if not self.names:
+            self.names, self.sums = list(step.names), torch.zeros_like(step.values) + step.values
+            return
+        if self.names == step.names:
+            self.sums = self.sums + step.values
+            return
+        # A resumed window, or a term first seen now: add by name on the host (a sync; rare).
+        merged = self.floats()
+        for name, v in step.floats().items():
+            merged[name] = merged.get(name, 0.0) + v
+        self.names = list(merged)
+        self.sums = torch.tensor(list(merged.values()), dtype=torch.float64, device=self.device)
+
+    def floats(self) -> dict[str, float]:
+        return dict(zip(self.names, self.sums.tolist(), strict=True)) if self.names else {}
+
+    def clear(self) -> None:
+        self.names, self.sums = [], self.sums.new_zeros(0)
+
+
 def train(
     student: nn.Module,
     objective: Objective,
@@ -187,6 +275,7 @@ def train(
     started_at = state.step
     params = [p for g in optimizer.param_groups for p in g["params"]]
     device = next(student.parameters()).device
+    window = _Window(state.window, device)
     while state.step < cfg.total_steps and not hooks.stop_early():
         micro = batches.epoch(state.epoch, dist)
         stream = batches.stream(micro[state.next_micro :], dist)
@@ -197,16 +286,27 @@ def train(
             stop_here = hooks.stop_signal() is not None
 
             optimizer.zero_grad(set_to_none=True)
-            parts, nonfinite = _accumulate(student, group, stream, batches, loss_fn, scaler, dist)
-            agreed = distributed.reduce_step(parts, bool(nonfinite), stop_here, objective.parameters(), dist)
-            parts = agreed.parts
-            if agreed.nonfinite_elsewhere and not nonfinite:
-                nonfinite = ["a loss term on another process"]
-            if dist.enabled:  # only the agreed flag counts: a later signal waits for the next step
-                stop_here = agreed.stop
+            position = (state.epoch, first)
+            values = _accumulate(student, group, stream, batches, loss_fn, scaler, dist, position)
+            # The losses' finiteness is needed before clipping under torchrun (the flag is all-reduced) and with
+            # the fp16 scaler (a skipped step must not be unscaled); otherwise it joins the gradient norm's check.
+            early = dist.enabled or scaler.is_enabled()
+            nonfinite = values.nonfinite() if early else []
+            if dist.enabled:
+                agreed = distributed.reduce_step(
+                    values.floats(), bool(nonfinite), stop_here, objective.parameters(), dist
+                )
+                values = values.replaced(agreed.parts)
+                if agreed.nonfinite_elsewhere and not nonfinite:
+                    nonfinite = ["a loss term on another process"]
+                stop_here = agreed.stop  # only the agreed flag counts: a later signal waits for the next step
             if not nonfinite:
-                nonfinite = _clip(student, objective, params, scaler, optimizer, cfg)
+                norm = _clip(student, objective, params, scaler, optimizer, cfg)
+                # The fp16 scaler handles its own overflows (a non-finite norm of finite losses is its skip).
+                nonfinite = values.nonfinite(None if scaler.is_enabled() else norm)
             if nonfinite:
+                if cfg.on_nonfinite == "abort":
+                    state.window = window.floats()
                 _skip_update(optimizer, state, nonfinite, cfg, hooks)
             else:
                 _update(optimizer, scaler, state)
@@ -214,23 +314,30 @@ def train(
 
             state.step += 1
             state.next_micro = first + len(group)
-            if device.type == "cuda":
+            if device.type == "cuda" and (stop_here or _hooks_due(state, cfg, len(micro))):
+                # Timing only: a step's queued kernels would otherwise be timed into the hook that waits for
+                # them. Other steps' tails are counted in the next step's time, so the window's sum is right.
                 torch.cuda.synchronize(device)
             _count(
                 state,
+                window,
                 time.perf_counter() - t0,
                 sum(len(b) for b in group),
-                None if (dist.enabled and nonfinite) else parts,
+                # Skipped: under torchrun the reduced values carry every process's NaN; on one process a
+                # non-finite loss's values are left out (a non-finite gradient norm of finite losses counts).
+                None if nonfinite and (dist.enabled or not values.losses_finite) else values,
             )
             epoch_pos = round(state.epoch + min(1.0, state.next_micro / len(micro)), 4)
-            _after_step(state, epoch_pos, scheduler, cfg, hooks)
+            _after_step(state, window, epoch_pos, scheduler, cfg, hooks)
             if not dist.enabled:
                 stop_here = hooks.stop_signal() is not None
             if stop_here and state.step < cfg.total_steps:
+                state.window = window.floats()
                 _interrupt(state, cfg, hooks)
             if hooks.stop_early():
                 break  # the end-of-training checkpoint below is this step's
             if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step != cfg.total_steps:
+                state.window = window.floats()
                 hooks.checkpoint(state, 0)
         if state.next_micro >= len(micro) and not hooks.stop_early():
             state.epoch += 1
@@ -241,6 +348,7 @@ def train(
     if state.step > started_at:
         # Insurance for the final phase (evaluation, saving): resume from here finishes the run.
         # It is removed once summary.json is written, so it does not count against keep_checkpoints.
+        state.window = window.floats()
         hooks.checkpoint(state, 1)
     return state
 
@@ -253,15 +361,23 @@ def _accumulate(
     loss_fn: LossFn,
     scaler: torch.amp.GradScaler,
     dist: distributed.Dist,
-) -> tuple[dict[str, float], list[str]]:
+    start: tuple[int, int] = (0, 0),
+) -> _StepValues:
     """Forward and backward of the step's micro-batches; returns the logged loss values (this
-    process's share of the step mean) and the names of non-finite terms (empty when all finite)."""
+    process's share of the step mean) and which were non-finite, both still on the device.
+
+    Every micro-batch runs, even past a non-finite loss: stopping early would need its value on the
+    host, a sync per micro-batch on CUDA (under torchrun every rank has to run every backward anyway).
+    The step is skipped or aborted afterwards as a whole.
+
+    ``start``: (epoch, global index of the step's first micro-batch). Each batch is tagged with its own
+    ``position`` (epoch, global micro-batch index): a counter a batch source can derive randomness from
+    (:mod:`kdgeo.on_policy`), the same on every process and after a resume."""
     step_weight = float(sum(batches.weight(b) for b in group))
-    parts: dict[str, float] = {}
-    nonfinite: list[str] = []
-    k = 0
+    values: _StepValues | None = None
     for k, global_idx in enumerate(group):
         batch = next(stream)
+        batch["position"] = (start[0], start[1] + k)
         local = batch["index"].tolist()  # == distributed.shard(global_idx, dist)
         shares = distributed.micro_shares(
             batches.weight(local), batches.weight(global_idx), step_weight, dist, batches.gathered
@@ -269,18 +385,12 @@ def _accumulate(
         with distributed.maybe_no_sync(student, sync=k == len(group) - 1):
             logit_loss, feature_loss, terms = loss_fn(batch)
             loss = logit_loss + feature_loss
-            if not torch.isfinite(loss):
-                nonfinite = [name for name, v in terms.items() if not torch.isfinite(v)] or ["the total loss"]
-                if not dist.enabled:
-                    break
-            # Under torchrun every rank runs every backward (they synchronise), even past a NaN.
             scaler.scale(logit_loss * shares.logit + feature_loss * shares.feature).backward()
-        for name, v in terms.items():
-            parts[name] = parts.get(name, 0.0) + float(v) * shares.log
-        parts["loss"] = parts.get("loss", 0.0) + float(loss.detach()) * shares.log
-    for _ in range(len(group) - 1 - k):
-        next(stream)  # micro-batches skipped after a non-finite loss: keep the stream in step
-    return parts, nonfinite
+        if values is None:
+            values = _StepValues(list(terms) + ["loss"], loss.device)
+        values.add([*terms.values(), loss], shares.log)
+    assert values is not None, "a training step has at least one micro-batch"
+    return values
 
 
 def _clip(
@@ -290,9 +400,9 @@ def _clip(
     scaler: torch.amp.GradScaler,
     optimizer: torch.optim.Optimizer,
     cfg: LoopConfig,
-) -> list[str]:
-    """Unscale and clip the gradients to ``max_grad_norm``; a non-finite norm of finite losses is
-    reported like a non-finite loss (the fp16 scaler handles its own overflows)."""
+) -> torch.Tensor:
+    """Unscale and clip the gradients to ``max_grad_norm``; returns their total norm (on the device,
+    not synced: :meth:`_StepValues.nonfinite` checks it with the losses)."""
     scaler.unscale_(optimizer)
     max_norm = cfg.max_grad_norm or float("inf")
     if cfg.fsdp:
@@ -300,9 +410,7 @@ def _clip(
         norm = distributed.clip_sharded([list(model.parameters()), list(objective.parameters())], max_norm)
     else:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    if not torch.isfinite(norm) and not scaler.is_enabled():
-        return ["the gradients (loss finite, gradient norm not)"]
-    return []
+    return norm
 
 
 def _update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, state: TrainState) -> None:
@@ -330,20 +438,33 @@ def _skip_update(
     hooks.record(NonFinite(step=state.step + 1, terms=nonfinite, action="skipped"))
 
 
-def _count(state: TrainState, seconds: float, samples: int, parts: dict[str, float] | None) -> None:
-    """Add a finished step to the totals and the logging window (``parts`` None: a skipped step
-    under torchrun, whose reduced values carry every process's NaN)."""
+def _count(state: TrainState, window: _Window, seconds: float, samples: int, values: _StepValues | None) -> None:
+    """Add a finished step to the totals and the logging window (``values`` None: a skipped step
+    whose values are left out, see :func:`train`)."""
     state.train_seconds += seconds
     state.samples_seen += samples
     state.window_samples += samples
     state.window_n += 1
     state.window_time += seconds
-    for k, v in (parts or {}).items():
-        state.window[k] = state.window.get(k, 0.0) + v
+    if values is not None:
+        window.add(values)
+
+
+def _hooks_due(state: TrainState, cfg: LoopConfig, micro_in_epoch: int) -> bool:
+    """Whether anything but the next step runs after this one: logging, the monitor, an evaluation
+    (also the end of an epoch's), a checkpoint, or the end of training."""
+    step = state.step
+    return (
+        step == cfg.total_steps
+        or step % cfg.log_every == 0
+        or state.next_micro >= micro_in_epoch
+        or any(every and step % every == 0 for every in (cfg.monitor_every, cfg.eval_every, cfg.checkpoint_every))
+    )
 
 
 def _after_step(
     state: TrainState,
+    window: _Window,
     epoch_pos: float,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     cfg: LoopConfig,
@@ -353,6 +474,7 @@ def _after_step(
     final step's measurements belong to the run's end, not here)."""
     step, last = state.step, state.step == cfg.total_steps
     if step % cfg.log_every == 0 or last:
+        state.window = window.floats()  # the window's one host sync
         hooks.record(
             Step(
                 step=step,
@@ -361,9 +483,11 @@ def _after_step(
                 lr=float(scheduler.get_last_lr()[0]),
                 samples_per_s=state.window_samples / max(state.window_time, 1e-9),
                 losses={k: v / max(state.window_n, 1) for k, v in state.window.items()},
+                on_policy=dict(state.on_policy) or None,
             )
         )
         state.window, state.window_n, state.window_samples, state.window_time = {}, 0, 0, 0.0
+        window.clear()
     if cfg.monitor_every and step % cfg.monitor_every == 0 and not last:
         state.last_monitor = hooks.monitor(step)
     if cfg.eval_every and step % cfg.eval_every == 0 and not last:

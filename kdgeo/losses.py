@@ -8,7 +8,8 @@ The total loss is a weighted sum of terms, ``L = sum_k w_k L_k``. Logit terms:
   tokens of a causal LM); the ``T^2`` keeps gradient magnitudes comparable across temperatures.
   ``direction = "reverse"`` uses ``KL(p_s || p_t)`` instead (mode-seeking; MiniLLM, Gu et al.
   2024, arXiv 2306.08543, argues for it in generation), ``"mixed"`` the blend
-  ``mix * forward + (1 - mix) * reverse``.
+  ``mix * forward + (1 - mix) * reverse``, ``"jsd"`` the generalized Jensen-Shannon divergence of
+  GKD (Agarwal et al. 2024, arXiv 2306.13649) with ``beta`` (see :func:`kd_loss`).
 
 Causal LMs: :func:`kdgeo.lm_data.response_predictions` keeps the positions that predict a response token
 (prompt and padding positions never reach a loss), so ``ce`` and ``kd`` above apply per token.
@@ -68,30 +69,51 @@ class LossTerm:
     angular: bool = False
     direction: str = "forward"
     mix: float = 0.5
+    beta: float | None = None
+    """kd with ``direction = "jsd"``: the generalized JSD's beta (None for the other directions)."""
 
     @classmethod
     def from_spec(cls, loss: LossSpec) -> LossTerm:
         """The term for one validated ``[[losses]]`` entry (:class:`kdgeo.spec.KDLoss`, ...).
 
-        Takes exactly the options the entry's kind has (kd: temperature, direction, mix; procrustes:
+        Takes exactly the options the entry's kind has (kd: temperature, direction, mix, beta; procrustes:
         form); the others keep this dataclass's defaults, so no default is written a second time here.
         The spec's defaults for the options it has agree with these (tests/test_losses.py checks).
         """
-        options = {name: getattr(loss, name) for name in ("temperature", "direction", "mix") if hasattr(loss, name)}
+        names = ("temperature", "direction", "mix", "beta")
+        options = {name: getattr(loss, name) for name in names if hasattr(loss, name)}
         if hasattr(loss, "form"):
             options["angular"] = loss.form == "angular"
         return cls(kind=loss.kind, weight=loss.weight, **options)
 
 
 def kd_loss(
-    student_logits: Tensor, teacher_logits: Tensor, temperature: float, direction: str = "forward", mix: float = 0.5
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float,
+    direction: str = "forward",
+    mix: float = 0.5,
+    beta: float = 0.5,
 ) -> Tensor:
-    """T^2 * KL between p_t = softmax(z_t / T) and p_s = softmax(z_s / T), summed over classes
+    """T^2 * a divergence between p_t = softmax(z_t / T) and p_s = softmax(z_s / T), summed over classes
     (or the vocabulary), averaged over rows:
 
     - forward: KL(p_t || p_s) = sum_c p_t,c (log p_t,c - log p_s,c)
     - reverse: KL(p_s || p_t) = sum_c p_s,c (log p_s,c - log p_t,c)
     - mixed:   mix * forward + (1 - mix) * reverse
+    - jsd:     the generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024, "On-Policy
+      Distillation of Language Models: Learning from Self-Generated Mistakes", arXiv 2306.13649, eq. 1)
+      in TRL's convention (``GKDTrainer.generalized_jsd_loss``):
+      ``JSD_beta = beta * KL(p_t || m) + (1 - beta) * KL(p_s || m)``, ``m = beta * p_t + (1 - beta) * p_s``,
+      with log m = logsumexp(log p_t + log beta, log p_s + log(1 - beta)) so no probability underflows.
+      beta = 0 is defined as forward KL(p_t || p_s) and beta = 1 as reverse KL(p_s || p_t), as TRL does:
+      the formula itself goes to 0 at both ends (JSD_beta is O(beta (1 - beta))), so the end points are
+      a jump, not a limit. At beta = 0.5 it is the symmetric JSD, bounded by log 2; for any beta in (0, 1)
+      it is at most the binary entropy H(beta) <= log 2.
+
+    Every direction is multiplied by T^2 (Hinton et al. 2015: it keeps gradient magnitudes comparable
+    across temperatures); TRL's GKD divides the logits by T but does not scale by T^2, so kdgeo's jsd at
+    T != 1 is TRL's times T^2 (equal at the default T = 1 of the GKD presets).
 
     student_logits, teacher_logits: (N, C). Computed in float32 (float64 if either is).
     """
@@ -107,6 +129,17 @@ def kd_loss(
     def reverse() -> Tensor:
         return (log_p_s.exp() * (log_p_s - log_p_t)).sum() / n
 
+    def jsd() -> Tensor:
+        if beta == 0.0:
+            return forward()
+        if beta == 1.0:
+            return reverse()
+        b = torch.tensor(beta, dtype=dtype, device=log_p_s.device)
+        log_m = torch.logsumexp(torch.stack([log_p_t + torch.log(b), log_p_s + torch.log1p(-b)]), dim=0)  # (N, C)
+        kl_t = (log_p_t.exp() * (log_p_t - log_m)).sum()  # KL(p_t || m), summed over rows
+        kl_s = (log_p_s.exp() * (log_p_s - log_m)).sum()  # KL(p_s || m)
+        return (b * kl_t + (1.0 - b) * kl_s) / n
+
     match direction:
         case "forward":
             value = forward()
@@ -114,6 +147,8 @@ def kd_loss(
             value = reverse()
         case "mixed":
             value = mix * forward() + (1.0 - mix) * reverse()
+        case "jsd":
+            value = jsd()
         case _:
             raise ValueError(f"unknown kd direction {direction!r}")
     return value * (t * t)
@@ -186,6 +221,7 @@ class Objective(nn.Module):
         teacher_logits: Tensor | None = None,
         teacher_features: Sequence[Tensor] = (),
         student_features: Sequence[Tensor] = (),
+        references: bool = True,
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """(weighted sum of the per-row logit terms, weighted sum of the feature terms, parts): parts maps
         each term (and ``kind/pair s-t`` for feature terms) to its unweighted value; the total loss is the sum
@@ -197,18 +233,25 @@ class Objective(nn.Module):
         student_logits: (N, C) and labels (N,): examples of a classifier, or the response-token
         predictions of a causal LM (see :func:`kdgeo.lm_data.response_predictions`).
         teacher_features[k]: (n, d_t), student_features[k]: (n, d_s) for layer pair k.
+        ``references = False`` (an on-policy batch of :mod:`kdgeo.on_policy`: the tokens are the student's
+        own samples, not the dataset's answers): ``ce`` is not applied, and its part is logged as 0 so
+        every step has the same keys.
         """
         logit_total = student_logits.new_zeros((), dtype=geometry.compute_dtype(student_logits))
         feature_total = student_logits.new_zeros((), dtype=geometry.compute_dtype(student_logits))
         parts: dict[str, Tensor] = {}
         for term in self.terms:
             match term.kind:
+                case "ce" if not references:
+                    parts["ce"] = student_logits.new_zeros((), dtype=logit_total.dtype)
+                    continue
                 case "ce":
                     value = F.cross_entropy(at_least_float32(student_logits), labels)
                 case "kd":
                     if teacher_logits is None:
                         raise ValueError("kd needs teacher logits")
-                    value = kd_loss(student_logits, teacher_logits, term.temperature, term.direction, term.mix)
+                    beta = 0.5 if term.beta is None else term.beta
+                    value = kd_loss(student_logits, teacher_logits, term.temperature, term.direction, term.mix, beta)
                 case kind if kind in FEATURE_KINDS:
                     per_pair = self.feature_term(kind, term, teacher_features, student_features)
                     for (s, t), v in zip(self.pairs, per_pair):

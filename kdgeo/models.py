@@ -655,6 +655,47 @@ def check_max_length(config: Any, max_length: int, setting: str, who: str) -> No
         )
 
 
+DEFAULT_MAX_LENGTH = 128
+"""Tokens per example when nobody says otherwise (data.max_length, probe's and eval's --max-length)."""
+
+
+def position_limit(config: Any) -> tuple[int, str] | None:
+    """(the most positions a model takes, the config field that says so), or None when its config does not say
+    (a model with relative or rotary positions and no max_position_embeddings)."""
+    for field_name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, field_name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, field_name
+    return None
+
+
+def fit_length(
+    length: int, user_set: bool, models: Sequence[tuple[Any, str, str]], setting: str, origin: str = "the default"
+) -> tuple[int, str | None]:
+    """The sequence length to use, and a note when it is not ``length``.
+
+    ``models``: (config, who, role) of every model the sequences go into (``who`` as check_max_length names
+    it, "the teacher bert-base"; ``role`` as the note does, "teacher"). A length the user set (``user_set``) is
+    used as it is, or refused by :func:`check_max_length` when a model holds fewer positions: the user asked for
+    it, and cutting it silently would change what they measure. A length nobody set (``origin``: "the default",
+    or "the run's") is never an error: it is clamped to the fewest positions among the models, with a one-line
+    note naming them, e.g. "data.max_length: using 64, the student's max_position_embeddings (the default 128 is
+    longer)".
+    """
+    if user_set:
+        for config, who, _ in models:
+            check_max_length(config, length, setting, who)
+        return length, None
+    limits = [(found, role) for config, _, role in models if (found := position_limit(config)) is not None]
+    if not limits or min(limit for (limit, _), _ in limits) >= length:
+        return length, None
+    fewest = min(limit for (limit, _), _ in limits)
+    holders = [(field_name, role) for (limit, field_name), role in limits if limit == fewest]
+    roles = " and the ".join(dict.fromkeys(f"{role}'s" for _, role in holders))
+    fields = " / ".join(dict.fromkeys(field_name for field_name, _ in holders))
+    return fewest, f"{setting}: using {fewest}, the {roles} {fields} ({origin} {length} is longer)"
+
+
 def fingerprint_model(ref: ModelRef) -> str:
     """Identity of a local model's files (path, sizes, mtimes), so a changed model is a new cache key."""
     try:

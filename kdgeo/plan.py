@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -33,8 +33,8 @@ from kdgeo.losses import LossTerm
 from kdgeo.models import (
     ModelRef,
     check_cls_rows,
-    check_max_length,
     default_layer_choice,
+    fit_length,
     hidden_width,
     hidden_widths,
     load_config,
@@ -45,6 +45,9 @@ from kdgeo.models import (
 from kdgeo.spec import RunSpec
 from kdgeo.tasks import TASKS, Preflight, Task
 from kdgeo.teacher import FinetuneArgs
+
+if TYPE_CHECKING:
+    from kdgeo.data_split import DataSplit
 
 LayerPairs = tuple[tuple[int, int], ...]
 """(student, teacher) hidden-state indices; 0 is the embeddings."""
@@ -76,6 +79,10 @@ class TrainArgs:
     """The evaluation metric whose best student is kept (None: the final student is)."""
     early_stopping_patience: int | None = None
     """Evaluations in a row without a better ``save_best`` score that stop training (None: never)."""
+    on_policy: float = 0.0
+    """The share lambda of micro-batches trained on the student's own samples (:mod:`kdgeo.on_policy`)."""
+    sequence_kd: bool = False
+    """Train on the teacher's generated responses instead of the references (:mod:`kdgeo.sequence_kd`)."""
 
 
 @dataclass(frozen=True)
@@ -148,6 +155,10 @@ class DistillPlan:
     generation_max_samples: int | None
     generate_every_eval: bool
     output: OutputArgs
+    data_split: DataSplit | None = None
+    """The data.eval_fraction split (written to the run directory as data_split.json); None without it."""
+    swept: tuple[tuple[str, bool | int | float | str], ...] = ()
+    """A grid sweep's run: its grid values as (key, value), in the grid's order (summary.json ``swept``)."""
 
     @property
     def t_layers(self) -> int:
@@ -162,10 +173,16 @@ class DistillPlan:
         return frozenset(t.kind for t in self.terms)
 
 
-def make_plan(spec: RunSpec, world: int, gathered: bool, emit: Progress) -> DistillPlan:
+def make_plan(
+    spec: RunSpec, world: int, gathered: bool, emit: Progress, data_split: DataSplit | None = None
+) -> DistillPlan:
     """Pre-flight: everything cheap that can fail does so here, in the order a user fixes it
     (models, data, layer pairs, batches). ``world``: processes under torchrun (1 without);
-    ``gathered``: feature rows are gathered across them."""
+    ``gathered``: feature rows are gathered across them; ``data_split``: a resumed run's recorded
+    data.eval_fraction split, reused instead of drawn.
+
+    A data.max_length the user did not set is clamped to the models' positions (:func:`effective_spec`
+    gives the spec with the value the run uses, which the run directory records)."""
     task_cls = TASKS[spec.task]
     teacher_ref = ModelRef(spec.teacher.model, spec.teacher.revision, spec.teacher.trust_remote_code)
     emit(Stage(f"pre-flight: teacher {spec.teacher.model}, data {spec.data.dataset}"))
@@ -179,7 +196,8 @@ def make_plan(spec: RunSpec, world: int, gathered: bool, emit: Progress) -> Dist
     s_tok = load_tokenizer(s_ref) if s_ref is not None else t_tok
     if s_ref is not None:
         task_cls.check_model(s_cfg, spec.student.model or "", "student.model")
-    _check_model_limits(spec, t_cfg, s_cfg if s_ref is not None else None)
+    max_length = _check_model_limits(spec, t_cfg, s_cfg if s_ref is not None else None, emit)
+    spec = with_max_length(spec, max_length)
     terms = tuple(LossTerm.from_spec(loss) for loss in spec.losses)
     kinds = frozenset(t.kind for t in terms)
     loaded = task_cls.load(
@@ -195,6 +213,7 @@ def make_plan(spec: RunSpec, world: int, gathered: bool, emit: Progress) -> Dist
             rows=spec.features.rows,
             max_new_tokens=spec.generate.max_new_tokens,
             emit=emit,
+            data_split=data_split,
         )
     )
     train, evals = loaded.train, loaded.evals
@@ -256,6 +275,8 @@ def make_plan(spec: RunSpec, world: int, gathered: bool, emit: Progress) -> Dist
             spec.output.teacher_outputs_dir,
             spec.output.teacher_outputs_dtype,
         ),
+        swept=tuple((spec.swept or {}).items()),
+        data_split=loaded.data_split,
     )
 
 
@@ -299,6 +320,8 @@ def _train_args(spec: RunSpec) -> TrainArgs:
         on_nonfinite=t.on_nonfinite,
         save_best=t.save_best,
         early_stopping_patience=t.early_stopping_patience,
+        sequence_kd=t.sequence_kd,
+        on_policy=t.on_policy,
     )
 
 
@@ -358,16 +381,46 @@ def _student_plan(spec: RunSpec, t_cfg: Any) -> tuple[list[int], Any, tuple[int,
     return hidden_widths(student_config(t_cfg, overrides)), t_cfg, None, None
 
 
-def _check_model_limits(spec: RunSpec, t_cfg: Any, s_cfg: Any | None) -> None:
-    """Settings a model's config rules out: CLS rows of a decoder, sequences longer than its positions."""
+def _check_model_limits(spec: RunSpec, t_cfg: Any, s_cfg: Any | None, emit: Progress) -> int:
+    """Settings a model's config rules out: CLS rows of a decoder, sequences longer than its positions.
+
+    Returns the data.max_length to use: the spec's, or, when the user left it at its default, the default
+    clamped to the models' positions (a note says so). ``s_cfg`` is None for a student built from the
+    teacher, which keeps the teacher's position embeddings."""
     if spec.features.rows == "cls":  # a causal-lm spec already refuses it; a decoder classifier reaches here
         hint = 'Use features.rows = "mean" (the mean over tokens) or "tokens".'
         check_cls_rows(t_cfg, spec.teacher.model, "teacher.model", 'features.rows = "cls"', hint)
         if s_cfg is not None:
             check_cls_rows(s_cfg, spec.student.model or "", "student.model", 'features.rows = "cls"', hint)
-    check_max_length(t_cfg, spec.data.max_length, "data.max_length", f"the teacher {spec.teacher.model}")
+    models = [(t_cfg, f"the teacher {spec.teacher.model}", "teacher")]
     if s_cfg is not None:
-        check_max_length(s_cfg, spec.data.max_length, "data.max_length", f"the student {spec.student.model}")
+        models.append((s_cfg, f"the student {spec.student.model}", "student"))
+    # model_fields_set: the TOML, a preset and --set all put the key in the table that is validated (a sweep's
+    # runs keep it out unless it was given); a resumed run's recorded value counts as set.
+    user_set = "max_length" in spec.data.model_fields_set
+    max_length, note = fit_length(spec.data.max_length, user_set, models, "data.max_length")
+    if note is not None:
+        emit(Stage(note))
+    prompt = spec.data.max_prompt_length
+    if spec.task == "causal-lm" and prompt is not None and prompt >= max_length:
+        raise KdgeoError(
+            f"data.max_prompt_length = {prompt} leaves no room for the response in data.max_length = {max_length} "
+            "(the default clamped to the models' positions); make data.max_prompt_length smaller."
+        )
+    return max_length
+
+
+def with_max_length(spec: RunSpec, max_length: int) -> RunSpec:
+    """``spec`` with data.max_length = ``max_length`` (marked as set: a resumed run then checks, not clamps, it)."""
+    if max_length == spec.data.max_length:
+        return spec
+    return spec.model_copy(update={"data": spec.data.model_copy(update={"max_length": max_length})})
+
+
+def effective_spec(spec: RunSpec, plan: DistillPlan) -> RunSpec:
+    """The spec as the run uses it, what spec.json records: data.max_length as the plan settled it (a default
+    longer than the models' positions is clamped), so --resume and `kdgeo eval RUN` read the value trained with."""
+    return with_max_length(spec, int(plan.data["max_length"]))
 
 
 def check_equal_widths(

@@ -19,14 +19,15 @@ import torch
 from kdgeo import data as data_mod
 from kdgeo import geometry
 from kdgeo.errors import DataError, KdgeoError
-from kdgeo.events import ProbeLoading, ProbeProgress, ProbeStart, Progress, ignore
+from kdgeo.events import ProbeLoading, ProbeProgress, ProbeStart, Progress, Stage, ignore
 from kdgeo.features import LayerPair, check_tokenizers_agree, select_rows, suggest_layer_map
 from kdgeo.kinds import AutocastPrecision, Rows, higher_is_better
 from kdgeo.models import (
+    DEFAULT_MAX_LENGTH,
     ModelRef,
     check_cls_rows,
     check_hidden_widths,
-    check_max_length,
+    fit_length,
     hidden_widths,
     load_config,
     load_encoder,
@@ -50,7 +51,9 @@ class ProbeArgs:
     for a different statistic (on MiniLM, mean rows pick 1->3, 2->4 where token rows pick 1->1, 2->6)."""
     max_samples: int | None = 512
     batch_size: int = 32
-    max_length: int = 128
+    max_length: int | None = None
+    """Tokens per example after truncation. None: 128, clamped to the models' positions with a note (a length
+    the user did not set is never an error; one they set that a model cannot hold is, exit 2)."""
     device: str = "auto"
     precision: AutocastPrecision = "fp32"
 
@@ -141,12 +144,18 @@ def run_probe(args: ProbeArgs, progress: Progress | None = None) -> ProbeResult:
             check_cls_rows(cfg, ref, who, "--rows cls", "Use --rows mean (the mean over tokens) or --rows tokens.")
     t_layers, s_layers = num_layers(t_cfg), num_layers(s_cfg)
     t_tok, s_tok = load_tokenizer(args.teacher), load_tokenizer(args.student)
-    ds = data_mod.load_split(args.dataset, args.config, args.split, where="--data")
+    ds = data_mod.load_split(args.dataset, args.config, args.split, where="--data", split_key="--split")
     data_mod.check_columns(
         ds, {"text_column": args.text_column}, where=f"--data {args.dataset}", setting="--text-column"
     )
-    check_max_length(t_cfg, args.max_length, "--max-length", f"the teacher {args.teacher.ref}")
-    check_max_length(s_cfg, args.max_length, "--max-length", f"the student {args.student.ref}")
+    max_length, note = fit_length(
+        args.max_length or DEFAULT_MAX_LENGTH,
+        args.max_length is not None,
+        [(t_cfg, f"the teacher {args.teacher.ref}", "teacher"), (s_cfg, f"the student {args.student.ref}", "student")],
+        "--max-length",
+    )
+    if note is not None:
+        emit(Stage(note))
     if args.max_samples is not None:
         ds = ds.select(range(min(args.max_samples, len(ds))))
     texts = data_mod.texts_of(ds, args.text_column, where=f"--data {args.dataset}")
@@ -157,8 +166,8 @@ def run_probe(args: ProbeArgs, progress: Progress | None = None) -> ProbeResult:
             t_tok, s_tok, texts[:64], hint="Compare pooled features instead: --rows mean (or --rows cls)."
         )
     split = data_mod.TextSplit(texts=texts, labels=None)
-    split.encodings["teacher"] = data_mod.encode(t_tok, texts, None, args.max_length)
-    split.encodings["student"] = data_mod.encode(s_tok, texts, None, args.max_length)
+    split.encodings["teacher"] = data_mod.encode(t_tok, texts, None, max_length)
+    split.encodings["student"] = data_mod.encode(s_tok, texts, None, max_length)
 
     emit(ProbeLoading(teacher=args.teacher.ref, student=args.student.ref))
     teacher = load_encoder(args.teacher).to(device)

@@ -215,6 +215,8 @@ class ProbeView:
         if self.mode == "quiet":
             return
         match event:
+            case Stage(message=message):  # a note, e.g. --max-length clamped to the models' positions
+                info(message, self.mode)
             case ProbeLoading(teacher=teacher, student=student):
                 info(f"loading teacher {teacher} and student {student}", self.mode)
             case ProbeStart(total=total):
@@ -305,6 +307,19 @@ def print_probe(result: Any) -> None:
 
 
 LOSS_ORDER = ("loss", "ce", "kd", "procrustes", "gram", "cka", "projection", "mse", "cosine")
+
+
+def on_policy_text(counts: dict[str, float]) -> str:
+    """train.on_policy's running counts (kdgeo.on_policy.COUNTS) in a few words: on-policy micro-batches, the
+    mean sampled length, the share of samples that hit the length limit, and the seconds spent sampling."""
+    gens = counts.get("generations", 0.0)
+    if not gens:
+        return "on-policy 0 batches"
+    return (
+        f"on-policy {int(counts.get('micro_batches', 0))} batches, {counts.get('generated_tokens', 0.0) / gens:.1f} "
+        f"tok/sample, {100 * counts.get('hit_max_new_tokens', 0.0) / gens:.0f}% at limit, "
+        f"{counts.get('generation_seconds', 0.0):.1f}s sampling"
+    )
 
 
 def _loss_text(losses: dict[str, float]) -> str:
@@ -478,6 +493,8 @@ class DistillView:
 
     def _step(self, event: Step) -> None:
         text = f"epoch {event.epoch:.2f}  lr {event.lr:.2e}  {_loss_text(event.losses)}"
+        if event.on_policy is not None:
+            text += f"  {on_policy_text(event.on_policy)}"
         if self.mode == "rich" and self._progress is not None and self._task is not None:
             rate = f"{event.samples_per_s:.1f} samples/s"
             self._progress.update(self._task, completed=event.step, total=event.total_steps, rate=rate)
@@ -596,6 +613,16 @@ def print_sweep(outcomes: Sequence[Any], json_lines: bool = False) -> None:
         )
 
 
+def held_out_note(split: dict[str, Any] | None) -> str:
+    """The dry run's note on a data.eval_fraction split: where its evaluation examples come from."""
+    if not split:
+        return ""
+    return (
+        f" (data.eval_fraction = {split['eval_fraction']:g}: {split['eval_examples']} of {split['rows']} rows held "
+        f"out, split_seed {split['split_seed']})"
+    )
+
+
 def print_dry_run(plan: Any, json_lines: bool = False) -> None:
     """``kdgeo distill --dry-run``: a few lines per run (what it would do), the disk estimate, and that nothing ran.
 
@@ -624,11 +651,14 @@ def print_dry_run(plan: Any, json_lines: bool = False) -> None:
             written += f", student {size(r.student_bytes)}"
         if r.cache_bytes is not None:
             written += f", teacher-output cache {size(r.cache_bytes)} in {r.cache_dir}"
+        if r.sequence_kd_entry is not None:
+            state = "cached, read" if r.sequence_kd_cached else "not cached yet: generated first, at most"
+            written += f", sequence-KD responses ({state} {size(r.sequence_kd_bytes)}) in {r.sequence_kd_entry}"
         params = f"{r.student_parameters:,}" if r.student_parameters is not None else "unknown"
         for line in (
             f"  {run} [{r.status}] -> {r.run_dir}",
             f"    {r.task}: {r.steps} steps ({r.steps_per_epoch}/epoch), {r.train_examples} training and "
-            f"{r.eval_examples} evaluation examples, {r.precision} on {r.device}",
+            f"{r.eval_examples} evaluation examples{held_out_note(r.data_split)}, {r.precision} on {r.device}",
             f"    layer pairs {pairs}; losses {losses}; rows {r.rows}; student {params} parameters",
             f"    writes about: {written}",
         ):

@@ -218,6 +218,8 @@ def _print_metric(con: Console, result: CompareResult, c: MetricComparison) -> N
             *extra,
         )
     con.print(t1)
+    if result.swept:
+        _print_sweep(con, result, c)
     if c.versus:
         t2 = _table(
             f"{c.metric} vs {result.baseline}: p-values (paired: t, Wilcoxon signed-rank, sign-flip permutation; "
@@ -277,6 +279,58 @@ def _print_metric(con: Console, result: CompareResult, c: MetricComparison) -> N
         con.print(Text(line))
     for note in c.notes:
         con.print(Text(f"note: {note}"))
+
+
+def _sweep_rows(result: CompareResult, c: MetricComparison) -> list[dict[str, Any]]:
+    """The variants of a grid sweep along their swept values, in compare's order (base variant, then value): base,
+    each swept key's value (None where a variant's grid lacks that key), n, mean, 95% CI and the mean over runs of
+    the final mean Procrustes distance (None when a run did not measure it)."""
+    rows = []
+    for vs in c.variants:
+        if vs.variant not in result.swept:
+            continue
+        geometry = [r.geometry_value("procrustes") for r in result.runs if r.variant == vs.variant]
+        present = [g for g in geometry if g is not None]
+        rows.append(
+            {
+                "variant": vs.variant,
+                "base": result.bases[vs.variant],
+                "values": [result.swept[vs.variant].get(k) for k in result.swept_keys],
+                "summary": vs.summary,
+                "procrustes": sum(present) / len(present) if present and len(present) == len(geometry) else None,
+            }
+        )
+    return rows
+
+
+def _value_cell(value: Any) -> str:
+    """A swept value as the variant names show it ("-": this variant's grid has no such key)."""
+    from kdgeo.spec import grid_value_text
+
+    return "-" if value is None else grid_value_text(value)
+
+
+def _print_sweep(con: Console, result: CompareResult, c: MetricComparison) -> None:
+    """The grid's variants as rows with their swept values as columns, the metric and the final geometry."""
+    from rich.text import Text
+
+    table = _table(
+        f"{c.metric} along the swept values (mean over runs, 95% t interval; procrustes: the final mean distance to "
+        "the teacher over layer pairs, mean over runs)",
+        [("base", 0), *[(k, -len(k)) for k in result.swept_keys], ("n", 1), ("mean", 6), ("95% CI", 16)]
+        + [("procrustes", 10)],
+    )
+    for row in _sweep_rows(result, c):
+        s = row["summary"]
+        table.add_row(
+            Text(row["base"]),
+            *[Text(_value_cell(v)) for v in row["values"]],
+            str(s.n),
+            _f(s.mean),
+            _ci(s.ci_low, s.ci_high),
+            _f(row["procrustes"]),
+        )
+    con.print(table)
 
 
 def _level(c: MetricComparison) -> str:
@@ -411,6 +465,8 @@ def to_json(result: CompareResult) -> dict[str, Any]:
                 "values": vs.values,
                 "seeds": vs.seeds,
                 "runs": vs.runs,
+                "base_variant": result.bases.get(vs.variant),
+                "swept": result.swept.get(vs.variant),
                 "vs_baseline": None,
             }
             v = versus.get(vs.variant)
@@ -484,6 +540,7 @@ def to_json(result: CompareResult) -> dict[str, Any]:
             for r in result.runs
         ],
         "variants": result.variants,
+        "swept_keys": result.swept_keys,
         "baseline": result.baseline,
         "alpha": a.alpha,
         "test": a.test,
@@ -572,6 +629,9 @@ CSV_COLUMNS = (
     "gate_p_holm",
     "fails_gate",
     "left_out",
+    # issue 16 F: a grid sweep's variants (empty for other variants)
+    "base_variant",
+    "swept",
 )
 
 
@@ -584,6 +644,9 @@ def write_csv(result: CompareResult, path: str | Path) -> None:
     writer.writeheader()
     for c in result.metrics:
         for row in _rows(c):
+            values = result.swept.get(row["variant"])
+            row["base_variant"] = result.bases.get(row["variant"])
+            row["swept"] = json.dumps(values) if values is not None else None  # one cell: the keys differ by grid
             writer.writerow({k: "" if json_safe(row[k]) is None else row[k] for k in CSV_COLUMNS})
     _write(path, buf.getvalue())
 
@@ -677,6 +740,18 @@ def write_markdown(result: CompareResult, path: str | Path) -> None:
                     _md(_gate_cell(v)),
                 ]
                 lines.append("| " + " | ".join(cells) + " |")
+            lines.append("")
+        if result.swept:
+            head = ["base", *result.swept_keys, "n", "mean", "95% CI", "procrustes"]
+            lines += ["Along the swept values (procrustes: final mean distance to the teacher, mean over runs):", ""]
+            lines.append("| " + " | ".join(_md(h) for h in head) + " |")
+            lines.append(
+                "|" + "|".join("---" if k <= len(result.swept_keys) else "---:" for k in range(len(head))) + "|"
+            )
+            for row in _sweep_rows(result, c):
+                s = row["summary"]
+                cells = [_md(row["base"]), *[_md(_value_cell(v)) for v in row["values"]], str(s.n), _f(s.mean)]
+                lines.append("| " + " | ".join([*cells, _ci(s.ci_low, s.ci_high), _f(row["procrustes"])]) + " |")
             lines.append("")
         corr = _correlation_lines(c)
         lines += corr + ([""] if corr else [])
@@ -803,6 +878,10 @@ def _plot_figure(result: CompareResult) -> Any:
     2. The metric during training: the mean over each variant's runs at every evaluated step, with the
        min-max band over runs. A variant evaluated at a single step is drawn as a point with a min-max
        bar (a one-point line would be invisible).
+    3. Only for the variants of a grid sweep ([sweep.grid]): the metric (mean over runs with its 95% t interval)
+       against the first swept value, one line per base variant (and per value of any other swept key), with the
+       baseline's mean as a dashed line when it is not in the grid; beside it the final mean Procrustes distance
+       (mean over runs) against the same value (:func:`_draw_sweep`).
 
     The figure is as tall as its rows need (each variant gets the same height, more when its name wraps)
     and as wide as its measured labels need, so names are neither cut nor drawn over one another.
@@ -821,13 +900,18 @@ def _plot_figure(result: CompareResult) -> Any:
     diff_h = max(2.6, pitch * len(others) + 1.9)  # title, axis label with the clipping note, ticks
     legend_lines = sum(_wrap_name(v).count("\n") + 1 for v in result.variants)
     curve_h = max(3.2, legend_lines * _LEGEND_PT * 1.25 / 72 + len(result.variants) * 0.06 + 1.2)
-    heights = [h for _ in result.metrics for h in (diff_h, curve_h)]
+    per_metric = (diff_h, curve_h, _SWEEP_H) if result.swept else (diff_h, curve_h)
+    heights = [h for _ in result.metrics for h in per_metric]
     fig = Figure(figsize=(12.0, sum(heights)), layout="constrained")
     canvas = FigureCanvasAgg(fig)
     grid = fig.add_gridspec(len(heights), 1, height_ratios=heights)
+    rows = len(per_metric)
     for k, c in enumerate(result.metrics):
-        _draw_differences(fig.add_subplot(grid[2 * k, 0]), result, c, others)
-        _draw_curves(fig.add_subplot(grid[2 * k + 1, 0]), result, c)
+        _draw_differences(fig.add_subplot(grid[rows * k, 0]), result, c, others)
+        _draw_curves(fig.add_subplot(grid[rows * k + 1, 0]), result, c)
+        if result.swept:
+            pair = grid[rows * k + 2, 0].subgridspec(1, 2, wspace=0.08)
+            _draw_sweep(fig.add_subplot(pair[0, 0]), fig.add_subplot(pair[0, 1]), result, c)
     # Width from the labels as the renderer measures them: the widest name on the left, the widest
     # verdict label or legend on the right, plus a fixed data area.
     renderer = canvas.get_renderer()
@@ -971,3 +1055,80 @@ def _draw_curves(ax: Any, result: CompareResult, c: MetricComparison) -> None:
         ax.legend(fontsize=_LEGEND_PT, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     else:
         ax.text(0.5, 0.5, "no evaluations in metrics.jsonl", ha="center", va="center", transform=ax.transAxes)
+
+
+_SWEEP_H = 3.6
+"""Height in inches of the sweep row (:func:`_draw_sweep`)."""
+LOG_X_SPAN = 10.0
+"""The swept axis is logarithmic when the values are all positive and the largest is at least this many times the
+smallest (weights 0.1, 0.3, 1, 3: equal steps in log space, crowded on a linear axis)."""
+
+
+def sweep_axis(values: list[Any]) -> tuple[str, list[Any]]:
+    """How the swept values lie on the x axis: ("log" | "linear", the values sorted) when they are all numbers
+    (``log`` when all positive and spanning at least :data:`LOG_X_SPAN` x), else ("category", in the order given)."""
+    unique = list(dict.fromkeys(values))
+    numbers = [v for v in unique if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if len(numbers) != len(unique):
+        return "category", unique
+    ordered = sorted(numbers)
+    if ordered and ordered[0] > 0 and ordered[-1] >= LOG_X_SPAN * ordered[0]:
+        return "log", ordered
+    return "linear", ordered
+
+
+def _draw_sweep(ax: Any, ax_geo: Any, result: CompareResult, c: MetricComparison) -> None:
+    """Panel 3 of :func:`_plot_figure`: ``c.metric`` and the final mean Procrustes distance against the first swept
+    value, one line per base variant (and per value of any other swept key)."""
+    key = result.swept_keys[0]
+    rows = [r for r in _sweep_rows(result, c) if r["values"][0] is not None]
+    scale, xs = sweep_axis([r["values"][0] for r in rows])
+    position = {_value_cell(v): float(i) for i, v in enumerate(xs)} if scale == "category" else {}
+
+    def x_of(value: Any) -> float:
+        return position[_value_cell(value)] if scale == "category" else float(value)
+
+    lines: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        rest = [f"{k}={_value_cell(v)}" for k, v in zip(result.swept_keys[1:], r["values"][1:]) if v is not None]
+        lines.setdefault(", ".join([r["base"], *rest]), []).append(r)
+    geometry_drawn = 0
+    for i, (label, members) in enumerate(lines.items()):
+        members = sorted(members, key=lambda r: x_of(r["values"][0]))
+        x = [x_of(r["values"][0]) for r in members]
+        colour = f"C{i % 10}"
+        means = [r["summary"].mean for r in members]
+        ax.plot(x, means, color=colour, marker="o", ms=4, lw=1.4, label=_wrap_name(label), gid=f"sweep:{label}")
+        for xi, r in zip(x, members):
+            s = r["summary"]
+            if math.isfinite(s.ci_low) and math.isfinite(s.ci_high):
+                ax.plot([xi, xi], [s.ci_low, s.ci_high], color=colour, lw=1.0, alpha=0.7)
+        geo = [(xi, r["procrustes"]) for xi, r in zip(x, members) if r["procrustes"] is not None]
+        if geo:
+            geometry_drawn += 1
+            ax_geo.plot(*zip(*geo), color=colour, marker="s", ms=4, lw=1.4, gid=f"sweep-geometry:{label}")
+    if result.baseline not in result.swept:  # the reference the grid is read against
+        base = next((vs.summary.mean for vs in c.variants if vs.variant == result.baseline), math.nan)
+        if math.isfinite(base):
+            ax.axhline(base, color="0.3", lw=0.9, ls="--", label=f"baseline {_wrap_name(result.baseline)}")
+        geometry = [r.geometry_value("procrustes") for r in result.runs if r.variant == result.baseline]
+        if geometry and None not in geometry:
+            mean_geometry = sum(g for g in geometry if g is not None) / len(geometry)
+            ax_geo.axhline(mean_geometry, color="0.3", lw=0.9, ls="--", label=f"baseline {_wrap_name(result.baseline)}")
+            ax_geo.legend(fontsize=_LEGEND_PT, loc="best")
+    for a in (ax, ax_geo):
+        if scale == "log":
+            a.set_xscale("log")
+        if scale == "category":
+            a.set_xticks([position[_value_cell(v)] for v in xs], [_value_cell(v) for v in xs], fontsize=_LABEL_PT)
+        elif scale == "log":
+            a.set_xticks([float(v) for v in xs], [_value_cell(v) for v in xs], fontsize=_LABEL_PT)
+        a.set_xlabel(key + (" (log scale)" if scale == "log" else ""))
+        a.grid(color="0.9")
+    ax.set_ylabel(c.metric)
+    ax.set_title(_wrap_name(f"{c.metric} against {key} (mean over runs, 95% t interval)", 60), fontsize=10)
+    ax.legend(fontsize=_LEGEND_PT, loc="best")
+    ax_geo.set_ylabel("mean procrustes distance")
+    ax_geo.set_title(_wrap_name(f"final mean procrustes distance to the teacher against {key}", 60), fontsize=10)
+    if not geometry_drawn:
+        ax_geo.text(0.5, 0.5, "no final geometry in these runs", ha="center", va="center", transform=ax_geo.transAxes)

@@ -599,8 +599,14 @@ _OPTIONAL_SUMMARY_KEYS = (
     "best_score",
     "final_scores",
     "stopped_early",
+    "on_policy",
+    "sequence_kd",
+    "variant_base",
+    "swept",
 )
-"""Written only by a run under torchrun (the first three) or with train.save_best (the others)."""
+"""Written only by a run under torchrun (the first three), with train.save_best (the next five), with
+train.on_policy > 0 (``on_policy``), with train.sequence_kd (``sequence_kd``) or by a grid sweep (``variant_base``,
+``swept``)."""
 
 
 def loss_record(term: Any) -> dict[str, Any]:
@@ -612,6 +618,8 @@ def loss_record(term: Any) -> dict[str, Any]:
 
     record: dict[str, Any] = {"kind": term.kind, "weight": term.weight}
     for name in LOSS_CLASSES[term.kind].model_fields:
+        if name == "beta" and term.beta is None:
+            continue  # kd's beta exists for direction = "jsd" only; other runs' records stay as they were
         if name not in record:
             # the term stores procrustes' form as a flag (it selects the formula); the spec's value is the word
             record[name] = ("angular" if term.angular else "squared") if name == "form" else getattr(term, name)
@@ -629,6 +637,11 @@ class RunSummary:
     format_version: int
     name: str | None
     variant: str | None
+    variant_base: str | None = None
+    """A grid sweep's run only (so are the next): the variant the grid crossed (``kd-procrustes`` of
+    ``kd-procrustes/weight=0.3``)."""
+    swept: dict[str, Any] | None = None
+    """The run's grid values by key as [sweep.grid] writes it, e.g. {"losses[2].weight": 0.3}."""
     data: RunData | None
     run_dir: str | None
     task: str | None
@@ -692,6 +705,18 @@ class RunSummary:
     """The final student's scores (the last step's; equal to ``scores`` when the final evaluation was the best)."""
     stopped_early: bool | None = None
     """Whether train.early_stopping_patience ended training before its last step (``steps`` says where)."""
+    on_policy: dict[str, Any] | None = None
+    """train.on_policy > 0 only (:func:`kdgeo.on_policy.summary`): ``rate`` (lambda), ``micro_batches`` trained
+    on the student's samples, ``generations`` (samples drawn by this process; rank 0's under torchrun),
+    ``generated_tokens_mean``, ``hit_max_new_tokens`` (the share of samples without a stop token: cut at
+    generate.max_new_tokens or data.max_length) and ``generation_seconds`` (sampling time, included in
+    ``train_seconds``)."""
+    sequence_kd: dict[str, Any] | None = None
+    """train.sequence_kd only (:func:`kdgeo.sequence_kd.record`): the cache entry of the teacher's responses
+    (``entry``: its key, ``path``), whether this run ``generated`` it (false: read from the cache) and in how
+    many ``generation_seconds``, the ``decoding``, and ``examples``, ``empty_kept_reference`` (responses that
+    were empty: the reference was kept), ``hit_token_limit`` (cut at the token limit) and
+    ``generated_tokens_mean``."""
 
     def to_dict(self) -> dict[str, Any]:
         """The summary.json object, key for key and in order as kdgeo has always written it."""
@@ -725,6 +750,8 @@ class RunSummary:
             format_version=FORMAT_VERSION,
             name=_text(data.get("name")),
             variant=_text(data.get("variant")),
+            variant_base=_text(data.get("variant_base")),
+            swept=_object(data.get("swept")),
             data=RunData.from_dict(raw_data) if raw_data is not None else None,
             run_dir=_text(data.get("run_dir")),
             task=_text(data.get("task")),
@@ -773,6 +800,8 @@ class RunSummary:
                 else None
             ),
             stopped_early=_flag(data.get("stopped_early")),
+            sequence_kd=_object(data.get("sequence_kd")),
+            on_policy=_object(data.get("on_policy")),
         )
 
 
@@ -805,6 +834,21 @@ class RunDirectory:
             if value:
                 return str(value)
         return self.path.name
+
+    @property
+    def swept(self) -> dict[str, Any] | None:
+        """A grid sweep's run: its grid values by key (summary first, then spec.json); None for other runs."""
+        if self.summary is not None and self.summary.swept is not None:
+            return self.summary.swept
+        return _object(self.spec.get("swept"))
+
+    @property
+    def variant_base(self) -> str | None:
+        """A grid sweep's run: the variant the grid crossed (recorded, else the variant up to its first ``/``)."""
+        if self.swept is None:
+            return None
+        recorded = self.summary.variant_base if self.summary is not None else None
+        return recorded or self.variant.partition("/")[0]
 
     @property
     def seed(self) -> int | None:

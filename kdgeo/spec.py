@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import itertools
 import re
 import sys
 import types
@@ -258,11 +259,21 @@ class DataSpec(_Strict):
     config: str | None = None
     """Hub dataset configuration (e.g. `cola`)."""
     train_split: str = "train"
-    """Split used for training."""
+    """Split used for training. A slice in the datasets library's syntax works for hub datasets and local
+    files alike: `train[:90%]`, `train[:1000]`, `train[10%:20%]`, `train[:5%]+train[-5%:]` (a local file
+    is one split named `train`; a plain name is ignored for it)."""
     eval_split: str = "validation"
-    """Split used for evaluation and the monitor batch."""
+    """Split used for evaluation and the monitor batch (sliced like train_split, e.g. `train[90%:]`)."""
     eval_dataset: str | None = None
     """A separate local file (or hub id) for evaluation, when `dataset` is a single file."""
+    eval_fraction: float | None = Field(None, gt=0, lt=0.5)
+    """Hold out this fraction of train_split (0 < f < 0.5; ceil(f * rows) examples, drawn by a permutation
+    seeded with split_seed) as the evaluation set, and train on the rest: for a single local file, or a
+    dataset without an evaluation split. Not with eval_dataset or another eval_split. The split is kept in
+    the run directory (data_split.json), reused by --resume and by `kdgeo eval RUN`."""
+    split_seed: int | None = Field(None, ge=0, lt=2**32)
+    """Seed of the eval_fraction split (default 0). Not the run's seed, on purpose: every seed and variant
+    of a sweep is scored on the same held-out examples, so `kdgeo compare` can pair them."""
     text_column: str = "text"
     """Column holding the input text."""
     text_pair_column: str | None = None
@@ -328,6 +339,33 @@ class DataSpec(_Strict):
             )
         return value
 
+    @model_validator(mode="after")
+    def _eval_fraction(self) -> DataSpec:
+        """eval_fraction carves the evaluation set out of train_split: another source of evaluation examples
+        (eval_dataset, or an eval_split other than the default, which resolved specs write out) would be
+        silently ignored, so name both keys."""
+        problems = []
+        if self.eval_fraction is not None:
+            if self.eval_dataset is not None:
+                problems.append(
+                    f"data.eval_fraction = {self.eval_fraction} and data.eval_dataset = {_show(self.eval_dataset)} "
+                    "both name the evaluation examples; keep one (eval_fraction holds out part of data.train_split)"
+                )
+            if self.eval_split != "validation":
+                problems.append(
+                    f"data.eval_fraction = {self.eval_fraction} and data.eval_split = {_show(self.eval_split)} both "
+                    "name the evaluation examples; keep one (eval_fraction holds out part of data.train_split; a "
+                    'slice such as eval_split = "train[90%:]" with train_split = "train[:90%]" is the other way)'
+                )
+        elif self.split_seed is not None:
+            problems.append(
+                f"data.split_seed = {self.split_seed} seeds the data.eval_fraction split, which is not set; set "
+                "data.eval_fraction (e.g. 0.1) or remove data.split_seed"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
 
 LayerPairs = Union[Literal["uniform", "last", "probe"], list[tuple[int, int]]]
 
@@ -378,11 +416,33 @@ class KDLoss(_LossBase):
     kind: Literal["kd"]
     temperature: float = Field(2.0, gt=0)
     """Softmax temperature T applied to both teacher and student logits."""
-    direction: Literal["forward", "reverse", "mixed"] = "forward"
+    direction: Literal["forward", "reverse", "mixed", "jsd"] = "forward"
     """`forward`: KL(p_teacher || p_student) (Hinton; mean-seeking). `reverse`: KL(p_student || p_teacher)
-    (mode-seeking, as MiniLLM argues for generation). `mixed`: mix * forward + (1 - mix) * reverse."""
+    (mode-seeking, as MiniLLM argues for generation). `mixed`: mix * forward + (1 - mix) * reverse. `jsd`:
+    the generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024) with `beta`, TRL's convention."""
     mix: float = Field(0.5, ge=0, le=1)
     """For `direction = "mixed"`: the weight of the forward KL."""
+    beta: float | None = Field(None, ge=0, le=1)
+    """For `direction = "jsd"` only (default 0.5 there): beta * KL(p_t || m) + (1 - beta) * KL(p_s || m) with
+    m = beta * p_t + (1 - beta) * p_s; 0 is forward KL, 1 reverse KL (as TRL's GKDTrainer), 0.5 the plain JSD."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _jsd_beta(cls, data: Any) -> Any:
+        # The default lives here, not on the field: beta means something only for jsd, and other
+        # directions' resolved specs (spec.json, summary.json's loss records) stay without it.
+        if isinstance(data, dict) and data.get("direction") == "jsd" and data.get("beta") is None:
+            data = {**data, "beta": 0.5}
+        return data
+
+    @model_validator(mode="after")
+    def _beta_needs_jsd(self) -> KDLoss:
+        if self.beta is not None and self.direction != "jsd":
+            raise ValueError(
+                f'beta = {self.beta} is for direction = "jsd" (the generalized JSD); this kd term has direction = '
+                f'"{self.direction}": remove beta, or set direction = "jsd"'
+            )
+        return self
 
 
 class ProcrustesLoss(_LossBase):
@@ -518,6 +578,22 @@ class TrainSpec(_Strict):
     """Stop training after this many evaluations in a row without a better `save_best` score (needs
     `save_best`, and an evaluation before the final one: `eval_every` below the step count, or more than
     one epoch). The run then ends as usual: final evaluation, the best student saved, summary.json."""
+    on_policy: float = Field(0.0, ge=0, le=1)
+    """Causal LMs: the share lambda of micro-batches trained on the student's own samples (GKD, Agarwal et al.
+    2024). Each micro-batch is on-policy with probability lambda, drawn from (seed, epoch, micro-batch), so a
+    resume replays the same choices: the student samples a response to each prompt (`generate.temperature`,
+    `top_p`, `max_new_tokens`; always sampled, whatever `generate.do_sample`) and `kd` and the feature losses
+    are computed on those tokens for both models; `ce` is not applied there (it needs the reference). 0: the
+    dataset's responses only, as before."""
+    sequence_kd: bool = False
+    """`task = "causal-lm"`: sequence-level KD (Kim & Rush 2016): every training response is replaced by
+    the teacher's own response to the prompt, so `ce` trains on the teacher's outputs and kd and the feature
+    losses run on them; the evaluation split keeps its references. Decoding: greedy, or sampling with
+    `generate.do_sample` / `temperature` / `top_p` (seeded by the run's seed); at most
+    `generate.max_new_tokens` new tokens and never more than fit in `data.max_length`. A response whose
+    first token is end-of-sequence falls back to the reference (counted). The generations are generated
+    once and cached under `output.teacher_outputs_dir`/sequence-kd/, keyed by the teacher, the training
+    prompts and the decoding, so every run of a sweep shares them."""
 
     @field_validator("device")
     @classmethod
@@ -618,23 +694,52 @@ class OutputSpec(_Strict):
 
 
 class SweepSpec(_Strict):
-    """Several runs from one spec: every variant x every seed.
+    """Several runs from one spec: every variant x every seed (x every combination of the grid's values).
 
     Each variant is a table of overrides merged over the rest of the spec (tables key by key,
     lists and values replace), e.g. ``[sweep.variants.kd] losses = [{kind="ce"}, {kind="kd"}]``.
     Runs are written to ``<output.dir>/<name>/<variant>-seed<seed>/``; a finished run (one with
     summary.json) is skipped when the sweep is run again, so an interrupted sweep continues.
+
+    ``[sweep.grid]`` crosses the variants named in `grid_variants` (default: all) with the cartesian
+    product of its value lists, in the order written; such a run is the variant
+    ``<base>/<key>=<value>,...`` in ``<output.dir>/<name>/<base>/<key>=<value>,...-seed<seed>/``
+    (see :func:`expand_sweep`).
     """
 
     seeds: list[Annotated[int, Field(ge=0, lt=2**32)]] = Field([0], min_length=1)
     """Seeds to run every variant with."""
     variants: dict[str, dict[str, Any]] = {}
     """Named override tables; empty = the spec itself as one variant named after `name`."""
+    grid: dict[str, Any] = {}
+    """Values to sweep: a dotted key (list items by index, `losses[2].weight` or `losses.2.weight`) -> a list of
+    TOML scalars (numbers, strings, booleans), e.g. `"losses[2].weight" = [0.1, 0.3, 1.0, 3.0]`. Every
+    combination of the lists runs with every seed, for each variant in `grid_variants`."""
+    grid_variants: list[str] | None = None
+    """The variants the grid crosses (default: every variant); the others run once per seed as they are.
+    Name only variants in which every grid key resolves (`losses[2]` must exist)."""
 
     @model_validator(mode="after")
     def _check(self) -> SweepSpec:
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"`seeds` lists a seed twice: {self.seeds}")
+        grid_problems = grid_problems_of(self.grid)
+        if self.grid_variants is not None:
+            if not self.grid:
+                grid_problems.append("`grid_variants` is set without a [sweep.grid] table; add one or leave it out")
+            elif not self.grid_variants:
+                grid_problems.append("`grid_variants` is empty; name the variants to cross, or leave it out for all")
+            twice = sorted({n for n in self.grid_variants if self.grid_variants.count(n) > 1})
+            if twice:
+                grid_problems.append(f"`grid_variants` lists {', '.join(twice)} more than once; name each once")
+            unknown = [n for n in self.grid_variants if self.variants and n not in self.variants]
+            if unknown:
+                grid_problems.append(
+                    f"`grid_variants` names {', '.join(repr(n) for n in unknown)}, not in [sweep.variants] (which has "
+                    f"{', '.join(self.variants)}); name variants of this sweep"
+                )
+        if grid_problems:
+            raise ValueError("; ".join(grid_problems))
         for name, overrides in self.variants.items():
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
                 raise ValueError(
@@ -686,6 +791,9 @@ class RunSpec(_Strict):
     """Run every variant with every seed (see [sweep]); `kdgeo compare` does the statistics."""
     variant: str | None = None
     """Set by a sweep: the variant this run belongs to (leave unset in your own specs)."""
+    swept: dict[str, Union[bool, int, float, str]] | None = None
+    """Set by a grid sweep ([sweep.grid]): this run's grid values by key, e.g. {"losses[2].weight" = 0.3}
+    (leave unset in your own specs). Recorded in summary.json; `kdgeo compare` groups and plots along them."""
 
     @model_validator(mode="after")
     def _losses_unique(self) -> RunSpec:
@@ -737,6 +845,11 @@ class RunSpec(_Strict):
                 )
             if self.generate != GenerateSpec():
                 problems.append('[generate] is for task = "causal-lm" (this run is a classification run)')
+            if self.train.sequence_kd:
+                problems.append(
+                    "train.sequence_kd = true replaces the training responses with the teacher's generated ones, "
+                    'which needs task = "causal-lm" (a classifier has no responses); remove it'
+                )
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -813,6 +926,32 @@ class RunSpec(_Strict):
                     f"train.early_stopping_patience: {cadence}, so the only evaluation is the final one and nothing "
                     "can stop early; set train.eval_every to a step count below the run's (or train for more epochs)"
                 )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _on_policy(self) -> RunSpec:
+        """`train.on_policy` samples responses from the student: a decoder's prompts, a loss that reads
+        them (ce needs the reference, so it is left out of on-policy batches), and an unsharded student."""
+        lam, problems = self.train.on_policy, []
+        if lam == 0:
+            return self
+        if self.task != "causal-lm":
+            problems.append(
+                f"train.on_policy = {lam} samples responses from the student, which needs a decoder: set "
+                'task = "causal-lm" (with [generate] for the sampling settings), or remove train.on_policy'
+            )
+        elif not any(loss.kind != "ce" for loss in self.losses):
+            problems.append(
+                f"train.on_policy = {lam}: ce is not applied to on-policy batches (it needs the reference "
+                'response), and it is the only loss; add kd (e.g. direction = "jsd") or a feature loss'
+            )
+        if self.train.distributed == "fsdp":
+            problems.append(
+                f'train.on_policy = {lam} with train.distributed = "fsdp": generating from a sharded student '
+                'is not supported; use train.distributed = "ddp", or train.on_policy = 0'
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -1023,33 +1162,323 @@ def expand_sweep(spec: RunSpec, source: str = "<spec>") -> list[SweepRun]:
 
     Run ``<output.dir>/<name>/<variant>-seed<seed>``: output.dir becomes ``<output.dir>/<name>``
     and output.name ``<variant>-seed<seed>``.
+
+    With ``[sweep.grid]`` each variant of ``grid_variants`` (default: all) is crossed with the cartesian product of
+    the grid's value lists (keys and values in the order written; seeds innermost): the variant
+    ``<base>/<label>=<value>,...`` (:func:`grid_variant_name`) runs in
+    ``<output.dir>/<name>/<base>/<label>=<value>,...-seed<seed>``, one directory per base variant, so a sweep's
+    directory lists its plain variants and one folder per gridded one, and `kdgeo compare` finds them two levels
+    down. Every key must resolve in every crossed variant (``losses[2]`` must exist there): a key that does not is
+    a spec error naming the variant, never a run that sets a field nobody asked for.
     """
     if spec.sweep is None:
         return [SweepRun(spec.variant or spec.name, spec.seed, spec)]
     base = spec.model_dump(mode="json", exclude_none=True)
     base.pop("sweep")
+    if "max_length" not in spec.data.model_fields_set:
+        # Left unset, so each run clamps the default to its models' positions (kdgeo.plan); dumped, it would
+        # count as set by the user and a model with fewer positions would be an error.
+        base["data"].pop("max_length", None)
     variants = spec.sweep.variants or {spec.name: {}}
+    grid = spec.sweep.grid
+    paths = {key: parse_grid_key(key) for key in grid}  # the keys parse: SweepSpec checked them
+    crossed = set(spec.sweep.grid_variants if spec.sweep.grid_variants is not None else variants) if grid else set()
     runs: list[SweepRun] = []
     problems: list[tuple[str, str]] = []
+    if grid and not spec.sweep.variants and crossed - set(variants):
+        problems.append(
+            (
+                "sweep.grid_variants",
+                f"names {', '.join(repr(n) for n in sorted(crossed - set(variants)))}; without [sweep.variants] the "
+                f"only variant is the spec itself, '{spec.name}': name it, or leave grid_variants out",
+            )
+        )
     parent = str(Path(spec.output.dir) / spec.name)
+    blocked = _unresolved_grid_keys(spec, base, [v for v in variants if v in crossed], paths, problems)
     for variant, overrides in variants.items():
         merged = deep_merge(base, overrides)
-        for seed in spec.sweep.seeds:
-            raw = copy.deepcopy(merged)
-            raw["seed"] = seed
-            raw["variant"] = variant
-            raw.setdefault("output", {})
-            raw["output"]["dir"] = parent
-            raw["output"]["name"] = f"{variant}-seed{seed}"
-            try:
-                runs.append(SweepRun(variant, seed, RunSpec.model_validate(raw)))
-            except ValidationError as err:
-                for path, msg in format_validation_errors(err, raw):
-                    problems.append((f"sweep.variants.{variant} -> {path}", msg))
-                break  # the other seeds of this variant would repeat the same problems
+        if variant in blocked:
+            continue
+        if variant not in crossed:
+            for seed in spec.sweep.seeds:
+                raw = copy.deepcopy(merged)
+                raw["seed"] = seed
+                raw["variant"] = variant
+                raw.setdefault("output", {})
+                raw["output"]["dir"] = parent
+                raw["output"]["name"] = f"{variant}-seed{seed}"
+                try:
+                    runs.append(SweepRun(variant, seed, RunSpec.model_validate(raw)))
+                except ValidationError as err:
+                    for path, msg in format_validation_errors(err, raw):
+                        problems.append((f"sweep.variants.{variant} -> {path}", msg))
+                    break  # the other seeds of this variant would repeat the same problems
+            continue
+        runs += _expand_grid(spec, variant, merged, paths, parent, problems)
     if problems:
         raise SpecError(source, problems)
     return runs
+
+
+GridPath = tuple[Union[str, int], ...]
+"""A grid key as a path: field names and list indices (``losses[2].weight`` -> ("losses", 2, "weight"))."""
+GridValue = Union[bool, int, float, str]
+_GRID_PART = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)((?:\[[0-9]+\])*)")
+_GRID_RESERVED: dict[str, str] = {
+    "sweep": "the sweep cannot sweep itself",
+    "seed": "the seeds are sweep.seeds",
+    "variant": "a sweep sets it (the variant's name)",
+    "swept": "a sweep sets it (the grid values)",
+    "name": "it names the sweep's directory",
+    "presets": "presets are chosen with --preset",
+    "output.dir": "a sweep sets it (the run's directory)",
+    "output.name": "a sweep sets it (the run's directory)",
+}
+"""Keys a grid may not sweep, and why."""
+
+
+def parse_grid_key(key: str) -> GridPath:
+    """``losses[2].weight`` or ``losses.2.weight`` -> ("losses", 2, "weight"); ValueError if it is neither."""
+    parts: list[str | int] = []
+    for piece in key.strip().split("."):
+        match = _GRID_PART.fullmatch(piece)
+        if piece.isdigit() and parts:
+            parts.append(int(piece))
+        elif match:
+            parts.append(match.group(1))
+            parts.extend(int(i) for i in re.findall(r"[0-9]+", match.group(2)))
+        else:
+            raise ValueError(
+                f'grid key {_show(key)} is not a dotted key such as "losses[2].weight" or "features.rows" '
+                "(field names joined by `.`, list items by index)"
+            )
+    return tuple(parts)
+
+
+def path_text(path: GridPath) -> str:
+    """("losses", 2, "weight") -> ``losses[2].weight`` (the spelling error messages use)."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else ("." if out else "") + part
+    return out
+
+
+def grid_value_text(value: GridValue) -> str:
+    """A grid value as variant names show it: TOML booleans, integers as written, floats shortest-roundtrip
+    (``repr``: 0.3, 1.0, 3e-05), strings as they are."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def grid_labels(keys: list[str]) -> dict[str, str]:
+    """Each grid key's label in variant names: its last field with that field's indices (``losses[2].weight`` ->
+    ``weight``, ``student.layers[0]`` -> ``layers[0]``), or the whole key when two keys would share a label."""
+    last: dict[str, str] = {}
+    for key in keys:
+        path = parse_grid_key(key)
+        at = max(i for i, p in enumerate(path) if isinstance(p, str))
+        last[key] = path_text(path[at:])
+    labels = list(last.values())
+    return {key: label if labels.count(label) == 1 else key.strip() for key, label in last.items()}
+
+
+def grid_variant_name(base: str, values: dict[str, GridValue]) -> str:
+    """``kd-procrustes/weight=0.3`` (base, then ``label=value`` joined by ``,``; see :func:`grid_labels`)."""
+    labels = grid_labels(list(values))
+    return base + "/" + ",".join(f"{labels[k]}={grid_value_text(v)}" for k, v in values.items())
+
+
+def grid_problems_of(grid: dict[str, Any]) -> list[str]:
+    """What is wrong with a ``[sweep.grid]`` table on its own (keys, value lists), every problem; [] when none."""
+    problems: list[str] = []
+    seen: dict[GridPath, str] = {}
+    for key, values in grid.items():
+        try:
+            path = parse_grid_key(key)
+        except ValueError as err:
+            problems.append(str(err))
+            continue
+        canonical = path_text(path)
+        reserved = next(
+            (why for k, why in _GRID_RESERVED.items() if canonical == k or canonical.startswith(k + ".")), None
+        )
+        if reserved is not None:
+            problems.append(f"grid key {_show(key)} cannot be swept: {reserved}")
+        if path in seen:
+            problems.append(f"grid keys {_show(seen[path])} and {_show(key)} name the same field; keep one")
+        seen[path] = key
+        if not isinstance(values, list):
+            problems.append(f"grid key {_show(key)}: {_show(values)} must be a list of values, e.g. [0.1, 0.3, 1.0]")
+            continue
+        if not values:
+            problems.append(f"grid key {_show(key)} lists no values; give at least one")
+        bad = [v for v in values if not isinstance(v, (bool, int, float, str))]
+        if bad:
+            problems.append(
+                f"grid key {_show(key)}: {_show(bad[0])} is not a single value; grid values are numbers, strings or "
+                "booleans (to try lists or tables, e.g. features.pairs, write one [sweep.variants] table per value)"
+            )
+            continue
+        # 1 and 1.0 are one setting (a float field takes either); true and 1 are not
+        keys = [(type(v) is bool, v) for v in values]
+        twice: list[str] = []
+        for i, (k, v) in enumerate(zip(keys, values)):
+            if k in keys[:i]:
+                first, again = grid_value_text(values[keys.index(k)]), grid_value_text(v)
+                twice.append(first if first == again else f"{first} and {again}")
+        if twice:
+            problems.append(
+                f"grid key {_show(key)} lists the same value more than once ({'; '.join(twice)}); give each value once"
+            )
+    return problems
+
+
+def _grid_key_problem(spec: RunSpec, path: GridPath) -> str | None:
+    """Why ``path`` names no single value in ``spec`` (None when it names one), walking the validated models so
+    that a field left at None (``train.save_best``) resolves while ``losses[2]`` of a two-term list does not."""
+    node: Any = spec
+    for i, part in enumerate(path):
+        above, here = path_text(path[:i]) or "the spec", path_text(path[: i + 1])
+        if isinstance(part, int):
+            if not isinstance(node, (list, tuple)):
+                return f"`{above}` is not a list there"
+            if part >= len(node):
+                return (
+                    f"`{above}` has {len(node)} item{'s' if len(node) != 1 else ''} there, so `{here}` is past its end"
+                )
+            node = node[part]
+        elif isinstance(node, BaseModel):
+            names = list(type(node).model_fields)
+            if part not in names:
+                near = difflib.get_close_matches(part, names, n=1)
+                hint = f"; did you mean `{path_text((*path[:i], near[0]))}`?" if near else ""
+                return f"`{above}` has no field `{part}` there (it has {', '.join(names)}){hint}"
+            node = getattr(node, part)
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            return f"`{above}` has no `{part}` there"
+        if node is None and i < len(path) - 1:
+            return f"`{here}` is not set there, so it has no `{path_text(path[: i + 2])}`"
+    if isinstance(node, (BaseModel, dict)):
+        return f"`{path_text(path)}` is a table; sweep one of its fields"
+    if isinstance(node, (list, tuple)):
+        return (
+            f"`{path_text(path)}` is a list; grid values are single values: sweep one item by index, or write one "
+            "[sweep.variants] table per list"
+        )
+    return None
+
+
+def _unresolved_grid_keys(
+    spec: RunSpec,
+    base: dict[str, Any],
+    crossed: list[str],
+    paths: dict[str, GridPath],
+    problems: list[tuple[str, str]],
+) -> set[str]:
+    """The crossed variants that cannot be expanded: invalid without the grid, or a grid key does not resolve in
+    them (:func:`_grid_key_problem`). Appends the problems: a key that fails alike in every crossed variant is one
+    problem ("fix the key"); one that fails in some is one per variant, with the fix ``sweep.grid_variants``."""
+    assert spec.sweep is not None
+    blocked: set[str] = set()
+    valid: dict[str, RunSpec] = {}
+    for variant in crossed:
+        plain = deep_merge(base, spec.sweep.variants.get(variant, {}))
+        plain["variant"] = variant
+        try:
+            valid[variant] = RunSpec.model_validate(plain)
+        except ValidationError as err:
+            blocked.add(variant)
+            for where, msg in format_validation_errors(err, plain):
+                problems.append((f"sweep.variants.{variant} -> {where}", msg))
+    for key, path in paths.items():
+        failing = {v: why for v, s in valid.items() if (why := _grid_key_problem(s, path)) is not None}
+        if not failing:
+            continue
+        blocked |= set(failing)
+        if len(failing) == len(valid) and len(set(failing.values())) == 1:
+            where = (
+                f"variant '{crossed[0]}'"
+                if len(crossed) == 1
+                else f"any of the variants it crosses ({', '.join(crossed)})"
+            )
+            problems.append(
+                (f'sweep.grid."{key}"', f"does not resolve in {where}: {next(iter(failing.values()))}; fix the key")
+            )
+            continue
+        fix = (
+            f"name in sweep.grid_variants (now {', '.join(spec.sweep.grid_variants)}) only the variants it applies to"
+            if spec.sweep.grid_variants is not None
+            else "add sweep.grid_variants = [...] naming only the variants it applies to"
+        )
+        for variant, why in failing.items():
+            problems.append((f'sweep.grid."{key}"', f"does not resolve in variant '{variant}': {why}; {fix}"))
+    return blocked
+
+
+def _expand_grid(
+    spec: RunSpec,
+    variant: str,
+    merged: dict[str, Any],
+    paths: dict[str, GridPath],
+    parent: str,
+    problems: list[tuple[str, str]],
+) -> list[SweepRun]:
+    """The runs of one crossed variant (its keys resolve: :func:`_unresolved_grid_keys`); problems are appended to
+    ``problems``."""
+    assert spec.sweep is not None
+    seeds, grid = spec.sweep.seeds, spec.sweep.grid
+    runs: list[SweepRun] = []
+    leaves: dict[str, str] = {}
+    for combo in itertools.product(*grid.values()):
+        values: dict[str, GridValue] = dict(zip(grid, combo))
+        name = grid_variant_name(variant, values)
+        leaf = _dir_safe(name.partition("/")[2])
+        if leaf in leaves:
+            problems.append(
+                (
+                    "sweep.grid",
+                    f"variants {_show(leaves[leaf])} and {_show(name)} would share the run directory "
+                    f"{variant}/{leaf}-seed<k>; give values that differ in more than `/`, `\\` or control characters",
+                )
+            )
+            continue
+        leaves[leaf] = name
+        for seed in seeds:
+            raw = copy.deepcopy(merged)
+            for key, value in values.items():
+                _set_path(raw, paths[key], value)
+            raw["seed"] = seed
+            raw["variant"] = name
+            raw["swept"] = {key.strip(): value for key, value in values.items()}
+            raw.setdefault("output", {})
+            raw["output"]["dir"] = str(Path(parent) / variant)
+            raw["output"]["name"] = f"{leaf}-seed{seed}"
+            try:
+                runs.append(SweepRun(name, seed, RunSpec.model_validate(raw)))
+            except ValidationError as err:
+                for path, msg in format_validation_errors(err, raw):
+                    problems.append((f"sweep.grid (variant {name}) -> {path}", msg))
+                break  # the other seeds of this combination would repeat the same problems
+    return runs
+
+
+def _set_path(raw: dict[str, Any], path: GridPath, value: GridValue) -> None:
+    """Set ``path`` in the spec's tables (the path resolved in the validated spec, so every list item exists;
+    a table left out of the dump because it is None is created)."""
+    node: Any = raw
+    for part in path[:-1]:
+        node = node[part] if isinstance(part, int) else node.setdefault(part, {})
+    node[path[-1]] = value
+
+
+def _dir_safe(text: str) -> str:
+    """``text`` as one directory name: path separators and control characters become ``_``."""
+    return "".join("_" if c in "/\\" or ord(c) < 32 or 127 <= ord(c) < 160 else c for c in text)
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from kdgeo import data as data_mod
-from kdgeo import lm_data, rundir
+from kdgeo import data_split, lm_data, rundir
 from kdgeo.errors import DataError, KdgeoError, ModelLoadError, TokenizerMismatchError
 from kdgeo.events import Progress, Stage
 from kdgeo.features import check_tokenizers_agree
@@ -38,6 +38,7 @@ from kdgeo.models import ModelRef, check_decoder, load_causal_lm, load_classifie
 from kdgeo.rundir import CausalLMData, ClassificationData, RunData
 
 if TYPE_CHECKING:
+    from kdgeo.data_split import DataSplit
     from kdgeo.spec import DataSpec
 
 
@@ -58,6 +59,8 @@ class Preflight:
     rows: Rows
     max_new_tokens: int
     emit: Progress
+    data_split: DataSplit | None = None
+    """A resumed run's recorded data.eval_fraction split (data_split.json), reused instead of drawn again."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,8 @@ class LoadedSplits:
     task: Task
     train: data_mod.TextSplit
     evals: data_mod.TextSplit
+    data_split: DataSplit | None = None
+    """The data.eval_fraction split the evaluation set was held out by (None without eval_fraction)."""
 
 
 class Task(ABC):
@@ -197,29 +202,66 @@ class Task(ABC):
         """How many logits per row the teacher-output cache stores."""
 
 
-def _load_datasets(data: DataSpec, columns: dict[str, str | None]) -> tuple[Any, Any, str, str]:
-    """The training and evaluation datasets (capped, columns checked) and how to name each in errors."""
-    d = data
-    train_ds = data_mod.load_split(d.dataset, d.config, d.train_split, where="data.dataset")
-    if d.eval_dataset is not None:
-        eval_ds = data_mod.load_split(d.eval_dataset, None, d.eval_split, where="data.eval_dataset")
+def _load_datasets(
+    pre: Preflight, columns: dict[str, str | None]
+) -> tuple[Any, Any, str, str, data_split.DataSplit | None]:
+    """The training and evaluation datasets (capped, columns checked), how to name each in errors, and the
+    data.eval_fraction split when the evaluation set is held out of the training split (max_train_samples and
+    max_eval_samples cap the two parts after the split)."""
+    d = pre.data
+    splits = {"where": "data.dataset", "split_key": "data.train_split"}
+    train_ds = data_mod.load_split(d.dataset, d.config, d.train_split, **splits)
+    train_where = f"data.dataset ({d.dataset}, split {d.train_split})"
+    held_out = None
+    if d.eval_fraction is not None:
+        data_mod.check_columns(train_ds, columns, train_where)
+        seed = d.split_seed if d.split_seed is not None else data_split.DEFAULT_SPLIT_SEED
+        train_ds, eval_ds, held_out = data_split.split_rows(
+            train_ds, d.dataset, d.train_split, d.eval_fraction, seed, pre.data_split, train_where
+        )
+        eval_where = f"data.dataset ({d.dataset}, data.eval_fraction = {d.eval_fraction} of {d.train_split})"
+        pre.emit(
+            Stage(
+                f"data.eval_fraction = {d.eval_fraction}: {len(eval_ds)} of {held_out.rows} rows held out for "
+                f"evaluation (split_seed {seed}{', as recorded' if pre.data_split is not None else ''}), "
+                f"{len(train_ds)} to train on"
+            )
+        )
+    elif d.eval_dataset is not None:
+        eval_ds = data_mod.load_split(
+            d.eval_dataset, None, d.eval_split, where="data.eval_dataset", split_key="data.eval_split"
+        )
         eval_where = f"data.eval_dataset ({d.eval_dataset})"
-    elif data_mod.is_local_file(d.dataset):
+    elif data_mod.is_local_file(d.dataset) and not data_mod.is_sliced(d.eval_split):
         raise DataError(
-            f"data.dataset = '{d.dataset}' is a single file, so it has no '{d.eval_split}' split; set "
-            "data.eval_dataset to a separate evaluation file."
+            f"data.dataset = '{d.dataset}' is a single file, so it has no '{d.eval_split}' split; hold part of it "
+            'out with data.eval_fraction = 0.1, or slice it (data.train_split = "train[:90%]" and data.eval_split = '
+            '"train[90%:]"), or set data.eval_dataset to a separate evaluation file.'
         )
     else:
-        eval_ds = data_mod.load_split(d.dataset, d.config, d.eval_split, where="data.dataset")
+        eval_ds = data_mod.load_split(
+            d.dataset, d.config, d.eval_split, where="data.dataset", split_key="data.eval_split"
+        )
         eval_where = f"data.dataset ({d.dataset}, split {d.eval_split})"
-    train_where = f"data.dataset ({d.dataset}, split {d.train_split})"
     data_mod.check_columns(train_ds, columns, train_where)
     data_mod.check_columns(eval_ds, columns, eval_where)
     if d.max_train_samples is not None:
         train_ds = train_ds.select(range(min(d.max_train_samples, len(train_ds))))
     if d.max_eval_samples is not None:
         eval_ds = eval_ds.select(range(min(d.max_eval_samples, len(eval_ds))))
-    return train_ds, eval_ds, train_where, eval_where
+    return train_ds, eval_ds, train_where, eval_where, held_out
+
+
+def _held_out_key(data: dict[str, Any]) -> dict[str, Any]:
+    """A fine-tuned teacher's cache key part for data.eval_fraction: the held-out rows are not trained on, so
+    another fraction or seed is another training set. Empty without eval_fraction, so existing keys stay valid."""
+    if data.get("eval_fraction") is None:
+        return {}
+    seed = data.get("split_seed")
+    return {
+        "eval_fraction": data["eval_fraction"],
+        "split_seed": data_split.DEFAULT_SPLIT_SEED if seed is None else seed,
+    }
 
 
 def _common_data(data: dict[str, Any], evals: data_mod.TextSplit) -> dict[str, Any]:
@@ -246,7 +288,7 @@ class ClassificationTask(Task):
     def load(cls, pre: Preflight) -> LoadedSplits:
         d = pre.data
         columns = {"text_column": d.text_column, "text_pair_column": d.text_pair_column, "label_column": d.label_column}
-        train_ds, eval_ds, train_where, eval_where = _load_datasets(d, columns)
+        train_ds, eval_ds, train_where, eval_where, held_out = _load_datasets(pre, columns)
         info = data_mod.infer_labels(train_ds, d.label_column, train_where)
         if info.num_labels < 2:
             raise DataError(
@@ -272,7 +314,7 @@ class ClassificationTask(Task):
                 hint='Set features.rows = "mean" (or "cls") to compare pooled features, or use a student with the '
                 "teacher's tokenizer.",
             )
-        return LoadedSplits(cls(label_names=tuple(info.names)), train, evals)
+        return LoadedSplits(cls(label_names=tuple(info.names)), train, evals, held_out)
 
     def load_model(self, ref: ModelRef) -> nn.Module:
         return load_classifier(ref, self.num_labels, list(self.label_names)).model
@@ -356,6 +398,7 @@ class ClassificationTask(Task):
             "max_length": d["max_length"],
             "max_train_samples": d["max_train_samples"],
             "group_by_length": d["group_by_length"],
+            **_held_out_key(d),
         }
 
     def summary_data(self, data: dict[str, Any], train: data_mod.TextSplit, evals: data_mod.TextSplit) -> RunData:
@@ -392,7 +435,7 @@ class CausalLMTask(Task):
             "response_column": d.response_column,
             "context_column": d.context_column,
         }
-        train_ds, eval_ds, train_where, eval_where = _load_datasets(d, columns)
+        train_ds, eval_ds, train_where, eval_where, held_out = _load_datasets(pre, columns)
         fmt = lm_data.PromptFormat(d.template, d.context_template, d.chat_template)
         max_prompt = d.max_prompt_length or d.max_length // 2
         splits = []
@@ -428,7 +471,7 @@ class CausalLMTask(Task):
             # Token rows and token-level KD pair the k-th response token of teacher and student: their
             # responses must be the same tokens (prompts may differ, e.g. by a BOS token).
             _check_responses_agree(train, evals, pre)
-        return LoadedSplits(cls(logit_width=logit_width), train, evals)
+        return LoadedSplits(cls(logit_width=logit_width), train, evals, held_out)
 
     def load_model(self, ref: ModelRef) -> nn.Module:
         return load_causal_lm(ref)
@@ -509,6 +552,7 @@ class CausalLMTask(Task):
             "max_train_samples": d["max_train_samples"],
             "group_by_length": d["group_by_length"],
             "examples": encoding_digest(train),  # which examples survive truncation depends on both tokenizers
+            **_held_out_key(d),
         }
 
     def summary_data(self, data: dict[str, Any], train: data_mod.TextSplit, evals: data_mod.TextSplit) -> RunData:

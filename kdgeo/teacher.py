@@ -76,6 +76,20 @@ def cache_key(
     return output_cache.cache_key(payload, chars=16, compact=False)
 
 
+def finetune_key(plan: DistillPlan, ft: FinetuneArgs, float64: bool) -> str:
+    """The fine-tuned teacher's cache key for ``plan`` (:func:`cache_key` of its model, data and
+    hyper-parameters): also part of the key of what the fine-tuned teacher generates
+    (:mod:`kdgeo.sequence_kd`), which the dry run computes without loading it."""
+    from kdgeo.models import fingerprint_model
+
+    data_key = {
+        **plan.task.data_key(plan.data, plan.train),
+        "fingerprint": data_mod.fingerprint(plan.data["dataset"]),
+    }
+    model_key = f"{plan.teacher_ref.ref}|{fingerprint_model(plan.teacher_ref)}"
+    return cache_key(model_key, plan.teacher_ref.revision, data_key, list(plan.task.label_names), ft, float64=float64)
+
+
 def cached_teacher(cache_dir: Path, key: str) -> Path | None:
     entry = cache_dir / key
     if (entry / CACHE_META).exists() and (entry / "config.json").exists():
@@ -277,7 +291,7 @@ def prepare(
     """Load the teacher with the task's head; fine-tune it once (rank 0 under torchrun) and cache
     it when it has no trained head or [teacher.finetune] asks; freeze it on ``device``."""
     from kdgeo import distributed
-    from kdgeo.models import ModelRef, align_pad_token, fingerprint_model
+    from kdgeo.models import ModelRef, align_pad_token
 
     emit(Stage("loading the teacher"))
     ft = plan.finetune
@@ -290,19 +304,7 @@ def prepare(
     source, info = plan.teacher_ref.ref, None
     if needs_finetune:
         assert ft is not None  # load_teacher refuses a teacher that needs one without [teacher.finetune]
-        data_key = {
-            **plan.task.data_key(plan.data, plan.train),
-            "fingerprint": data_mod.fingerprint(plan.data["dataset"]),
-        }
-        model_key = f"{plan.teacher_ref.ref}|{fingerprint_model(plan.teacher_ref)}"
-        key = cache_key(
-            model_key,
-            plan.teacher_ref.revision,
-            data_key,
-            list(plan.task.label_names),
-            ft,
-            float64=param_dtype is not None,
-        )
+        key = finetune_key(plan, ft, float64=param_dtype is not None)
         cache_dir = Path(plan.output.teacher_cache).expanduser()
 
         def wait(message: str) -> None:

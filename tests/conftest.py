@@ -82,7 +82,7 @@ def make_tokenizer(directory: Path, words: int = 400, chars_only: bool = False):
 
 def make_bert(
     directory: Path, tokenizer_dir: Path, layers: int = 4, width: int = 64, heads: int = 4, seed: int = 0,
-    num_labels: int | None = None, portable: bool = False,
+    num_labels: int | None = None, portable: bool = False, positions: int = 128,
 ) -> Path:
     """A tiny BERT saved with save_pretrained (a base model, or a classifier when num_labels is set).
 
@@ -103,7 +103,7 @@ def make_bert(
         num_hidden_layers=layers,
         num_attention_heads=heads,
         intermediate_size=width * 2,
-        max_position_embeddings=128,
+        max_position_embeddings=positions,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
@@ -144,6 +144,18 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "student": make_bert(root / "student", tok_dir, layers=2, width=32, heads=2, seed=1),
         "student_other_tok": make_bert(root / "student_chars", other_tok, layers=2, width=32, heads=2, seed=2),
         "teacher_clf": make_bert(root / "teacher_clf", tok_dir, layers=4, width=64, seed=3, num_labels=8),
+        "root": root,
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny64(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """``teacher_clf`` and ``student`` as in :func:`tiny` (its tokenizer), with 64 positions instead of 128: a
+    default max_length of 128 is longer than they accept."""
+    root, tok = tmp_path_factory.mktemp("tiny64"), tiny["root"] / "tok"
+    return {
+        "teacher_clf": make_bert(root / "teacher_clf", tok, layers=4, seed=3, num_labels=8, positions=64),
+        "student": make_bert(root / "student", tok, layers=2, width=32, heads=2, seed=1, positions=64),
         "root": root,
     }
 

@@ -116,6 +116,15 @@ def test_load_spec_errors_are_spec_errors(tiny, tmp_path, monkeypatch, spec, ove
         kdgeo.load_spec(spec, overrides=overrides)
 
 
+def test_load_spec_names_the_shipped_specs_as_distill_does(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no examples.toml here: the package's own is used
+    assert kdgeo.load_spec("examples.toml").name == "demo"
+    assert [loss.kind for loss in kdgeo.load_spec("demo-ce").losses] == ["ce"]
+    (tmp_path / "examples.toml").write_text('teacher = {model = "t"}\nname = "mine"\n')
+    with pytest.raises(SpecError, match="losses: is required"):  # a file of that name wins, even an unfinished one
+        kdgeo.load_spec("examples.toml")
+
+
 # ---- distill -------------------------------------------------------------------------------------
 
 
@@ -205,6 +214,7 @@ def test_probe_to_dict_is_the_cli_json(tiny, capsys):
     ours = result.to_dict()
     assert ours.pop("seconds") > 0 and cli.pop("seconds") > 0
     assert ours == cli
+    assert result.warnings == cli["warnings"] and "n = 24" in result.warnings[0]  # 24 rows, 2 x 32 wide wanted
 
 
 @pytest.mark.parametrize(

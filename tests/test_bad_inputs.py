@@ -238,6 +238,11 @@ CASES = [
     Case("causal-lm: max_prompt_length shorter than the template", lambda t, d, r: ["distill", _lm_spec_file(t, d, max_prompt_length=3)], "data.max_prompt_length = 3 is shorter than the prompt template itself", needs=("tiny_lm",)),
     Case("causal-lm: a prompt over max_prompt_length, long_examples = error", lambda t, d, r: ["distill", _lm_spec_file(t, d, max_prompt_length=12, long_examples="error")], "tokens, longer than data.max_prompt_length = 12. Raise data.max_prompt_length", needs=("tiny_lm",)),
     Case("mse on a pair of unequal widths (OPT projected last layer)", lambda t, d, r: ["distill", _opt_projected_mse_spec(t, d)], "need equal widths, but layer pair(s) 2->3 (32 vs 64 wide) differ", needs=("tiny_lm",)),
+    # issue 17: on-policy distillation and the generalized JSD
+    Case("kd.beta without direction = jsd", lambda t, d, r: ["distill", _lm_spec_file(t, d), "--set", "losses.1.beta=0.3"], 'beta = 0.3 is for direction = "jsd" (the generalized JSD); this kd term has direction = "forward": remove beta, or set direction = "jsd"', needs=("tiny_lm",)),
+    Case("train.on_policy on a classifier", lambda t, d, r: ["distill", _spec_file(t, d, train={"on_policy": 0.5})], 'train.on_policy = 0.5 samples responses from the student, which needs a decoder: set task = "causal-lm"'),
+    Case("train.on_policy with fsdp", lambda t, d, r: ["distill", _lm_spec_file(t, d), "--set", "train.on_policy=0.5", "--set", "train.distributed=fsdp"], 'generating from a sharded student is not supported; use train.distributed = "ddp"', needs=("tiny_lm",)),
+    Case("train.on_policy = 2", lambda t, d, r: ["distill", _lm_spec_file(t, d), "--set", "train.on_policy=2"], "train.on_policy: Input should be less than or equal to 1", needs=("tiny_lm",)),
     # issue 11 D/E: model directories without tokenizer files, broken config.json, text that is not UTF-8, long names
     Case("teacher without tokenizer files", lambda t, d, r: ["distill", _spec_file(t, d, teacher={"model": _no_tokenizer(t["teacher_clf"], d)})], 'The student (student.init = "teacher-layers") is built from the teacher and uses the teacher\'s tokenizer'),
     Case("probe: model without tokenizer files", lambda t, d, r: ["probe", str(t["teacher"]), _no_tokenizer(t["student"], d)], "has no tokenizer: none of the tokenizer files vocab.txt, tokenizer.json is in"),

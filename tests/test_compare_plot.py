@@ -199,3 +199,51 @@ def test_only_the_baseline_and_huge_figures(tmp_path):
     assert _plot_dpi(fig) * 900 <= 30_000 + 1e-6
     fig.set_size_inches(12, 20)
     assert _plot_dpi(fig) == 110
+
+
+# ---- grid sweeps: the panel along the swept value (issue 16 F) -------------------------------------------------------
+
+
+def test_a_grid_adds_score_and_geometry_against_the_swept_value(tmp_path):
+    from test_report_compare import WEIGHTS, make_grid
+
+    root = make_sweep(tmp_path / "runs", {"kd": 0.0}, seeds=3)
+    make_grid(root, WEIGHTS)
+    make_grid(root, [({"losses[2].weight": w}, 0.0, 0.35) for w in (0.1, 10.0)], base="kd-gram")
+    result = compare(CompareArgs([str(root)], baseline="kd"))
+    fig = _plot_figure(result)
+    assert len(fig.axes) == 4  # differences, curves, and the sweep row's two panels
+    score, geometry = fig.axes[2], fig.axes[3]
+    assert score.get_xscale() == "log" and geometry.get_xscale() == "log"  # 0.1 .. 10 spans >= 10x
+    line = _line(score, "sweep:kd-procrustes")
+    assert list(line.get_xdata()) == [0.1, 3.0, 10.0]  # sorted by value
+    assert [round(y, 4) for y in line.get_ydata()] == [0.7133, 0.7033, 0.6733]  # the means of the tables
+    assert list(_line(score, "sweep:kd-gram").get_xdata()) == [0.1, 10.0]  # one line per base variant
+    assert [round(y, 4) for y in _line(geometry, "sweep-geometry:kd-procrustes").get_ydata()] == [0.448, 0.39, 0.25]
+    # the 95% interval of each mean is drawn: a vertical segment from ci_low to ci_high
+    low, high = result.metrics[0].variants[1].summary.ci_low, result.metrics[0].variants[1].summary.ci_high
+    assert any(list(seg.get_ydata()) == [low, high] for seg in score.get_lines())
+    assert "baseline kd" in [t.get_text() for t in score.get_legend().get_texts()]
+    plot(result, tmp_path / "c.png")
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_swept_axis_scale():
+    from kdgeo.report_compare import sweep_axis
+
+    assert sweep_axis([0.3, 0.1, 0.9]) == ("linear", [0.1, 0.3, 0.9])  # < 10x: linear
+    assert sweep_axis([1.0, 0.1]) == ("log", [0.1, 1.0])  # 10x: log
+    assert sweep_axis([3.0, 0.1, 1.0]) == ("log", [0.1, 1.0, 3.0])
+    assert sweep_axis([0, 10, 100]) == ("linear", [0, 10, 100])  # not all positive
+    assert sweep_axis(["tokens", "mean", "tokens"]) == ("category", ["tokens", "mean"])  # strings: in order given
+    assert sweep_axis([True, False]) == ("category", [True, False])
+
+
+def test_a_string_grid_is_drawn_on_categories(tmp_path):
+    from test_report_compare import make_grid
+
+    root = make_grid(tmp_path / "runs", [({"features.rows": r}, 0.0, 0.3) for r in ("tokens", "mean")], seeds=2)
+    fig = _plot_figure(compare(CompareArgs([str(root)])))
+    score = fig.axes[2]
+    assert [t.get_text() for t in score.get_xticklabels()] == ["mean", "tokens"]  # compare's order: sorted text
+    assert list(_line(score, "sweep:kd-procrustes").get_xdata()) == [0.0, 1.0]

@@ -406,3 +406,51 @@ def test_iterate_batches():
     batches = list(D.iterate_batches(split, 2))
     assert [b["index"].tolist() for b in batches] == [[0, 1], [2]]
     assert batches[0]["student"]["input_ids"].shape == (2, 2)
+
+
+# --------------------------------------------------------------------------------------------
+# split slicing for local files and the built-in dataset (issue 16 D)
+
+
+@pytest.mark.parametrize("spec", ["train[:90%]", "train[90%:]", "train[:7]", "train[:1000]", "train[10%:30%]",
+                                  "train[:5%]+train[-5%:]", "train[-3:]"])
+def test_local_slices_match_the_datasets_library(tmp_path, spec):
+    """Parity: the rows datasets.load_dataset(..., split=spec) gives a file (its ReadInstruction rounding)."""
+    import datasets
+
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": f"t{i}", "label": i % 3} for i in range(23)])
+    expected = datasets.load_dataset("json", data_files=str(path), split=spec, cache_dir=str(tmp_path / "cache"))
+    got = D.load_split(str(path), None, spec, split_key="data.train_split")
+    assert list(got["text"]) == list(expected["text"])
+
+
+def test_a_plain_split_name_is_still_ignored_for_a_local_file(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    assert len(D.load_split(str(path), None, "validation")) == len(ROWS)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("train[:90]%", "data.train_split = 'train[:90]%' is not a split name or a split slice (Unrecognized instruction "
+     "format: train[:90]%); write a split name (train) or a slice in the datasets syntax: train[:90%], train[90%:], "
+     "train[:1000], train[10%:20%], train[:5%]+train[-5%:]."),
+    ("validation[:5]", "has no split 'validation'; its splits: train. Slice one of them, e.g. train[:90%]."),
+    ("train[10:]", "data.train_split = 'train[10:]' selects no rows of data.dataset"),
+])
+def test_bad_local_slices_name_the_key_and_the_syntax(tmp_path, spec, message):
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    assert message in data_error(D.load_split, str(path), None, spec, split_key="data.train_split")
+
+
+def test_a_bad_slice_of_a_hub_dataset_is_named_before_any_download():
+    msg = data_error(D.load_split, "kdgeo-test/no-such-dataset", None, "train[a:b]", split_key="data.eval_split")
+    assert msg.startswith("data.eval_split = 'train[a:b]' is not a split name or a split slice")
+
+
+def test_builtin_slices():
+    train = D.load_split("kdgeo:wordnet-supersenses", None, "train")
+    got = D.load_split("kdgeo:wordnet-supersenses", None, "train[:10]+validation[:5]")
+    validation = D.load_split("kdgeo:wordnet-supersenses", None, "validation")
+    assert list(got["text"]) == list(train["text"][:10]) + list(validation["text"][:5])
+    assert "has no split 'test'; its splits: train, validation" in data_error(
+        D.load_split, "kdgeo:wordnet-supersenses", None, "test[:5]"
+    )

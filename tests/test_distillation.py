@@ -323,3 +323,22 @@ def test_save_best_and_early_stopping_errors_exit_2(tiny, tmp_path, capsys):
     flat = " ".join(err.split())
     assert code == 2 and "only evaluation is the final one" in flat and "an epoch (4 steps)" in flat
     assert not (tmp_path / "runs" / "t").exists()
+
+
+def test_a_default_max_length_is_clamped_recorded_and_kept_on_resume(tiny64, tmp_path, capsys):
+    """Issue 16 D: models of 64 positions, data.max_length left at its default 128: the run uses 64, says so, records
+    it in spec.json (what `kdgeo eval RUN` reads), and --resume of the spec file goes on with it."""
+    spec = tiny_spec(tiny64, tmp_path, train={"max_steps": 1})
+    del spec["data"]["max_length"]
+    path = write_spec(tmp_path / "run.toml", spec)
+    code, _, err = run_cli(capsys, "distill", str(path))
+    assert code == 0, err
+    assert "data.max_length: using 64, the teacher's max_position_embeddings (the default 128 is longer)" in err
+    run = tmp_path / "runs" / "t"
+    assert json.loads((run / "spec.json").read_text())["data"]["max_length"] == 64
+    (run / "summary.json").unlink()
+    code, _, err = run_cli(capsys, "distill", str(path), "--resume", "-q")
+    assert code == 0, err
+    assert json.loads((run / "spec.json").read_text())["data"]["max_length"] == 64
+    code, _, err = run_cli(capsys, "eval", str(run), "-q")
+    assert code == 0, err

@@ -91,3 +91,32 @@ def test_eval_predictions_of_a_classifier_give_its_accuracy_and_the_eval_sets_ha
     assert [json.loads(line) for line in stdout.splitlines()] == [
         {k: v for k, v in r.items() if k != "teacher_prediction"} for r in records
     ]  # no table on stdout: the JSON lines alone
+
+
+# --------------------------------------------------------------------------------------------
+# --max-length: a default longer than the model's positions is clamped, a set one is an error (issue 16 D)
+
+
+def test_eval_of_a_model_with_64_positions_clamps_the_default(tiny64):
+    notes: list[str] = []
+    result = run_eval(_args(str(tiny64["teacher_clf"]), batch_size=16), progress=lambda e: notes.append(
+        getattr(e, "message", "")))
+    assert result.samples == 40
+    assert "--max-length: using 64, the model's max_position_embeddings (the default 128 is longer)" in notes
+
+
+def test_eval_max_length_the_user_set_too_long_is_an_error(tiny64):
+    import dataclasses
+
+    with pytest.raises(ModelLoadError, match=r"--max-length = 128 is longer than the model .*\(64 positions\)"):
+        run_eval(dataclasses.replace(_args(str(tiny64["teacher_clf"]), batch_size=16), max_length=128))
+
+
+def test_eval_with_a_shorter_teacher_clamps_the_runs_length_too(tiny, tiny64):
+    import dataclasses
+
+    notes: list[str] = []
+    args = dataclasses.replace(_args(str(tiny["teacher_clf"]), batch_size=16), teacher=str(tiny64["teacher_clf"]))
+    result = run_eval(args, progress=lambda e: notes.append(getattr(e, "message", "")))
+    assert result.teacher_scores is not None
+    assert "--max-length: using 64, the teacher's max_position_embeddings (the default 128 is longer)" in notes

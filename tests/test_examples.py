@@ -23,7 +23,10 @@ LM_PRESETS = [p for p in PRESETS if p.startswith("opt-dolly")]
 def test_examples_has_presets():
     assert {"demo-ce", "demo-kd", "demo-gram", "demo-cka", "demo-projection",
             "glue-cola", "glue-rte", "glue-mrpc", "glue-sst2"} <= set(PRESETS)
-    assert set(LM_PRESETS) == {"opt-dolly-kd", "opt-dolly-procrustes", "opt-dolly-reverse-kd", "opt-dolly-sweep"}
+    assert set(LM_PRESETS) == {
+        "opt-dolly-kd", "opt-dolly-procrustes", "opt-dolly-reverse-kd", "opt-dolly-gkd", "opt-dolly-gkd-procrustes",
+        "opt-dolly-sweep",
+    }
 
 
 def test_top_level_validates():
@@ -37,7 +40,7 @@ def test_preset_validates(preset):
     spec = load_spec(EXAMPLES, preset=preset)
     assert spec.name == preset  # each preset names its own run directory
     kinds = [loss.kind for loss in spec.losses]
-    assert kinds[0] == "ce"
+    assert kinds[0] == "ce" or spec.train.on_policy > 0  # GKD's objective (on-policy presets) has no ce
     # the same spec through parse_spec, as the CLI's --preset does
     assert parse_spec(EXAMPLES.read_text(), str(EXAMPLES), preset=preset) == spec
 
@@ -98,12 +101,17 @@ def test_opt_dolly_presets_mirror_minillm(preset):
     ("opt-dolly-kd", [("ce", "forward"), ("kd", "forward")]),
     ("opt-dolly-procrustes", [("ce", "forward"), ("kd", "forward"), ("procrustes", "forward")]),
     ("opt-dolly-reverse-kd", [("ce", "forward"), ("kd", "reverse")]),
+    ("opt-dolly-gkd", [("kd", "jsd")]),
+    ("opt-dolly-gkd-procrustes", [("kd", "jsd"), ("procrustes", "forward")]),
 ])
 def test_opt_dolly_preset_losses(preset, losses):
     spec = load_spec(EXAMPLES, preset=preset)
     assert [(loss.kind, getattr(loss, "direction", "forward")) for loss in spec.losses] == losses
     kd = next(loss for loss in spec.losses if loss.kind == "kd")
     assert kd.temperature == 1.0
+    # GKD (Agarwal et al. 2024) as TRL runs it: lambda 0.5 of the batches sampled by the student, JSD beta 0.5
+    gkd = preset.startswith("opt-dolly-gkd")
+    assert (spec.train.on_policy, getattr(kd, "beta", None)) == ((0.5, 0.5) if gkd else (0.0, None))
 
 
 def test_opt_dolly_sweep_variants():
@@ -111,16 +119,21 @@ def test_opt_dolly_sweep_variants():
 
     spec = load_spec(EXAMPLES, preset="opt-dolly-sweep")
     runs = expand_sweep(spec, str(EXAMPLES))
-    assert sorted({r.variant for r in runs}) == ["kd", "kd-procrustes", "reverse-kd"]
-    assert sorted({r.seed for r in runs}) == [0, 1, 2] and len(runs) == 9
+    assert sorted({r.variant for r in runs}) == ["gkd", "gkd-procrustes", "kd", "kd-procrustes", "reverse-kd"]
+    assert sorted({r.seed for r in runs}) == [0, 1, 2] and len(runs) == 15
     by_variant = {r.variant: r.spec for r in runs if r.seed == 0}
     kinds = {v: [(loss.kind, getattr(loss, "direction", None)) for loss in s.losses] for v, s in by_variant.items()}
     assert kinds == {
         "kd": [("ce", None), ("kd", "forward")],
         "kd-procrustes": [("ce", None), ("kd", "forward"), ("procrustes", None)],
         "reverse-kd": [("ce", None), ("kd", "reverse")],
+        "gkd": [("kd", "jsd")],
+        "gkd-procrustes": [("kd", "jsd"), ("procrustes", None)],
     }
-    for s in by_variant.values():  # only the objective differs between variants
+    assert {v: s.train.on_policy for v, s in by_variant.items()} == {
+        "kd": 0.0, "kd-procrustes": 0.0, "reverse-kd": 0.0, "gkd": 0.5, "gkd-procrustes": 0.5
+    }
+    for s in by_variant.values():  # only the objective (and where its batches come from) differs between variants
         assert s.task == "causal-lm" and s.teacher == spec.teacher and s.student == spec.student and s.data == spec.data
         assert s.output.dir.endswith("opt-dolly-sweep")
 

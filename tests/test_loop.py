@@ -223,10 +223,13 @@ def test_train_state_round_trips_and_ignores_unknown_keys():
     saved = state.to_dict()
     assert TrainState.from_dict(saved) == state
     assert TrainState.from_dict({**saved, "from_a_newer_kdgeo": 1}) == state
-    # the keys checkpoints of format 1 have always held under "loop"
+    # the keys checkpoints of format 1 have always held under "loop", then the ones added since (an older
+    # checkpoint without them reads their defaults: on_policy {} is a run without train.on_policy)
     assert list(saved) == ["step", "epoch", "next_micro", "train_seconds", "samples_seen", "window", "window_n",
                            "window_samples", "window_time", "evaluated_at", "last_scores", "last_monitor",
-                           "skipped_nonfinite", "skipped_scaler"]
+                           "skipped_nonfinite", "skipped_scaler", "on_policy"]
+    old = {k: v for k, v in saved.items() if k != "on_policy"}
+    assert TrainState.from_dict(old) == state
 
 
 # ---- epoch_batches -------------------------------------------------------------------------------
@@ -252,3 +255,122 @@ def test_epoch_batches_leave_out_a_tail_too_small_for_geometry(n, batch, world, 
     assert sorted((len(b) for b in grouped), reverse=True) == sizes  # length grouping leaves out the same
 
 
+
+
+# ---- the fast path: logged values stay on the device, one host sync per step ---------------------
+
+
+def test_logged_values_summed_on_the_device_equal_the_python_float_sums_bit_for_bit():
+    """float64 on the device = the Python float arithmetic the loop used to do (float(v) * share, summed per
+    step, then per window), exactly, including sign-less zeros."""
+    from kdgeo.loop import _StepValues, _Window
+
+    gen = torch.Generator().manual_seed(3)
+    names = ["ce", "kd", "procrustes/1-3", "loss"]
+    window, expected = _Window({"ce": 0.1, "kd": 0.2, "procrustes/1-3": 0.3, "loss": 0.6}, torch.device("cpu")), {}
+    expected = {"ce": 0.1, "kd": 0.2, "procrustes/1-3": 0.3, "loss": 0.6}  # a resumed window
+    for _ in range(5):  # steps
+        step, parts = _StepValues(names, torch.device("cpu")), {}
+        for _ in range(3):  # micro-batches
+            row = [torch.randn((), generator=gen) * 10 ** float(torch.randint(-6, 6, (), generator=gen)) for _ in names]
+            row[1] = -0.0 * row[1].abs()  # a negative zero
+            share = float(torch.rand((), generator=gen, dtype=torch.float64))
+            step.add(row, share)
+            for n, v in zip(names, row):
+                parts[n] = parts.get(n, 0.0) + float(v) * share
+        assert step.floats() == parts
+        window.add(step)
+        for n, v in parts.items():
+            expected[n] = expected.get(n, 0.0) + v
+    assert window.floats() == expected and all(math.copysign(1, v) == 1 for v in window.floats().values() if v == 0)
+
+
+class _SyncCounter(torch.overrides.TorchFunctionMode):
+    """Counts reads of float or bool tensors into Python (on CUDA each waits for the device)."""
+
+    READS = {"__float__", "__bool__", "item", "tolist", "__int__"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if getattr(func, "__name__", "") in self.READS and args and args[0].dtype not in (torch.int64, torch.int32):
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_step_reads_the_device_once_and_each_log_event_once_more():
+    """4 steps of 2 micro-batches, logged every 2 steps: 4 finiteness checks + 2 log events = 6 reads. (Per
+    term per micro-batch, plus one finiteness check per micro-batch and one for the norm, it was 28.)"""
+    counter = _SyncCounter()
+    with counter:
+        state, _ = _run([[0, 1], [2, 3], [4, 5], [6, 7]] * 2, _cfg(4, accum=2, log_every=2), Recorder())
+    assert state.step == 4 and counter.n == 4 + 2
+
+
+def test_a_checkpoint_between_log_events_saves_the_window_and_resume_logs_the_same_values():
+    """The window lives on the device between log events; a checkpoint in between must hold it, so a run
+    resumed from step 3 logs step 4's mean (over steps 1-4) exactly as the uninterrupted run does."""
+    micro = [[0, 1], [2, 3], [4, 5], [6, 7]]
+    cfg = _cfg(8, log_every=4, checkpoint_every=3)
+    straight = Recorder()
+    _run(micro, cfg, straight)
+    saved = straight.checkpoints[0][2]
+    assert straight.checkpoints[0][0] == 3 and set(saved["loop"]["window"]) == {"mse", "loss"}
+    model, objective, optimizer, scheduler, scaler = _setup()
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    resumed = Recorder()
+    _run(micro, cfg, resumed, state=TrainState.from_dict(saved["loop"]),
+         parts=(model, objective, optimizer, scheduler, scaler))
+    logged = {e.step: e.losses for e in straight.events if isinstance(e, Step)}
+    assert {e.step: e.losses for e in resumed.events if isinstance(e, Step)} == {4: logged[4], 8: logged[8]}
+
+
+def test_a_nonfinite_micro_batch_of_an_accumulated_step_is_named_and_the_whole_step_skipped():
+    rec = Recorder()
+    state, model = _run([[0, 1], [2, 3], [4, 5], [6, 7]] * 2, _cfg(4, accum=2, on_nonfinite="skip"), rec,
+                        nan_at_call=3)  # step 2's first micro-batch; its second still runs
+    assert state.skipped_nonfinite == 1 and state.step == 4 and state.samples_seen == 16
+    assert [(e.step, e.terms) for e in rec.events if isinstance(e, NonFinite)] == [(2, ["mse"])]
+    assert torch.isfinite(model.weight).all()
+    assert all(math.isfinite(v) for e in rec.events if isinstance(e, Step) for v in e.losses.values())
+    with pytest.raises(KdgeoError, match=r"non-finite value at step 2 \(epoch 1\) in mse"):
+        _run([[0, 1], [2, 3], [4, 5], [6, 7]], _cfg(4, accum=2), Recorder(), nan_at_call=4)
+
+
+def test_a_nonfinite_gradient_norm_of_finite_losses_is_named_and_skipped():
+    """The norm is read in the same host sync as the losses' flags."""
+    model, objective, optimizer, scheduler, scaler = _setup()
+
+    def loss_fn(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        idx = batch["index"]
+        w = model.weight
+        # finite value, infinite gradient at step 2: sqrt(|w| * 0) has an infinite derivative at 0
+        mse = ((model(X[idx]) - Y[idx]) ** 2).mean() + (torch.sqrt(w.abs() * 0.0).sum() if idx[0] == 2 else 0.0)
+        return mse, torch.zeros((), dtype=torch.float64), {"mse": mse.detach()}
+
+    rec = Recorder()
+    state = train(model, objective, optimizer, scheduler, scaler, Batches([[0, 1], [2, 3]]), loss_fn,
+                  _cfg(2, on_nonfinite="skip"), TrainState(), rec.hooks(model, optimizer, scheduler),
+                  distributed.SINGLE)
+    assert [(e.step, e.terms) for e in rec.events if isinstance(e, NonFinite)] == [
+        (2, ["the gradients (loss finite, gradient norm not)"])
+    ]
+    assert state.skipped_nonfinite == 1 and torch.isfinite(model.weight).all()
+    logged = [e for e in rec.events if isinstance(e, Step)]
+    assert math.isfinite(logged[1].losses["loss"])  # finite losses of a skipped step are still logged
+
+
+def test_with_the_loss_scaler_a_skipped_step_is_not_unscaled_and_training_goes_on():
+    """fp16's GradScaler may unscale once per update: the losses' flags are read before clipping, so a
+    skipped step leaves the scaler ready for the next one."""
+    model, objective, optimizer, scheduler, _ = _setup()
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    rec = Recorder()
+    state = train(model, objective, optimizer, scheduler, scaler, Batches([[0, 1], [2, 3], [4, 5], [6, 7]]),
+                  _loss_fn(model, nan_at_call=2), _cfg(4, on_nonfinite="skip"), TrainState(),
+                  rec.hooks(model, optimizer, scheduler), distributed.SINGLE)
+    assert state.step == 4 and state.skipped_nonfinite == 1 and torch.isfinite(model.weight).all()

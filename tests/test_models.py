@@ -336,3 +336,47 @@ def test_models_loaded_from_several_threads_at_once_keep_their_tied_head(tiny_lm
     for model in [*models, after]:
         head, embed = model.get_output_embeddings().weight, model.get_input_embeddings().weight
         assert head.data_ptr() == embed.data_ptr()
+
+
+# --------------------------------------------------------------------------------------------
+# a length nobody set is clamped to the models' positions; one the user set is checked (issue 16 D)
+
+
+class _Cfg:
+    def __init__(self, **fields: Any) -> None:
+        self.__dict__.update(fields)
+
+
+def test_fit_length_clamps_a_default_with_a_note():
+    from kdgeo.models import fit_length
+
+    models = [(_Cfg(max_position_embeddings=512), "the teacher T", "teacher"),
+              (_Cfg(max_position_embeddings=64), "the student S", "student")]
+    assert fit_length(128, False, models, "data.max_length") == (
+        64, "data.max_length: using 64, the student's max_position_embeddings (the default 128 is longer)")
+    assert fit_length(32, False, models, "data.max_length") == (32, None)
+
+
+def test_fit_length_names_every_model_at_the_limit_and_gpt2_positions():
+    from kdgeo.models import fit_length
+
+    models = [(_Cfg(n_positions=64), "the model M", "model"), (_Cfg(max_position_embeddings=64), "the teacher T",
+                                                                  "teacher")]
+    length, note = fit_length(100, False, models, "--max-length", "the run's")
+    assert length == 64
+    assert note == "--max-length: using 64, the model's and the teacher's n_positions / max_position_embeddings " \
+                   "(the run's 100 is longer)"
+
+
+def test_fit_length_refuses_a_length_the_user_set():
+    from kdgeo.models import fit_length
+
+    with pytest.raises(ModelLoadError, match=r"--max-length = 128 is longer than the student S accepts \(64 positions\)"):
+        fit_length(128, True, [(_Cfg(max_position_embeddings=64), "the student S", "student")], "--max-length")
+    assert fit_length(64, True, [(_Cfg(max_position_embeddings=64), "the student S", "student")], "x") == (64, None)
+
+
+def test_fit_length_without_a_known_limit_keeps_the_length():
+    from kdgeo.models import fit_length
+
+    assert fit_length(128, False, [(_Cfg(), "the model M", "model")], "--max-length") == (128, None)

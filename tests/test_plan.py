@@ -86,3 +86,48 @@ def test_an_impossible_layer_map_fails_before_any_weights(tiny, tmp_path, no_wei
     spec = tiny_spec(tiny, tmp_path, student={"init": "teacher-layers", "layers": [0, 9]})
     with pytest.raises(LayerMapError, match="student.layers"):
         _plan(spec)
+
+
+# --------------------------------------------------------------------------------------------
+# data.max_length: a default longer than the models' positions is clamped, a set value is an error (issue 16 D)
+
+
+def _unset_length(spec: dict) -> dict:
+    spec["data"] = {k: v for k, v in spec["data"].items() if k != "max_length"}
+    return spec
+
+
+def test_a_default_max_length_is_clamped_to_the_teacher(tiny64, tmp_path, no_weights):
+    from kdgeo.plan import effective_spec
+
+    spec = validate_spec(_unset_length(tiny_spec(tiny64, tmp_path)))
+    notes: list[str] = []
+    plan = make_plan(spec, 1, False, lambda e: notes.append(getattr(e, "message", "")))
+    assert plan.data["max_length"] == 64
+    assert max(len(ids) for ids in plan.train.encodings["teacher"].input_ids) <= 64
+    assert "data.max_length: using 64, the teacher's max_position_embeddings (the default 128 is longer)" in notes
+    recorded = effective_spec(spec, plan)
+    assert recorded.data.max_length == 64 and "max_length" in recorded.data.model_fields_set
+    assert spec.data.max_length == 128  # the caller's spec is not changed
+
+
+def test_a_pretrained_student_with_fewer_positions_clamps_it(tiny, tiny64, tmp_path, no_weights):
+    spec = _unset_length(tiny_spec(tiny, tmp_path, student={"init": "pretrained", "model": str(tiny64["student"])}))
+    spec["student"].pop("num_layers", None)
+    notes: list[str] = []
+    plan = make_plan(validate_spec(spec), 1, False, lambda e: notes.append(getattr(e, "message", "")))
+    assert plan.data["max_length"] == 64
+    assert any("using 64, the student's max_position_embeddings" in n for n in notes)
+
+
+@pytest.mark.parametrize("how", ["toml", "set"])
+def test_a_max_length_the_user_set_stays_an_error(tiny64, tmp_path, no_weights, how):
+    from kdgeo.errors import ModelLoadError
+    from kdgeo.spec import spec_from_dict
+
+    raw = _unset_length(tiny_spec(tiny64, tmp_path))
+    if how == "toml":
+        raw["data"]["max_length"] = 128
+    spec = spec_from_dict(raw, overrides=["data.max_length=128"] if how == "set" else None)
+    with pytest.raises(ModelLoadError, match="data.max_length = 128 is longer than the teacher"):
+        make_plan(spec, 1, False, events.ignore)

@@ -191,3 +191,26 @@ def test_probe_warns_when_rows_are_few_for_the_widths(tiny, tmp_path, capsys):
     assert data["widths"] == {"teacher": 64, "student": 32} and len(data["warnings"]) == 1
     code, _, err = run_cli(capsys, "probe", str(tiny["teacher"]), str(tiny["student"]), "--max-samples", "48", "-q")
     assert code == 0 and "warning" not in err, err
+
+
+# --------------------------------------------------------------------------------------------
+# --max-length: a default longer than the models' positions is clamped, a set one is an error (issue 16 D)
+
+
+def test_probe_on_models_of_64_positions_clamps_the_default(tiny64, capsys):
+    """Before: exit 2 over a default of 128 the user never wrote."""
+    code, out, err = run_cli(
+        capsys, "probe", str(tiny64["teacher_clf"]), str(tiny64["student"]), "--metric", "cka", "--max-samples", "16",
+        "--batch-size", "8",
+    )
+    assert code == 0, err
+    assert "--max-length: using 64, the teacher's and the student's max_position_embeddings (the default 128 is " \
+           "longer)" in err
+    assert "cka (higher = more similar)" in out
+
+
+def test_probe_max_length_the_user_set_too_long_is_exit_2(tiny64, capsys):
+    code, _, err = run_cli(capsys, "probe", str(tiny64["teacher_clf"]), str(tiny64["student"]), "--max-length", "128",
+                           "--max-samples", "8")
+    assert code == 2
+    assert "--max-length = 128 is longer than the teacher" in err and "(64 positions)" in err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from pathlib import Path
 
@@ -216,13 +218,50 @@ def test_the_documented_json_event_schema_is_what_the_events_write():
     json_kinds = {e.kind for e in RUN_EVENTS} - {"finetune_step"}  # the teacher's fine-tune is not in --json
     assert set(documented) == json_kinds
     types = {"string": str, "integer": int, "number": (int, float), "array": list, "object": dict}
-    for event in RUN_EVENTS:
+    optional = {"step": {"on_policy"}}  # written only by the runs that have it (train.on_policy > 0)
+    on_policy_step = dataclasses.replace(
+        next(e for e in RUN_EVENTS if isinstance(e, events.Step)), on_policy={"micro_batches": 2, "generations": 16}
+    )
+    for event in [*RUN_EVENTS, on_policy_step]:
         if event.kind not in json_kinds:
             continue
         record = events.to_dict(event)
         del record["event"]
         if isinstance(event, events.Step):
             record = {k: v for k, v in record.items() if k == "loss" or k not in event.losses}
-        assert set(documented[event.kind]) == set(record), event.kind
-        for key, kind in documented[event.kind].items():
+        expected = {k for k in documented[event.kind] if k in record or k not in optional.get(event.kind, set())}
+        assert expected == set(record), event.kind
+        for key in expected:
+            kind = documented[event.kind][key]
             assert isinstance(record[key], types[kind]) and not isinstance(record[key], bool), (event.kind, key)
+    assert "on_policy" in events.to_dict(on_policy_step) and "on_policy" not in events.to_dict(RUN_EVENTS[5])
+
+
+def test_the_rich_view_redraws_on_its_timer_not_per_event(monkeypatch):
+    """A burst of step events only swaps what the live display shows; Rich's own thread redraws it at
+    most refresh_per_second times, so a fast log_every costs the training loop no rendering."""
+    import dataclasses
+
+    from rich.live import Live
+
+    refreshes, made = [], []
+    real_init, real_refresh = Live.__init__, Live.refresh
+
+    def init(self, *args, **kwargs):
+        made.append(kwargs)
+        real_init(self, *args, **kwargs)
+
+    def refresh(self):
+        refreshes.append(1)
+        real_refresh(self)
+
+    monkeypatch.setattr(Live, "__init__", init)
+    monkeypatch.setattr(Live, "refresh", refresh)
+    view = report.DistillView("rich")
+    view(_START)
+    for i in range(1, 201):
+        view(dataclasses.replace(_STEP, step=i, total_steps=200))
+    view.close()
+    shown = made[-1]  # the view's own Live (a Progress builds one too, never started here)
+    assert shown.get("auto_refresh", True) and shown["refresh_per_second"] <= 4
+    assert len(refreshes) <= 4  # start, stop, and at most a timer tick or two: not one per event

@@ -184,7 +184,7 @@ precision = "fp8"
     assert "unknown key; did you mean 'revision'?" in problems["teacher.revison"]
     assert "Allowed here: finetune, model, revision, trust_remote_code." in problems["teacher.revison"]
     assert "did you mean 'temperature'?" in problems["losses[0].temprature"]
-    assert "Allowed here: direction, kind, mix, temperature, weight." in problems["losses[0].temprature"]
+    assert "Allowed here: beta, direction, kind, mix, temperature, weight." in problems["losses[0].temprature"]
     assert "unknown loss kind 'procrustus'" in problems["losses[1]"]
     assert "did you mean 'procrustes'?" in problems["losses[1]"]
     assert "ce, kd, procrustes, gram, cka, projection, mse, cosine" in problems["losses[1]"]
@@ -215,7 +215,7 @@ def test_unknown_key_without_suggestion_lists_allowed_keys():
     path, msg = only_problem("zzz = 1\n" + MINIMAL)
     assert path == "zzz"
     assert "did you mean" not in msg
-    assert "Allowed here: data, description, features, generate, losses, monitor, name, output, seed, student, sweep, task, teacher, train, variant." in msg
+    assert "Allowed here: data, description, features, generate, losses, monitor, name, output, seed, student, sweep, swept, task, teacher, train, variant." in msg
 
 
 def test_unknown_key_message_is_punctuated():
@@ -856,3 +856,44 @@ def test_resume_with_save_best_refuses_a_changed_eval_every():
     assert spec_mod.resume_differences(*plain) == []  # without save_best it only changes what is logged
     patience = parse_spec(MINIMAL, "x.toml", overrides=["train.save_best=accuracy", "train.eval_every=5", "train.early_stopping_patience=2"])
     assert [d[0] for d in spec_mod.resume_differences(saved, patience.model_dump(mode="json", exclude_none=True))] == ["train.early_stopping_patience"]
+
+
+# --------------------------------------------------------------------------------------------
+# data.eval_fraction and data.split_seed (issue 16 D)
+
+
+@pytest.mark.parametrize("extra, named", [
+    ('eval_dataset = "e.jsonl"', "data.eval_fraction = 0.1 and data.eval_dataset = 'e.jsonl' both name"),
+    ('eval_split = "test"', "data.eval_fraction = 0.1 and data.eval_split = 'test' both name"),
+])
+def test_eval_fraction_with_another_eval_set_names_both_keys(extra, named):
+    problems = problems_of(MINIMAL + f"eval_fraction = 0.1\n{extra}\n")
+    assert problems[0][0] == "data" and named in problems[0][1]
+
+
+def test_split_seed_without_eval_fraction():
+    problems = problems_of(MINIMAL + "split_seed = 3\n")
+    assert "data.split_seed = 3 seeds the data.eval_fraction split, which is not set" in problems[0][1]
+
+
+@pytest.mark.parametrize("value", ["0.0", "0.5", "0.7"])
+def test_eval_fraction_bounds(value):
+    assert problems_of(MINIMAL + f"eval_fraction = {value}\n")[0][0] == "data.eval_fraction"
+
+
+def test_eval_fraction_defaults_and_the_default_eval_split_is_fine():
+    spec = parse_spec(MINIMAL + "eval_fraction = 0.1\n")
+    assert spec.data.eval_fraction == 0.1 and spec.data.split_seed is None
+    # a resolved spec.json writes eval_split out at its default: still one evaluation set
+    resolved = spec.model_dump(mode="json", exclude_none=True)
+    assert resolved["data"]["eval_split"] == "validation" and "split_seed" not in resolved["data"]
+    assert spec_mod.validate_spec(resolved).data.eval_fraction == 0.1
+
+
+def test_sweep_runs_keep_an_unset_max_length_unset():
+    """Each run clamps a default data.max_length to its models (kdgeo.plan): the sweep must not mark it as set."""
+    text = MINIMAL.replace('losses = [{ kind = "ce" }]', 'losses = [{ kind = "ce" }]\n[sweep]\nseeds = [0, 1]')
+    runs = spec_mod.expand_sweep(parse_spec(text))
+    assert runs and all("max_length" not in r.spec.data.model_fields_set for r in runs)
+    given = spec_mod.expand_sweep(parse_spec(text + "max_length = 64\n"))
+    assert all("max_length" in r.spec.data.model_fields_set and r.spec.data.max_length == 64 for r in given)

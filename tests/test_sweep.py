@@ -205,3 +205,132 @@ def test_print_sweep_counts_failures_and_successes(capsys, tmp_path):
     assert "2 of 4 runs failed" in err and "the other 2 are complete (1 now, 1 earlier)" in err
     print_sweep([SweepOutcome("b", 0, tmp_path, "done", summary={})])
     assert "error" not in capsys.readouterr().err
+
+
+# ---- grid sweeps ([sweep.grid], issue 16 F) ----------------------------------------------------------------------
+
+
+def _grid_spec(tiny, tmp_path, grid, grid_variants=None, seeds=(0, 1)):
+    variants = {
+        "kd": {"losses": [{"kind": "ce"}, {"kind": "kd"}]},
+        "kd-procrustes": {"losses": [{"kind": "ce"}, {"kind": "kd"}, {"kind": "procrustes"}]},
+    }
+    spec = _sweep_spec(tiny, tmp_path, variants, seeds=seeds)
+    spec["sweep"]["grid"] = grid
+    if grid_variants is not None:
+        spec["sweep"]["grid_variants"] = grid_variants
+    return spec
+
+
+def test_grid_crosses_its_variants_in_the_order_written_with_names_from_the_values(tiny, tmp_path):
+    grid = {"losses[2].weight": [3.0, 1e-05, 1], "features.rows": ["tokens", "mean"]}
+    runs = expand_sweep(validate_spec(_grid_spec(tiny, tmp_path, grid, ["kd-procrustes"])))
+    # kd is not crossed: once per seed, as before; kd-procrustes: the product of the values (first key slowest),
+    # seeds innermost
+    assert [(r.variant, r.seed) for r in runs[:2]] == [("kd", 0), ("kd", 1)]
+    assert all(r.spec.swept is None and r.spec.output.name == f"kd-seed{r.seed}" for r in runs[:2])
+    names = [r.variant for r in runs[2::2]]
+    assert names == [
+        f"kd-procrustes/weight={w},rows={rows}" for w in ("3.0", "1e-05", "1") for rows in ("tokens", "mean")
+    ]
+    assert [r.seed for r in runs[2:6]] == [0, 1, 0, 1]
+    run = runs[4]  # weight=3.0, rows=mean, seed 0
+    assert run.spec.losses[2].weight == 3.0 and run.spec.features.rows == "mean" and run.spec.variant == run.variant
+    assert run.spec.swept == {"losses[2].weight": 3.0, "features.rows": "mean"}
+    assert run.spec.output.dir == str(tmp_path / "runs" / "sw" / "kd-procrustes")
+    assert run.spec.output.name == "weight=3.0,rows=mean-seed0"
+    # two keys with one last component are named in full; without [sweep.variants] the base is the spec's name;
+    # dotted indices (--set style) work too
+    spec = _sweep_spec(tiny, tmp_path, {}, seeds=(0,))
+    spec["losses"] = [{"kind": "ce"}, {"kind": "procrustes"}]
+    spec["sweep"]["grid"] = {"losses.0.weight": [1.0], "losses[1].weight": [0.5, 2]}
+    names = [r.variant for r in expand_sweep(validate_spec(spec))]
+    assert names == ["sw/losses.0.weight=1.0,losses[1].weight=0.5", "sw/losses.0.weight=1.0,losses[1].weight=2"]
+    spec["sweep"]["grid"] = {"train.gather_features": [True, False]}
+    names = [r.variant for r in expand_sweep(validate_spec(spec))]
+    assert names == ["sw/gather_features=true", "sw/gather_features=false"]
+
+
+def test_grid_problems_are_all_reported_before_anything_runs(tiny, tmp_path):
+    def problems(grid, grid_variants=None):
+        with pytest.raises(SpecError) as err:
+            expand_sweep(validate_spec(_grid_spec(tiny, tmp_path, grid, grid_variants)), "sweep.toml")
+        return " ".join(str(err.value).split())
+
+    # the key does not resolve in one crossed variant: named, with the fix
+    text = problems({"losses[2].weight": [0.1, 1.0]})
+    assert 'sweep.grid."losses[2].weight": does not resolve in variant \'kd\'' in text
+    assert "`losses` has 2 items there, so `losses[2]` is past its end" in text
+    assert "add sweep.grid_variants = [...] naming only the variants it applies to" in text
+    # a key wrong everywhere is one problem; a field that is not set cannot be swept into
+    text = problems({"train.lrr": [1.0], "teacher.finetune.epochs": [1]})
+    assert "does not resolve in any of the variants it crosses (kd, kd-procrustes)" in text
+    assert "did you mean `train.lr`?; fix the key" in text and "`teacher.finetune` is not set there" in text
+    # the table itself: key syntax, reserved keys, non-lists, non-scalars, repeated values, grid_variants
+    text = problems(
+        {
+            "losses..x": [1], "seed": [1, 2], "train.lr": 0.1, "features.pairs": [[[1, 2]]],
+            "train.epochs": [1, 1.0, 2, 2],
+        },  # fmt: skip
+        ["kd", "nope"],
+    )
+    for part in (
+        "grid key 'losses..x' is not a dotted key",
+        "grid key 'seed' cannot be swept: the seeds are sweep.seeds",
+        "grid key 'train.lr': 0.1 must be a list of values",
+        "[[1, 2]] is not a single value; grid values are numbers, strings or booleans",
+        "lists the same value more than once (1 and 1.0; 2)",
+        "`grid_variants` names 'nope', not in [sweep.variants]",
+    ):
+        assert part in text, part
+    # every combination is validated: a bad value names its variant; two values that make one directory name collide
+    text = problems({"train.lr": [1e-3, -1.0]})
+    assert "sweep.grid (variant kd/lr=-1.0) -> train.lr" in text and "(variant kd/lr=0.001)" not in text
+    text = problems({"teacher.revision": ["a/b", "a_b"]})
+    assert "would share the run directory kd/revision=a_b-seed<k>" in text
+
+
+def test_grid_dry_run_lists_every_combination(tiny, tmp_path, capsys, no_weights):
+    spec = _grid_spec(tiny, tmp_path, {"losses[2].weight": [0.5, 2.0]}, ["kd-procrustes"], seeds=(0,))
+    path = write_spec(tmp_path / "sweep.toml", spec)
+    code, out, err = run_cli(capsys, "distill", str(path), "--dry-run")
+    assert code == 0, err
+    flat = " ".join(out.split())
+    assert "kd seed 0" in flat and "kd-procrustes/weight=0.5 seed 0" in flat
+    assert "kd-procrustes/weight=2.0 seed 0" in flat
+    assert not (tmp_path / "runs").exists()
+    spec["sweep"]["grid"] = {"losses[2].weight": [0.5, -2.0]}
+    code, _, err = run_cli(capsys, "distill", str(write_spec(path, spec)), "--dry-run")
+    assert code == 2 and "kd-procrustes/weight=-2.0" in err and "Traceback" not in err
+
+
+@pytest.mark.slow  # two tiny runs and three compares: ~35 s on 2 shared cores
+def test_grid_sweep_end_to_end_distill_then_compare(tiny, tmp_path, capsys):
+    """A 2x1-value grid x 1 seed on tiny models: nested run directories, swept values in summary.json, compare
+    groups along them, and running the command again skips the finished runs."""
+    spec = _sweep_spec(tiny, tmp_path, {}, seeds=(0,))
+    spec["losses"] = [{"kind": "ce"}, {"kind": "procrustes"}]
+    spec["sweep"]["grid"] = {"losses[1].weight": [2.0, 0.5], "features.rows": ["tokens"]}
+    path = write_spec(tmp_path / "sweep.toml", spec)
+    code, out, err = run_cli(capsys, "distill", str(path), "-q")
+    assert code == 0, err
+    parent = tmp_path / "runs" / "sw" / "sw"
+    assert sorted(p.name for p in parent.iterdir()) == ["weight=0.5,rows=tokens-seed0", "weight=2.0,rows=tokens-seed0"]
+    summary = json.loads((parent / "weight=0.5,rows=tokens-seed0" / "summary.json").read_text())
+    assert summary["variant"] == "sw/weight=0.5,rows=tokens" and summary["variant_base"] == "sw"
+    assert summary["swept"] == {"losses[1].weight": 0.5, "features.rows": "tokens"}
+    assert summary["losses"][1]["weight"] == 0.5
+
+    sweep_dir = str(tmp_path / "runs" / "sw")
+    code, out, err = run_cli(capsys, "compare", sweep_dir, "--metric", "accuracy,procrustes", "--json", "-")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["variants"] == ["sw/weight=0.5,rows=tokens", "sw/weight=2.0,rows=tokens"]  # by value, not by name
+    assert report["swept_keys"] == ["losses[1].weight", "features.rows"]
+    entry = report["metrics"][0]["variants"][1]
+    assert entry["swept"] == {"losses[1].weight": 2.0, "features.rows": "tokens"} and entry["base_variant"] == "sw"
+    code, out, err = run_cli(capsys, "compare", sweep_dir)
+    assert code == 0 and "accuracy along the swept values" in " ".join(out.split())
+
+    code, out, err = run_cli(capsys, "distill", str(path))
+    assert code == 0 and err.count("already finished") == 2, err
