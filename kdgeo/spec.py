@@ -1201,17 +1201,8 @@ def expand_sweep(spec: RunSpec, source: str = "<spec>") -> list[SweepRun]:
             continue
         if variant not in crossed:
             for seed in spec.sweep.seeds:
-                raw = copy.deepcopy(merged)
-                raw["seed"] = seed
-                raw["variant"] = variant
-                raw.setdefault("output", {})
-                raw["output"]["dir"] = parent
-                raw["output"]["name"] = f"{variant}-seed{seed}"
-                try:
-                    runs.append(SweepRun(variant, seed, RunSpec.model_validate(raw)))
-                except ValidationError as err:
-                    for path, msg in format_validation_errors(err, raw):
-                        problems.append((f"sweep.variants.{variant} -> {path}", msg))
+                raw = _sweep_run_raw(copy.deepcopy(merged), seed, variant, parent, f"{variant}-seed{seed}")
+                if not _add_sweep_run(runs, raw, f"sweep.variants.{variant}", problems):
                     break  # the other seeds of this variant would repeat the same problems
             continue
         runs += _expand_grid(spec, variant, merged, paths, parent, problems)
@@ -1452,19 +1443,33 @@ def _expand_grid(
             raw = copy.deepcopy(merged)
             for key, value in values.items():
                 _set_path(raw, paths[key], value)
-            raw["seed"] = seed
-            raw["variant"] = name
             raw["swept"] = {key.strip(): value for key, value in values.items()}
-            raw.setdefault("output", {})
-            raw["output"]["dir"] = str(Path(parent) / variant)
-            raw["output"]["name"] = f"{leaf}-seed{seed}"
-            try:
-                runs.append(SweepRun(name, seed, RunSpec.model_validate(raw)))
-            except ValidationError as err:
-                for path, msg in format_validation_errors(err, raw):
-                    problems.append((f"sweep.grid (variant {name}) -> {path}", msg))
+            raw = _sweep_run_raw(raw, seed, name, str(Path(parent) / variant), f"{leaf}-seed{seed}")
+            if not _add_sweep_run(runs, raw, f"sweep.grid (variant {name})", problems):
                 break  # the other seeds of this combination would repeat the same problems
     return runs
+
+
+def _sweep_run_raw(raw: dict[str, Any], seed: int, variant: str, out_dir: str, out_name: str) -> dict[str, Any]:
+    """``raw`` (a merged variant table) as one run of the sweep: its seed, variant name and run directory."""
+    raw["seed"] = seed
+    raw["variant"] = variant
+    raw.setdefault("output", {})
+    raw["output"]["dir"] = out_dir
+    raw["output"]["name"] = out_name
+    return raw
+
+
+def _add_sweep_run(runs: list[SweepRun], raw: dict[str, Any], where: str, problems: list[tuple[str, str]]) -> bool:
+    """Validate one run of a sweep and append it to ``runs``; on failure append its problems, prefixed with
+    ``where`` (the sweep table that made it), and return False."""
+    try:
+        spec = RunSpec.model_validate(raw)
+    except ValidationError as err:
+        problems.extend((f"{where} -> {path}", msg) for path, msg in format_validation_errors(err, raw))
+        return False
+    runs.append(SweepRun(spec.variant or spec.name, spec.seed, spec))
+    return True
 
 
 def _set_path(raw: dict[str, Any], path: GridPath, value: GridValue) -> None:
