@@ -275,19 +275,12 @@ def load_spec(spec: SpecArg, overrides: OverridesArg = None, *, preset: str | No
     if isinstance(spec, Mapping):
         return spec_mod.spec_from_dict(dict(spec), "<dict>", overrides=items, preset=preset)
     if isinstance(spec, (str, os.PathLike)):
-        path = Path(os.fspath(spec))
-        if not path.is_dir():  # `examples.toml` outside a checkout, or a shipped name ("demo", "glue-cola")
-            from kdgeo import shipped
+        from kdgeo import shipped
 
-            choice = shipped.resolve_spec_argument(path, preset)
-            path, preset = choice.path, choice.preset
-        if path.is_dir() and (path / "spec.toml").is_file():
-            # A run directory: its own resolved spec, and the run lives where the directory is now.
-            run_path = path.resolve()
-            items = [f"output.dir={_toml_value(str(run_path.parent))}", f"output.name={_toml_value(run_path.name)}"]
-            items += _override_items(overrides)
-            path = path / "spec.toml"
-        return spec_mod.load_spec(path, overrides=items, preset=preset)
+        # As `kdgeo distill` reads SPEC: `examples.toml` outside a checkout, a shipped name ("demo", "glue-cola"),
+        # or a run directory (its own resolved spec, and the run lives where the directory is now).
+        choice = shipped.resolve_spec_argument(Path(os.fspath(spec)), preset)
+        return spec_mod.load_spec(choice.path, overrides=[*choice.overrides, *items], preset=choice.preset)
     raise SpecError(
         "<spec>",
         [

@@ -381,20 +381,15 @@ def distill(
     from kdgeo import shipped
     from kdgeo.spec import expand_sweep, load_spec
 
-    # `examples.toml` with no such file here, or a bare shipped name (`demo`, `glue-cola`): the shipped examples
+    # SPEC: a file, a run directory (its resolved spec, where it is now), `examples.toml` with no such file here
+    # or a bare shipped name (`demo`, `glue-cola`): the shipped examples
     choice = shipped.resolve_spec_argument(spec_path, preset)
     spec_path, preset = choice.path, choice.preset
     if choice.note and os.environ.get("RANK", "0") in ("", "0"):  # under torchrun, once
         from kdgeo import report
 
         report.info(choice.note, report.pick_mode(quiet))
-    overrides = []
-    if os.path.isdir(spec_path) and os.path.exists(spec_path / "spec.toml"):  # never raise: load_spec reports bad paths
-        # A run directory: its own resolved spec, and the run lives where the directory is now.
-        run_path = spec_path.resolve()
-        overrides += [f"output.dir={json.dumps(str(run_path.parent))}", f"output.name={json.dumps(run_path.name)}"]
-        spec_path = spec_path / "spec.toml"
-    overrides += list(set_ or [])
+    overrides = [*choice.overrides, *(set_ or [])]
     if out is not None:
         overrides.append(f"output.dir={json.dumps(str(out))}")
     spec = load_spec(spec_path, overrides=overrides, preset=preset)

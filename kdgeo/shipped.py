@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib.resources
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -86,12 +87,14 @@ def find(name: str) -> Preset | None:
 
 @dataclass(frozen=True)
 class SpecChoice:
-    """What a SPEC argument of `kdgeo distill` means: a file, with the preset to merge, and a note to print when
-    the file is the shipped one."""
+    """What a SPEC argument of `kdgeo distill` means: a file, with the preset to merge, the overrides that come
+    before the user's (a run directory's: where the run lives now), and a note to print when the file is the
+    shipped one."""
 
     path: Path
     preset: str | None
     note: str | None = None
+    overrides: tuple[str, ...] = ()
 
 
 def resolve_spec_argument(argument: Path, preset: str | None) -> SpecChoice:
@@ -100,8 +103,13 @@ def resolve_spec_argument(argument: Path, preset: str | None) -> SpecChoice:
     listing the shipped names.
 
     An existing path always wins, so a user's own examples.toml or a run directory named ``demo`` is read as
-    before; ``--preset`` with a preset name is refused (two presets), with ``demo`` it merges as usual.
+    before; ``--preset`` with a preset name is refused (two presets), with ``demo`` it merges as usual. A run
+    directory (one holding spec.toml) means its resolved spec, with the run where the directory is now.
     """
+    if os.path.isdir(argument) and os.path.exists(argument / "spec.toml"):  # never raise: load_spec reports bad paths
+        run_path = argument.resolve()
+        where = (f"output.dir={json.dumps(str(run_path.parent))}", f"output.name={json.dumps(run_path.name)}")
+        return SpecChoice(argument / "spec.toml", preset, overrides=where)
     try:
         os.lstat(argument)
         return SpecChoice(argument, preset)  # a dangling link is the user's file too: load_spec reports it

@@ -37,6 +37,26 @@ def _scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+def _crash_after_step_5(path: Path, capsys, monkeypatch) -> Path:
+    """Run the spec at ``path`` until an error right after step 5's event is recorded (its checkpoint-3 is the
+    newest); returns the run directory, with recording restored so that ``--resume`` can continue it."""
+    from kdgeo import distillation
+    from kdgeo.errors import OutputError
+
+    record = distillation._Run.record
+
+    def crash_after_step_5(self, event):
+        record(self, event)
+        if isinstance(event, events.Step) and event.step == 5:
+            raise OutputError("simulated crash after step 5")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(distillation._Run, "record", crash_after_step_5)
+        code, _, err = run_cli(capsys, "distill", str(path), "-q")
+    assert code != 0 and "simulated crash" in err
+    return path.parent / "runs" / "t"
+
+
 def _texts(run: Path) -> dict[str, str]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -110,23 +130,9 @@ def test_tensorboard_gets_the_run_and_no_trackers_by_default_change_no_file_and_
 
 
 def test_resume_continues_the_same_tensorboard_run_without_doubled_or_missing_steps(tiny, tmp_path, capsys, monkeypatch):
-    from kdgeo import distillation
-    from kdgeo.errors import OutputError
-
     path = write_spec(tmp_path / "run.toml", _spec(tiny, tmp_path))
-    record = distillation._Run.record
-
-    def crash_after_step_5(self, event):
-        record(self, event)
-        if isinstance(event, events.Step) and event.step == 5:
-            raise OutputError("simulated crash after step 5")
-
-    monkeypatch.setattr(distillation._Run, "record", crash_after_step_5)
-    code, _, err = run_cli(capsys, "distill", str(path), "-q")
-    assert code != 0 and "simulated crash" in err
-    run = tmp_path / "runs" / "t"
+    run = _crash_after_step_5(path, capsys, monkeypatch)
     assert [s for s, _ in _scalars(run)["train/loss"]] == list(range(1, 6))  # flushed although the run failed
-    monkeypatch.setattr(distillation._Run, "record", record)
     code, _, err = run_cli(capsys, "distill", str(path), "-q", "--resume")
     assert code == 0, err
     assert json.loads((run / "summary.json").read_text())["resumed_from"].endswith("checkpoint-3")
@@ -237,9 +243,6 @@ def test_wandb_offline_and_mlflow_file_store_get_the_run_and_resume_continues_th
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
-    from kdgeo import distillation
-    from kdgeo.errors import OutputError
-
     store = f"file://{tmp_path / 'mlruns'}"
     for key, value in {
         "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
@@ -248,20 +251,9 @@ def test_wandb_offline_and_mlflow_file_store_get_the_run_and_resume_continues_th
     }.items():
         monkeypatch.setenv(key, value)
     path = write_spec(tmp_path / "run.toml", _spec(tiny, tmp_path, report_to=("wandb", "mlflow")))
-    record = distillation._Run.record
-
-    def crash_after_step_5(self, event):
-        record(self, event)
-        if isinstance(event, events.Step) and event.step == 5:
-            raise OutputError("simulated crash after step 5")
-
-    monkeypatch.setattr(distillation._Run, "record", crash_after_step_5)
-    code, _, err = run_cli(capsys, "distill", str(path), "-q")
-    assert code != 0 and "simulated crash" in err
-    run = tmp_path / "runs" / "t"
+    run = _crash_after_step_5(path, capsys, monkeypatch)
     ids = json.loads((run / trackers.TRACKER_IDS).read_text())
     assert set(ids) == {"wandb", "mlflow"}
-    monkeypatch.setattr(distillation._Run, "record", record)
     code, _, err = run_cli(capsys, "distill", str(path), "-q", "--resume")
     assert code == 0, err
     assert json.loads((run / trackers.TRACKER_IDS).read_text()) == ids  # the same tracker runs, continued
