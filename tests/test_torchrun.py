@@ -96,6 +96,7 @@ def test_gathered_geometry_losses_span_the_global_batch(tiny, tmp_path, capsys):
     _assert_same(two, one, ("ce", "procrustes", "projection", "loss"))
 
 
+@pytest.mark.slow  # 31 s: two torchrun launches; the default suite keeps DDP parity and rank-0 errors
 def test_ddp_resume_from_a_checkpoint_matches_the_uninterrupted_single_process_run(tiny, tmp_path, capsys):
     two, one = _pair(tiny, tmp_path, capsys, "resume", [{"kind": "ce"}, {"kind": "kd"}], {"checkpoint_every": 2, "keep_checkpoints": 4})
     # Simulate a crash after step 4 was checkpointed: nothing after it happened.
