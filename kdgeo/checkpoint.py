@@ -242,6 +242,13 @@ def _read_optimizer(path: Path, optimizer: torch.optim.Optimizer, device: torch.
         isinstance(groups, list) and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)
     ):
         raise DamagedCheckpoint(path, OPTIMIZER, "no 'param_groups' list: not an optimizer state")
+    # The update's implementation is this version's choice, not the checkpoint's: torch would take the saved
+    # `fused` / `foreach` flags, and a checkpoint from before fused AdamW would then step a fused-built optimizer
+    # (one that takes the fp16 scaler's flags) on the per-tensor kernel, which refuses them.
+    for group, live in zip(groups, optimizer.param_groups):
+        for key in ("fused", "foreach"):
+            if key in live:
+                group[key] = live[key]
     if full:
         return saved
     if [len(g["params"]) for g in groups] != [len(g["params"]) for g in optimizer.param_groups]:

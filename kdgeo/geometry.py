@@ -75,7 +75,10 @@ Conventions (each is tested in tests/test_geometry.py):
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, TypedDict
 
 import torch
@@ -406,6 +409,42 @@ def _fro_terms(xn: Tensor, yn: Tensor, route: Route) -> tuple[Tensor, Tensor, Te
 _EIGH_CUT = 100.0 * torch.finfo(torch.float64).eps
 
 
+_EIGH_POOL: tuple[int, ThreadPoolExecutor] | None = None
+"""(process id, pool): the threads :func:`_eigh` spreads a CPU batch over (a forked child makes its own)."""
+_EIGH_POOL_LOCK = threading.Lock()
+
+
+def _eigh_pool(workers: int) -> ThreadPoolExecutor:
+    global _EIGH_POOL
+    with _EIGH_POOL_LOCK:
+        if _EIGH_POOL is None or _EIGH_POOL[0] != os.getpid() or _EIGH_POOL[1]._max_workers < workers:
+            # A fork copies the pool but not its threads (work sent to it would wait forever): a new one.
+            _EIGH_POOL = (os.getpid(), ThreadPoolExecutor(workers, thread_name_prefix="kdgeo-eigh"))
+        return _EIGH_POOL[1]
+
+
+def _eigh(a: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.eigh`` of a batch ``(..., k, k)``; on the CPU, one matrix per thread.
+
+    On the CPU torch hands a batch to LAPACK one matrix at a time, and one k x k ``eigh`` uses
+    two cores badly (its tridiagonal reduction is bandwidth-bound). Decomposing the matrices side
+    by side, at most ``torch.get_num_threads()`` at once, is faster: four 384 x 384 float64
+    matrices, 2 cores, 170 ms batched against 99 ms over two threads (tests/benchmarks/
+    bench_geometry.py prints it). Each matrix's decomposition is the same call either way, so the
+    result is too (tests/test_geometry.py checks it bit for bit against the batched call).
+    """
+    batch = a.shape[:-2]
+    count = batch.numel()
+    workers = min(count, torch.get_num_threads())
+    if a.device.type != "cpu" or workers < 2:
+        return torch.linalg.eigh(a)
+    flat = a.reshape(count, *a.shape[-2:])
+    parts = list(_eigh_pool(workers).map(torch.linalg.eigh, flat.unbind(0)))
+    lam = torch.stack([w for w, _ in parts]).reshape(*batch, a.shape[-1])  # (..., k)
+    vec = torch.stack([v for _, v in parts]).reshape(a.shape)  # (..., k, k)
+    return lam, vec
+
+
 class _NuclearNormEigh(torch.autograd.Function):
     """``||M||_*`` of a (batch of) float32 matrices ``M (..., p, q)`` from ``eigh`` of the smaller Gram, no SVD.
 
@@ -433,7 +472,7 @@ class _NuclearNormEigh(torch.autograd.Function):
         tall = m.shape[-2] >= m.shape[-1]
         m64 = m.to(torch.float64)
         gram = m64.mT @ m64 if tall else m64 @ m64.mT  # (..., k, k)
-        lam, vec = torch.linalg.eigh(gram)  # (..., k), (..., k, k)
+        lam, vec = _eigh(gram)  # (..., k), (..., k, k)
         lam = lam.clamp_min(0.0)
         ctx.tall = tall
         ctx.save_for_backward(m64, lam, vec)

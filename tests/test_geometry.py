@@ -8,7 +8,8 @@ scipy's Procrustes) and compared with explicit rtol/atol.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -758,6 +759,49 @@ def test_eigh_nuclear_norm_rank_deficient_gives_the_minimum_norm_subgradient() -
         torch.testing.assert_close(grad.to(F64), expected, rtol=tol, atol=tol)
     _, grad = _nuclear_value_and_grad(torch.zeros(5, 4), _eigh_nuclear)  # all below the cut
     assert torch.equal(grad, torch.zeros(5, 4))
+
+
+@pytest.fixture
+def two_threads() -> Iterator[None]:
+    """g._eigh uses threads only with torch.get_num_threads() >= 2 (the suite may run with OMP_NUM_THREADS=1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("batch", [(), (1,), (3,), (2, 3)])
+def test_threaded_eigh_is_the_batched_call_bit_for_bit(batch: tuple[int, ...], two_threads: None) -> None:
+    """g._eigh spreads a CPU batch over threads, one matrix each: the same numbers as torch's batched call,
+    any batch shape (none, one matrix, more matrices than threads, two batch dims)."""
+    a = torch.randn(*batch, 20, 12, generator=_gen(55), dtype=F64)
+    gram = a.mT @ a  # (*batch, 12, 12)
+    lam, vec = g._eigh(gram)
+    ref_lam, ref_vec = torch.linalg.eigh(gram)
+    assert lam.shape == ref_lam.shape and vec.shape == ref_vec.shape
+    assert torch.equal(lam, ref_lam) and torch.equal(vec, ref_vec)
+
+
+def test_threaded_eigh_works_in_a_forked_child(two_threads: None) -> None:
+    """A fork copies the thread pool but not its threads; the child makes its own instead of waiting forever."""
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork on this platform")
+    gram = torch.eye(6, dtype=F64).expand(4, 6, 6).contiguous()
+    g._eigh(gram)  # the parent's pool exists before the fork
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report and leave without running pytest's teardown
+        ok = False
+        try:
+            ok = torch.equal(g._eigh(gram)[0], torch.ones(4, 6, dtype=F64))
+        finally:
+            os.write(write, b"1" if ok else b"0")
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        reply = pipe.read()
+    os.waitpid(pid, 0)
+    assert reply == b"1"
 
 
 def test_float32_uses_the_eigh_route_and_float64_keeps_svdvals(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,23 +1,27 @@
 """Distillation step cost, measured side by side in one process (prints figures; asserts nothing).
 
-Five arms on the demo models (all-MiniLM-L6-v2 teacher with an untrained 8-class head saved to
+Six arms on the demo models (all-MiniLM-L6-v2 teacher with an untrained 8-class head saved to
 disk, 4-layer student copied from its layers [1, 2, 4, 5]) and the demo data (2,400 examples,
 max_length 48, batch 32):
 
   plain    a plain hand-written PyTorch/transformers loop: ce + kd (T = 2), AdamW, clipping,
            the same batches kdgeo draws without length grouping
+  plain-fused  the same loop with AdamW(fused=True), the kernel kdgeo uses (kdgeo.optim): kdgeo /
+           plain-fused is what kdgeo's checks, live view and bookkeeping cost by themselves
   base     kdgeo ce + kd, same settings (no length grouping, no cache)
   geo      kdgeo ce + kd + procrustes (4 token-level layer pairs), same settings
   grouped  kdgeo ce + kd with data.group_by_length = true (the demo's and a new user's setting)
   cached   grouped, reading the teacher-output cache (output.teacher_outputs = true; the entry is
            built once before the timed runs, as a sweep's later runs and a resumed run find it)
 
-Figures: kdgeo / plain samples/s (same settings: goal >= 1.00x), grouped / plain and cached /
-plain (goal >= 1.5x), and the step time geo / base (goal <= 1.10x). kdgeo's samples/s is
+Figures: kdgeo / plain samples/s (same settings: goal >= 1.00x), kdgeo / plain-fused (the
+overhead alone, no goal), grouped / plain and cached / plain (goal >= 1.5x), and the step time
+geo / base (goal <= 1.10x). kdgeo's samples/s is
 summary.json's (the training steps alone, as the plain loop's timer); every run trains --steps
-steps. Each repeat runs every arm once, in an order rotated by one per repeat (A B C D E, B C D E
-A, ...), so drift on a shared machine hits all arms; medians are reported, with the load average
-before and after (other processes on the machine slow every arm, not equally).
+steps. Each repeat runs every arm once, in an order rotated by one per repeat (A B C D E F, B C D
+E F A, ...), so drift on a shared machine hits all arms; each figure is the median of its per-repeat
+ratios (the two arms of one repeat ran minutes apart), printed with the load average before and
+after (other processes on the machine slow every arm, not equally).
 
     python tests/benchmarks/bench_distill.py [--quick] [--steps N] [--repeats R] [--arms plain,base,...]
 """
@@ -75,8 +79,9 @@ def kdgeo_rate(teacher: Path, out: Path, losses: list[dict], steps: int, batch: 
     return s["train_seconds"] / s["steps"], s["samples_per_s"]
 
 
-def plain_rate(teacher_dir: Path, steps: int, batch: int, seed: int = 0) -> float:
-    """A plain loop: same models, data, batches, AdamW and ce + kd (T = 2); returns samples/s."""
+def plain_rate(teacher_dir: Path, steps: int, batch: int, seed: int = 0, fused: bool = False) -> float:
+    """A plain loop: same models, data, batches, AdamW (torch's default kernel, or ``fused``) and ce + kd
+    (T = 2); returns samples/s."""
     from kdgeo import demo
 
     tok = load_tokenizer(ModelRef(str(teacher_dir)))
@@ -91,7 +96,7 @@ def plain_rate(teacher_dir: Path, steps: int, batch: int, seed: int = 0) -> floa
     texts, labels = [r["text"] for r in rows], [r["label"] for r in rows]
     # Tokenized once up front and padded per batch (DataCollatorWithPadding style), as kdgeo does.
     encoded = tok(texts, truncation=True, max_length=48)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.01, fused=fused or None)
     # The same batches kdgeo draws (same seed, epoch 0): padding lengths, hence compute, match.
     batches = data_mod.batch_indices(len(texts), batch, shuffle=True, seed=seed, epoch=0)
     seconds, seen = 0.0, 0
@@ -115,7 +120,7 @@ def plain_rate(teacher_dir: Path, steps: int, batch: int, seed: int = 0) -> floa
     return seen / seconds
 
 
-ARMS = ("plain", "base", "geo", "grouped", "cached")
+ARMS = ("plain", "plain-fused", "base", "geo", "grouped", "cached")
 
 
 def load() -> str:
@@ -143,6 +148,7 @@ def main() -> None:
         cache = root / "teacher-outputs"
         runs = {
             "plain": lambda r: plain_rate(teacher, steps, args.batch_size),
+            "plain-fused": lambda r: plain_rate(teacher, steps, args.batch_size, fused=True),
             "base": lambda r: kdgeo_rate(teacher, root / "runs", base, steps, args.batch_size, f"base{r}"),
             "geo": lambda r: kdgeo_rate(teacher, root / "runs", geo, steps, args.batch_size, f"geo{r}"),
             "grouped": lambda r: kdgeo_rate(teacher, root / "runs", base, steps, args.batch_size, f"grp{r}", True),
@@ -158,11 +164,11 @@ def main() -> None:
             for a in arms[r % len(arms):] + arms[: r % len(arms)]:
                 got[a].append(runs[a](r))
             # As it goes, so a run cut short still says something.
-            print(f"repeat {r + 1}/{repeats}: " + ", ".join(
-                f"{a} {got[a][-1] if a == 'plain' else got[a][-1][1]:.1f}" for a in arms) + " samples/s; " + load(),
-                flush=True)
+            latest = {a: got[a][-1] if a.startswith("plain") else got[a][-1][1] for a in arms}
+            print(f"repeat {r + 1}/{repeats}: " + ", ".join(f"{a} {latest[a]:.1f}" for a in arms) + " samples/s; "
+                  + load(), flush=True)
         load_after = load()
-        rate = {a: [x if a == "plain" else x[1] for x in v] for a, v in got.items()}
+        rate = {a: [x if a.startswith("plain") else x[1] for x in v] for a, v in got.items()}
         med = {a: statistics.median(v) for a, v in rate.items()}
         print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
               f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, batch {args.batch_size}, {steps} steps per run, "
@@ -171,16 +177,23 @@ def main() -> None:
         print("student: MiniLM layers [1, 2, 4, 5] (4 pairs, token rows), teacher: all-MiniLM-L6-v2 (6 layers, width "
               "384), demo data (2,400 examples, max_length 48)")
         for a in arms:
-            print(f"  {a:<8} samples/s: median {med[a]:7.1f}  (each: {', '.join(f'{x:.1f}' for x in rate[a])})")
-        print("figure                                              median   each repeat")
+            print(f"  {a:<11} samples/s: median {med[a]:7.1f}  (each: {', '.join(f'{x:.1f}' for x in rate[a])})")
+        # Each figure pairs the two arms' runs of the same repeat (minutes apart at most): the median of those
+        # ratios, not a ratio of medians taken over repeats that a drifting machine makes unequal.
+        print("figure (median of the per-repeat ratios)            median   each repeat")
         if "plain" in arms:
             for a, label, goal in (("base", "kdgeo ce+kd / plain loop (same settings)", ">= 1.00x"),
                                    ("grouped", "kdgeo ce+kd, length grouping / plain loop", ">= 1.5x"),
                                    ("cached", "kdgeo ce+kd, grouping + cache / plain loop", ">= 1.5x")):
                 if a in arms:
                     each = [x / p for x, p in zip(rate[a], rate["plain"])]
-                    print(f"  {label:<49} {med[a] / med['plain']:5.2f}x   {', '.join(f'{x:.2f}' for x in each)}"
+                    print(f"  {label:<49} {statistics.median(each):5.2f}x   {', '.join(f'{x:.2f}' for x in each)}"
                           f"   (goal {goal})")
+        if "plain-fused" in arms and "base" in arms:
+            each = [x / p for x, p in zip(rate["base"], rate["plain-fused"])]
+            label = "kdgeo ce+kd / plain loop, fused AdamW (overhead)"
+            print(f"  {label:<49} {statistics.median(each):5.2f}x   {', '.join(f'{x:.2f}' for x in each)}"
+                  "   (no goal: kdgeo's own cost)")
         if "base" in arms and "geo" in arms:
             each = [g[0] / b[0] for g, b in zip(got["geo"], got["base"])]
             print(f"  {'step time ce+kd+procrustes / ce+kd':<49} {statistics.median(each):5.2f}x   "
