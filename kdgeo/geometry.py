@@ -418,6 +418,8 @@ def _eigh_pool(workers: int) -> ThreadPoolExecutor:
     global _EIGH_POOL
     with _EIGH_POOL_LOCK:
         if _EIGH_POOL is None or _EIGH_POOL[0] != os.getpid() or _EIGH_POOL[1]._max_workers < workers:
+            if _EIGH_POOL is not None and _EIGH_POOL[0] == os.getpid():
+                _EIGH_POOL[1].shutdown(wait=False)  # too few threads for torch's new thread count: its idle ones end
             # A fork copies the pool but not its threads (work sent to it would wait forever): a new one.
             _EIGH_POOL = (os.getpid(), ThreadPoolExecutor(workers, thread_name_prefix="kdgeo-eigh"))
         return _EIGH_POOL[1]

@@ -782,6 +782,15 @@ def test_threaded_eigh_is_the_batched_call_bit_for_bit(batch: tuple[int, ...], t
     assert torch.equal(lam, ref_lam) and torch.equal(vec, ref_vec)
 
 
+def test_threaded_eigh_follows_a_larger_thread_count(two_threads: None) -> None:
+    gram = torch.eye(5, dtype=F64).expand(3, 5, 5).contiguous()
+    g._eigh(gram)
+    torch.set_num_threads(3)  # the fixture puts it back
+    lam, _ = g._eigh(gram)
+    assert g._EIGH_POOL is not None and g._EIGH_POOL[1]._max_workers >= 3
+    assert torch.equal(lam, torch.ones(3, 5, dtype=F64))
+
+
 def test_threaded_eigh_works_in_a_forked_child(two_threads: None) -> None:
     """A fork copies the thread pool but not its threads; the child makes its own instead of waiting forever."""
     if not hasattr(os, "fork"):
