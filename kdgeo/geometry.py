@@ -428,11 +428,11 @@ def _eigh_pool(workers: int) -> ThreadPoolExecutor:
 def _eigh(a: Tensor) -> tuple[Tensor, Tensor]:
     """``torch.linalg.eigh`` of a batch ``(..., k, k)``; on the CPU, one matrix per thread.
 
-    On the CPU torch hands a batch to LAPACK one matrix at a time, and one k x k ``eigh`` uses
-    two cores badly (its tridiagonal reduction is bandwidth-bound). Decomposing the matrices side
-    by side, at most ``torch.get_num_threads()`` at once, is faster: four 384 x 384 float64
-    matrices, 2 cores, 170 ms batched against 99 ms over two threads (tests/benchmarks/
-    bench_geometry.py prints it). Each matrix's decomposition is the same call either way, so the
+    On the CPU torch hands a batch to LAPACK one matrix at a time, and LAPACK's ``eigh`` at these
+    sizes gains nothing from a second core (four 384 x 384 float64 matrices on a 2-core CPU: 168 ms
+    batched with 2 threads, 121 ms with 1). Decomposing the matrices side by side, at most
+    ``torch.get_num_threads()`` at once, is faster: 170 ms batched against 99 ms over two threads
+    (tests/benchmarks/bench_geometry.py prints it). Each matrix's decomposition is the same call either way, so the
     result is too (tests/test_geometry.py checks it bit for bit against the batched call).
     """
     batch = a.shape[:-2]
