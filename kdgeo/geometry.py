@@ -429,10 +429,14 @@ def _eigh(a: Tensor) -> tuple[Tensor, Tensor]:
     """``torch.linalg.eigh`` of a batch ``(..., k, k)``; on the CPU, one matrix per thread.
 
     On the CPU torch hands a batch to LAPACK one matrix at a time, and LAPACK's ``eigh`` at these
-    sizes gains nothing from a second core (four 384 x 384 float64 matrices on a 2-core CPU: 168 ms
-    batched with 2 threads, 121 ms with 1). Decomposing the matrices side by side, at most
-    ``torch.get_num_threads()`` at once, is faster: 170 ms batched against 99 ms over two threads
-    (tests/benchmarks/bench_geometry.py prints it). Each matrix's decomposition is the same call either way, so the
+    sizes makes many short parallel regions. Where idle OpenMP threads sleep
+    (``OMP_WAIT_POLICY=PASSIVE``, the benchmarks' setting, safer on a shared machine) each region pays
+    their wake-up, and a second core gains nothing (four 384 x 384 float64 matrices on a 2-core CPU:
+    168 ms batched with 2 threads, 121 ms with 1); decomposing the matrices side by side, at most
+    ``torch.get_num_threads()`` at once, is faster there: 170 ms against 99 ms
+    (tests/benchmarks/bench_geometry.py prints it). Under libgomp's default policy (threads spin a
+    while before sleeping) the batched call already uses both cores and the two are even (91 against
+    94 ms, quiet machine; no worse under load). Each matrix's decomposition is the same call either way, so the
     result is too (tests/test_geometry.py checks it bit for bit against the batched call).
     """
     batch = a.shape[:-2]
